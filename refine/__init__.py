@@ -1,0 +1,1 @@
+"""Stage 1: score a corpus with a teacher and a reference LM, keep what the teacher knows better (MiniPLM)."""
