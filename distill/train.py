@@ -1,0 +1,254 @@
+"""Pretrain a student LM (LM loss; KD losses arrive with the distillation stage). A Hydra app.
+
+Run::
+
+    python -m distill.train +experiment=lm_baseline                  # the bundled corpus, CPU-sized student
+    python -m distill.train +experiment=lm_baseline +debug=tiny      # a seconds-long smoke run
+    python -m distill.train +experiment=lm_baseline trainer.max_steps=2000 run_name=longer
+    python -m distill.train --cfg job                                # print the composed config
+
+Everything a run writes goes to ``runs/<run_name>/``: ``metrics.jsonl`` (one record per step, plus val),
+``tb/`` (tensorboard), ``checkpoints/step_*/`` (HF folders + trainer state), ``run.json`` (resolved config,
+code version, data fingerprints), ``summary.json``. Rerunning the same command resumes from the latest
+checkpoint and reproduces the uninterrupted run's losses exactly (``resume=false`` starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from distill import checkpoint
+from distill.config import TrainConfig, to_config
+from distill.data import BatchStream, open_instances, val_batches
+from distill.losses import lm_loss
+from distill.models import build_student
+from distill.schedules import check as check_schedule
+from distill.schedules import lr_multiplier
+from refine.errors import InputError, exit_on_input_error
+from refine.manifest import code_version, write_json_atomic
+from refine.tokenizer import load_tokenizer, tokenizer_hash
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Config sections that must match for a run folder to be resumed (the rest, e.g. max_steps, may change).
+RESUME_MUST_MATCH = ("model", "data", "optim", "seed")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it pays (CUDA), fp32 elsewhere; one code path for both."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision in ("bf16", "auto"):
+        return torch.bfloat16
+    raise InputError(f"trainer.precision must be auto | fp32 | bf16, got {precision!r}")
+
+
+class Metrics:
+    """Append-only JSONL (+ tensorboard). On resume, records after the checkpoint's step are dropped."""
+
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[torch.Tensor], device: torch.device, amp: torch.dtype | None) -> float:
+    """Token-weighted mean LM loss over a fixed set of batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(input_ids=batch).logits
+        n = batch[:, 1:].numel()
+        total += lm_loss(logits, batch).item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _check_resumable(run_dir: Path, resolved: dict) -> None:
+    saved_path = run_dir / "run.json"
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())["config"]
+    differs = [k for k in RESUME_MUST_MATCH if saved.get(k) != resolved.get(k)]
+    if differs:
+        raise InputError(f"{run_dir} holds a run with a different {', '.join(differs)} config; "
+                         f"choose another run_name or pass resume=false to overwrite it")
+
+
+def train(cfg: TrainConfig) -> dict:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tc, dc = cfg.trainer, cfg.data
+    check_schedule(cfg.schedule, tc.max_steps)
+    device = pick_device(tc.device)
+    amp = autocast_dtype(tc.precision, device)
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    train_set = open_instances(dc.train, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field)
+    val_set = open_instances(dc.val, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field)
+    resolved = asdict(cfg)
+
+    ckpt = checkpoint.latest(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        _check_resumable(run_dir, resolved)
+    torch.manual_seed(cfg.seed)
+    model = build_student(cfg.model, tokenizer, cfg.seed)
+    if ckpt is not None:
+        model = checkpoint.load_model(ckpt, model.config)
+    model.to(device).train()
+
+    # Weight decay on matrices only (not norms): the usual GPT recipe.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, tc.max_steps, cfg.schedule))
+    stream = BatchStream(train_set, dc.batch_size, cfg.seed)
+    step, tokens_seen = 0, 0
+    if ckpt is not None:
+        state = checkpoint.load_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["data"])
+        checkpoint.set_rng_state(state["rng"])
+        step, tokens_seen = int(state["step"]), int(state["tokens"])
+        print(f"resuming {run_dir} from {ckpt.name} (step {step})", file=sys.stderr)
+
+    write_json_atomic(run_dir / "run.json", {
+        "config": resolved, "code_version": code_version(), "tokenizer_hash": tokenizer_hash(tokenizer),
+        "train_instances": {"path": str(train_set.folder), "count": len(train_set),
+                            "sha256": train_set.index["tokens_sha256"]},
+        "val_instances": {"path": str(val_set.folder), "count": len(val_set),
+                          "sha256": val_set.index["tokens_sha256"]},
+        "parameters": sum(p.numel() for p in params), "device": str(device),
+        "precision": str(amp or torch.float32), "torch": torch.__version__,
+    })
+    metrics = Metrics(run_dir, step, tc.tensorboard)
+    vbatches = val_batches(val_set, dc.batch_size, tc.eval_batches)
+    tokens_per_step = dc.batch_size * dc.grad_accum * dc.seq_len
+
+    def save_checkpoint() -> Path:
+        state = {"step": step, "tokens": tokens_seen, "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "data": stream.state_dict(), "rng": checkpoint.rng_state()}
+        return checkpoint.save(run_dir, step, model, tokenizer, state, tc.keep_checkpoints)
+
+    val_loss = float("nan")
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not tc.progress, desc=cfg.run_name, dynamic_ncols=True)
+    t_start, last_ckpt = time.perf_counter(), ckpt
+    while step < tc.max_steps:
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(dc.grad_accum):
+            batch = stream.next_batch().to(device)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = model(input_ids=batch).logits
+            loss = lm_loss(logits, batch)
+            (loss / dc.grad_accum).backward()
+            loss_sum += loss.item()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        train_loss = loss_sum / dc.grad_accum
+        if not math.isfinite(train_loss):
+            raise InputError(f"non-finite training loss at step {step}; lower optim.lr or check the data")
+        dt = time.perf_counter() - t0
+        metrics.log({"step": step, "split": "train", "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                     "tokens": tokens_seen, "tok_s": tokens_per_step / dt})
+        bar.update(1)
+        if step % tc.log_every == 0:
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            val_loss = evaluate(model, vbatches, device, amp)
+            metrics.log({"step": step, "split": "val", "loss": val_loss, "tokens": tokens_seen})
+            bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})")
+        if step % tc.ckpt_every == 0 or step == tc.max_steps:
+            last_ckpt = save_checkpoint()
+    bar.close()
+    metrics.close()
+    elapsed = time.perf_counter() - t_start
+    if math.isnan(val_loss):  # resumed at the end: nothing trained, still report the final model
+        val_loss = evaluate(model, vbatches, device, amp)
+    summary = {"run_name": cfg.run_name, "steps": step, "tokens": tokens_seen, "val_loss": val_loss,
+               "val_ppl": math.exp(val_loss), "checkpoint": str(last_ckpt), "seconds_this_session": elapsed}
+    write_json_atomic(run_dir / "summary.json", summary)
+    print(f"done: {step} steps, {tokens_seen:,} tokens, val loss {val_loss:.4f}; checkpoint {last_ckpt}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@exit_on_input_error
+def _hydra_main(cfg: DictConfig) -> None:
+    train(to_config(cfg))
+
+
+def _precheck_overrides(args: list[str]) -> None:
+    """Compose once before Hydra does, so a bad override ends with one line instead of a multi-line report."""
+    if any(a.startswith("-") for a in args):  # --multirun, --cfg, --help...: leave to Hydra
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            compose("train", overrides=args)
+    except (HydraException, OmegaConfBaseException) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = " ".join(ln for ln in lines if not ln.startswith(("full_key", "object_type")))
+        print(f"error: bad config override: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _precheck_overrides(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

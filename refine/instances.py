@@ -1,0 +1,157 @@
+"""The packed-instances format (this module alone reads and writes it).
+
+A folder holds::
+
+    tokens.bin   row-major [count, seq_len] token ids, uint16 if the vocabulary fits, else uint32
+    docs.json    the documents in stream order: id, source, first token offset in the stream, token count
+    index.json   format/version, dtype, seq_len, count, tokenizer {name, hash, vocab_size, eos_id},
+                 sha256 of tokens.bin, tokens dropped at the tail
+
+Documents are tokenized, each followed by EOS, concatenated into one stream, and cut into rows of
+``seq_len`` tokens (the incomplete tail row is dropped and counted). Instance ``i`` covers stream tokens
+``[i*seq_len, (i+1)*seq_len)``; ``doc_ids(i)`` recovers which documents it came from. Reads are memory-mapped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from refine.errors import InputError
+from refine.manifest import atomic_path, sha256_file
+
+FORMAT = "rd-instances"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    name: str
+    hash: str
+    vocab_size: int
+    eos_id: int
+
+    @classmethod
+    def of(cls, tok) -> "TokenizerInfo":
+        from refine.tokenizer import tokenizer_hash, tokenizer_name
+
+        return cls(tokenizer_name(tok), tokenizer_hash(tok), len(tok), int(tok.eos_token_id))
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+class InstanceWriter:
+    """Stream documents in, get fixed-length rows out. Written to a temp folder, renamed on ``close``."""
+
+    def __init__(self, folder: str | Path, seq_len: int, tokenizer: TokenizerInfo):
+        if seq_len < 2:
+            raise InputError(f"seq_len must be >= 2, got {seq_len}")
+        self.folder, self.seq_len, self.tokenizer = Path(folder), seq_len, tokenizer
+        self.dtype = dtype_for(tokenizer.vocab_size)
+        self._atomic = atomic_path(self.folder)
+        self._tmp = self._atomic.__enter__()
+        self._tmp.mkdir(parents=True)
+        self._bin = open(self._tmp / "tokens.bin", "wb")
+        self._pending = np.empty(0, dtype=self.dtype)
+        self._docs: list[dict] = []
+        self._stream_len = 0
+        self.count = 0
+
+    def add(self, ids: list[int] | np.ndarray, doc_id: str, source: str) -> None:
+        """Append one document's token ids (EOS is added here)."""
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.tokenizer.vocab_size):
+            raise InputError(f"document {doc_id}: token id outside the vocabulary ({self.tokenizer.vocab_size})")
+        arr = np.append(arr, self.tokenizer.eos_id).astype(self.dtype)
+        self._docs.append({"id": doc_id, "source": source, "start": self._stream_len, "len": int(arr.size)})
+        self._stream_len += int(arr.size)
+        self._pending = np.concatenate([self._pending, arr])
+        full = self._pending.size // self.seq_len
+        if full:
+            self._bin.write(self._pending[: full * self.seq_len].tobytes())
+            self._pending = self._pending[full * self.seq_len:]
+            self.count += full
+
+    def close(self, extra: dict | None = None) -> dict:
+        self._bin.close()
+        if self.count == 0:
+            self._atomic.__exit__(InputError, None, None)
+            raise InputError(f"corpus too small: {self._stream_len} tokens make no instance of {self.seq_len}")
+        (self._tmp / "docs.json").write_text(json.dumps(self._docs, ensure_ascii=False))
+        index = {
+            "format": FORMAT, "version": VERSION, "dtype": self.dtype.name, "seq_len": self.seq_len,
+            "count": self.count, "tokenizer": self.tokenizer.__dict__, "documents": len(self._docs),
+            "stream_tokens": self._stream_len, "dropped_tail_tokens": int(self._pending.size),
+            "tokens_sha256": sha256_file(self._tmp / "tokens.bin"), **(extra or {}),
+        }
+        (self._tmp / "index.json").write_text(json.dumps(index, indent=2))
+        self._atomic.__exit__(None, None, None)
+        return index
+
+    def abort(self) -> None:
+        self._bin.close()
+        self._atomic.__exit__(RuntimeError, None, None)
+
+
+class Instances:
+    """Memory-mapped read access to a packed-instances folder."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index_path = self.folder / "index.json"
+        if not index_path.is_file():
+            raise InputError(f"not a packed-instances folder (no index.json): {self.folder}")
+        try:
+            self.index = json.loads(index_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"corrupt index.json in {self.folder}") from None
+        if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
+            raise InputError(f"{self.folder}: unsupported instances format "
+                             f"{self.index.get('format')} v{self.index.get('version')} (want {FORMAT} v{VERSION})")
+        self.seq_len = int(self.index["seq_len"])
+        self.count = int(self.index["count"])
+        self.dtype = np.dtype(self.index["dtype"])
+        self.tokenizer = TokenizerInfo(**self.index["tokenizer"])
+        bin_path = self.folder / "tokens.bin"
+        expected = self.count * self.seq_len * self.dtype.itemsize
+        actual = bin_path.stat().st_size if bin_path.is_file() else -1
+        if actual != expected:
+            raise InputError(f"{bin_path}: truncated or wrong size ({actual} bytes, index says {expected})")
+        self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.count, self.seq_len))
+        self._docs: list[dict] | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        return self.tokens[i]
+
+    def verify(self) -> None:
+        """Full checksum of tokens.bin against the index (catches bit flips, not only truncation)."""
+        if sha256_file(self.folder / "tokens.bin") != self.index["tokens_sha256"]:
+            raise InputError(f"{self.folder / 'tokens.bin'}: checksum mismatch (corrupt file)")
+
+    @property
+    def docs(self) -> list[dict]:
+        if self._docs is None:
+            self._docs = json.loads((self.folder / "docs.json").read_text())
+        return self._docs
+
+    def doc_ids(self, i: int) -> list[str]:
+        """Ids of the documents that instance ``i`` overlaps, in stream order."""
+        starts = [d["start"] for d in self.docs]
+        lo, hi = i * self.seq_len, (i + 1) * self.seq_len
+        first = bisect.bisect_right(starts, lo) - 1
+        last = bisect.bisect_left(starts, hi) - 1
+        return [self.docs[j]["id"] for j in range(max(first, 0), last + 1)]
+
+    def check_tokenizer(self, tokenizer_hash: str, what: str = "the model") -> None:
+        if self.tokenizer.hash != tokenizer_hash:
+            raise InputError(f"{self.folder} was tokenized with {self.tokenizer.name} ({self.tokenizer.hash}), "
+                             f"but {what} uses tokenizer hash {tokenizer_hash}")

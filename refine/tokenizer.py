@@ -1,0 +1,42 @@
+"""Load a tokenizer from a local folder and fingerprint it.
+
+The fingerprint (``tokenizer_hash``) travels with every token artifact (packed instances, logit stores,
+checkpoints) so that mixing artifacts made with different tokenizers is a clear error instead of silent
+garbage. It hashes what decides token ids: the vocabulary (token -> id, added tokens included) and the
+special tokens, not the serialisation of the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from refine.errors import InputError
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """A fast HF tokenizer from a local folder; never touches a hub."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"tokenizer folder not found: {path} (run `make models` for the default teacher)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if tok.eos_token_id is None:
+        raise InputError(f"tokenizer in {path} has no EOS token; packing needs one to separate documents")
+    return tok
+
+
+def tokenizer_hash(tok) -> str:
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    special = {k: str(v) for k, v in sorted(tok.special_tokens_map.items())}
+    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokenizer_name(tok) -> str:
+    return Path(getattr(tok, "name_or_path", "") or "unknown").name

@@ -1,0 +1,70 @@
+"""Tiny real assets for CPU tests: a byte-level BPE tokenizer trained here and a small synthetic corpus."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
+         "an they you were her she there been one all we their has would when if so no more what my out up who "
+         "river mountain city king queen ship letter garden music science history war peace church school "
+         "house road light winter summer morning evening north south island village army law money bridge").split()
+
+
+def make_docs(n: int, seed: int, prefix: str = "doc") -> list[dict]:
+    """Sentences with a little structure (a per-doc topic word), so a tiny LM has something to learn."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        topic = rng.choice(WORDS[40:])
+        sents = []
+        for _ in range(rng.randint(2, 6)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(5, 12))]
+            words.insert(rng.randint(0, len(words)), topic)
+            sents.append(" ".join(words).capitalize() + ".")
+        docs.append({"id": f"{prefix}/{i}", "source": prefix, "text": " ".join(sents)})
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([d["text"] for d in make_docs(300, seed=1)], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A train/val/ref corpus folder like `make data` writes, at toy size."""
+    out = tmp_path_factory.mktemp("corpus")
+    write_jsonl(out / "train.jsonl", make_docs(400, seed=2))
+    write_jsonl(out / "val.jsonl", make_docs(40, seed=3, prefix="val"))
+    write_jsonl(out / "ref.jsonl", make_docs(80, seed=4, prefix="ref"))
+    return out
+
+
+@pytest.fixture
+def tiny_overrides(tiny_tokenizer_dir, tiny_corpus, tmp_path) -> list[str]:
+    """Hydra overrides that point a debug run at the tiny assets and a private cache/run folder."""
+    return ["+experiment=lm_baseline", "+debug=tiny", f"model.tokenizer={tiny_tokenizer_dir}",
+            f"paths.corpus={tiny_corpus}", f"paths.cache={tmp_path / 'cache'}", f"paths.runs={tmp_path / 'runs'}",
+            f"run_dir={tmp_path / 'runs' / 'run'}"]

@@ -1,0 +1,43 @@
+"""Learning-rate schedules hit their specified values at the boundary steps."""
+
+import math
+
+import pytest
+
+from distill.config import ScheduleConfig
+from distill.schedules import check, lr_multiplier
+from refine.errors import InputError
+
+
+def test_cosine_boundaries():
+    cfg = ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(0, 100, cfg) == pytest.approx(0.1)      # first warmup step: 1/10
+    assert lr_multiplier(9, 100, cfg) == pytest.approx(1.0)      # warmup ends at the peak
+    assert lr_multiplier(10, 100, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(99, 100, cfg) == pytest.approx(0.1)     # last step at the floor
+    progress = (54 - 10) / 89
+    assert lr_multiplier(54, 100, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    values = [lr_multiplier(s, 100, cfg) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))       # monotone decay
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "sqrt"])
+def test_wsd_boundaries(shape):
+    cfg = ScheduleConfig(name="wsd", warmup_steps=5, min_lr_ratio=0.0, decay_fraction=0.2, decay_shape=shape)
+    total = 100
+    assert lr_multiplier(4, total, cfg) == pytest.approx(1.0)
+    assert all(lr_multiplier(s, total, cfg) == 1.0 for s in range(5, 80))   # stable until the last 20%
+    assert lr_multiplier(80, total, cfg) < 1.0                              # decay starts at 80
+    assert lr_multiplier(99, total, cfg) == pytest.approx(0.0)              # and ends at the floor
+
+
+def test_wsd_linear_midpoint():
+    cfg = ScheduleConfig(name="wsd", warmup_steps=0, min_lr_ratio=0.0, decay_fraction=0.5, decay_shape="linear")
+    assert lr_multiplier(74, 100, cfg) == pytest.approx(0.5)
+
+
+def test_bad_schedules_fail_early():
+    with pytest.raises(InputError):
+        check(ScheduleConfig(name="triangle"), 100)
+    with pytest.raises(InputError):
+        check(ScheduleConfig(name="cosine", warmup_steps=100), 100)

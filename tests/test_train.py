@@ -1,0 +1,98 @@
+"""The trainer on tiny real assets: loss falls, checkpoints are plain HF folders, kill + rerun resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from distill.config import to_config
+from distill.data import open_instances, val_batches
+from distill.train import CONF_DIR, evaluate, train
+from refine.errors import InputError
+from refine.tokenizer import load_tokenizer
+
+REPO = Path(CONF_DIR).parent
+
+
+def _cfg(overrides: list[str]):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return to_config(compose("train", overrides=overrides))
+
+
+def _records(run_dir: Path, split: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_smoke_loss_falls_and_checkpoint_reloads(tiny_overrides, tmp_path):
+    cfg = _cfg(tiny_overrides + ["trainer.max_steps=60", "trainer.eval_every=20", "trainer.ckpt_every=30",
+                                 "optim.lr=3e-3"])
+    summary = train(cfg)
+    run_dir = Path(cfg.run_dir)
+    train_losses = [r["loss"] for r in _records(run_dir, "train")]
+    val = _records(run_dir, "val")
+    assert len(train_losses) == 60 and [r["step"] for r in val] == [20, 40, 60]
+    assert train_losses[0] == pytest.approx(math.log(400), rel=0.05)   # untrained: ~uniform over the vocab
+    assert val[-1]["loss"] < val[0]["loss"] < train_losses[0] - 1.0     # and it learns
+    # The final checkpoint is a plain HF folder: AutoModelForCausalLM loads it and gets the same val loss.
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Path(summary["checkpoint"])
+    assert ckpt.name == "step_0000060" and (ckpt / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = load_tokenizer(ckpt)
+    vset = open_instances(cfg.data.val, tok, cfg.data.seq_len, cfg.paths.cache, quiet=True)
+    loss = evaluate(model, val_batches(vset, cfg.data.batch_size, cfg.trainer.eval_batches), torch.device("cpu"),
+                    None)
+    assert loss == pytest.approx(summary["val_loss"], abs=1e-6)
+    assert len(list((run_dir / "checkpoints").glob("step_*"))) == 2     # keep_checkpoints
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["config"]["model"]["name"] == "llama_tiny" and run["train_instances"]["count"] > 0
+
+
+def test_resume_refuses_a_different_model(tiny_overrides):
+    train(_cfg(tiny_overrides + ["trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.eval_every=4"]))
+    with pytest.raises(InputError, match="different model"):
+        train(_cfg(tiny_overrides + ["trainer.max_steps=8", "model.hidden_size=32"]))
+
+
+def _launch(overrides: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # fixed thread count: identical float reductions in every run
+    return subprocess.Popen([sys.executable, "-m", "distill.train", *overrides], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_and_rerun_resumes_with_identical_losses(tiny_overrides, tmp_path):
+    common = [o for o in tiny_overrides if not o.startswith("run_dir=")] + [
+        "trainer.max_steps=300", "trainer.ckpt_every=20", "trainer.eval_every=50", "data.batch_size=8"]
+    straight, killed = tmp_path / "runs" / "straight", tmp_path / "runs" / "killed"
+    proc = _launch(common + [f"run_dir={straight}"])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+
+    # Kill -9 as soon as a checkpoint exists (mid-run), then rerun the very same command.
+    proc = _launch(common + [f"run_dir={killed}"])
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    done = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert max(done) < 300
+    proc = _launch(common + [f"run_dir={killed}"])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert "resuming" in proc.stderr.read()
+
+    for split in ("train", "val"):
+        a, b = _records(straight, split), _records(killed, split)
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        assert [r["loss"] for r in a] == [r["loss"] for r in b]   # bit-identical, not merely close
