@@ -9,9 +9,9 @@ whitespace-only documents inside an otherwise sound corpus are skipped and count
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from refine.errors import InputError
 

@@ -6,7 +6,8 @@ Raise ``InputError("what is wrong and what to do")`` anywhere; command entry poi
 
 import functools
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
 

@@ -36,7 +36,7 @@ class TokenizerInfo:
     eos_id: int
 
     @classmethod
-    def of(cls, tok) -> "TokenizerInfo":
+    def of(cls, tok) -> TokenizerInfo:
         from refine.tokenizer import tokenizer_hash, tokenizer_name
 
         return cls(tokenizer_name(tok), tokenizer_hash(tok), len(tok), int(tok.eos_token_id))

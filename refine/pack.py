@@ -17,7 +17,7 @@ from pathlib import Path
 
 from refine.corpus import iter_documents
 from refine.errors import InputError, exit_on_input_error
-from refine.instances import InstanceWriter, Instances, TokenizerInfo
+from refine.instances import Instances, InstanceWriter, TokenizerInfo
 from refine.manifest import manifest_matches, sha256_file, write_manifest
 from refine.tokenizer import load_tokenizer
 

@@ -63,12 +63,12 @@ def test_truncated_and_corrupt_tokens_are_clear_errors(tok, tiny_corpus, tmp_pat
 
 def test_tokenizer_mismatch_is_an_error(tok, tiny_corpus, tmp_path):
     pack(tiny_corpus / "val.jsonl", tok, 16, tmp_path / "p", quiet=True)
-    other_tok = _other_tokenizer(tmp_path)
+    other_tok = _other_tokenizer()
     with pytest.raises(InputError, match="tokenized with"):
         open_instances(tmp_path / "p", other_tok, 16, tmp_path / "cache")
 
 
-def _other_tokenizer(tmp_path):
+def _other_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -1,0 +1,43 @@
+"""The transformers scorer: same interface and numbers as the vLLM scorer (``refine.scoring``), plain torch.
+
+Used by tests, for models vLLM cannot load, and to cross-check vLLM (they agree to ~1e-4 in fp32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from refine.scoring import Scores
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFScorer:
+    def __init__(self, model_dir: str, top_k: int = 0, dtype: str = "float32", batch_size: int = 8,
+                 device: str = "cpu", trust_remote_code: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        self.top_k, self.batch_size, self.device = top_k, batch_size, torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
+        ).to(self.device).eval()
+
+    @torch.inference_mode()
+    def score(self, rows: np.ndarray) -> Scores:
+        token_lp, ids, lps = [], [], []
+        for i in range(0, len(rows), self.batch_size):
+            batch = torch.as_tensor(np.asarray(rows[i:i + self.batch_size], dtype=np.int64), device=self.device)
+            # log_softmax in fp32 whatever the model dtype: bf16 log-probs are off by up to ~0.1 nats.
+            logp = torch.log_softmax(self.model(input_ids=batch).logits[:, :-1].float(), dim=-1)
+            token_lp.append(logp.gather(-1, batch[:, 1:, None]).squeeze(-1).cpu())
+            if self.top_k:
+                top = torch.topk(logp, self.top_k, dim=-1)
+                ids.append(top.indices.to(torch.int32).cpu())
+                lps.append(top.values.cpu())
+        return Scores(torch.cat(token_lp).numpy(),
+                      torch.cat(ids).numpy() if self.top_k else None,
+                      torch.cat(lps).numpy() if self.top_k else None)
+
+    def close(self) -> None:
+        del self.model

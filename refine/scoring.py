@@ -1,0 +1,57 @@
+"""What a scorer returns, and how to get one. No backend is imported here.
+
+A scorer runs a causal LM over packed rows ``x_0 .. x_{L-1}`` and returns, for every position
+``t = 1 .. L-1`` (the first token has no context, so no score):
+
+* ``token_logprobs[b, t-1] = log p(x_t | x_<t)``: the actual token's log-prob, hence the instance NLL that
+  difference sampling needs;
+* ``topk_ids / topk_logprobs[b, t-1, :]``: the K most likely next tokens at that position with their
+  full-softmax log-probs (not renormalised), sorted by descending probability: the raw material of the top-p-k
+  truncated teacher logits for distillation. ``None`` when K = 0 (the reference model needs no top-K).
+
+Two backends share this interface: ``refine.scorer`` (vLLM, the fast path; the only module importing vLLM)
+and ``refine.hf_scorer`` (transformers: for tests, odd models and as a cross-check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class Scores:
+    token_logprobs: np.ndarray              # [B, L-1] float32
+    topk_ids: np.ndarray | None = None      # [B, L-1, K] int32, most likely first
+    topk_logprobs: np.ndarray | None = None  # [B, L-1, K] float32
+
+    def __len__(self) -> int:
+        return self.token_logprobs.shape[0]
+
+    def mean_nll(self) -> np.ndarray:
+        """Per-row mean negative log-likelihood over its L-1 scored tokens, [B] float64."""
+        return -self.token_logprobs.astype(np.float64).mean(axis=1)
+
+
+class Scorer(Protocol):
+    top_k: int
+
+    def score(self, rows: np.ndarray) -> Scores:
+        """Score a [B, L] array of token ids."""
+
+    def close(self) -> None:
+        """Release the engine (vLLM needs an explicit shutdown)."""
+
+
+def make_scorer(kind: str, model_dir: str, top_k: int = 0, dtype: str = "float32", **opts) -> Scorer:
+    if kind == "vllm":
+        from refine.scorer import VLLMScorer
+
+        return VLLMScorer(model_dir, top_k=top_k, dtype=dtype, **opts)
+    if kind == "hf":
+        from refine.hf_scorer import HFScorer
+
+        return HFScorer(model_dir, top_k=top_k, dtype=dtype, **opts)
+    raise ValueError(f"unknown scorer {kind!r} (vllm | hf)")
