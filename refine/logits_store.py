@@ -1,0 +1,196 @@
+"""The sparse teacher-logits store (this module alone reads and writes it).
+
+For every instance and every predicted position ``t = 1 .. L-1`` it keeps the teacher's top-p-k truncated
+next-token distribution: a variable number ``c_t`` (1..k) of ``(token id, log-prob)`` pairs, most likely
+first. The log-probs are the teacher's *full-softmax* log-probs at capture temperature 1, so
+
+* the mass the truncation left out is recoverable: ``1 - sum(exp(logprobs))`` (``kept_mass``);
+* any KD temperature tau can be applied later: ``softmax(logprobs / tau)`` over the kept ids equals
+  ``softmax(z_kept / tau)``, the PD paper's renormalised target.
+
+Layout: a folder with ``store.json`` (format, version, vocab size, tokenizer hash, p, k, capture tau, dtypes,
+positions per instance, shards with sha256) and one binary file per shard::
+
+    counts   uint8  [n, L-1]        c_t per position
+    offsets  int64  [n + 1]         first pair of each instance (cumulative counts)
+    ids      uint16|uint32 [pairs]  token ids
+    logprobs float16 [pairs]        full-softmax log-probs
+
+Shards are written atomically; reads are memory-mapped by instance index; a truncated or corrupt shard is
+one clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from refine.errors import InputError
+from refine.instances import dtype_for
+from refine.manifest import atomic_path, sha256_file, write_json_atomic
+
+FORMAT, VERSION = "rd-logits", 1
+LOGPROB_DTYPE = np.dtype(np.float16)
+MAX_K = 255  # counts are uint8
+
+
+@dataclass(frozen=True)
+class StoreHeader:
+    vocab_size: int
+    tokenizer_hash: str
+    top_p: float
+    top_k: int
+    positions: int                  # predicted positions per instance (seq_len - 1)
+    capture_temperature: float = 1.0
+    id_dtype: str = "uint16"
+    logprob_dtype: str = LOGPROB_DTYPE.name
+    format: str = FORMAT
+    version: int = VERSION
+
+
+def truncate_top_p_k(topk_logprobs: np.ndarray, top_p: float, top_k: int) -> np.ndarray:
+    """How many of the (sorted) candidates to keep per position: top-p first, then at most top-k.
+
+    Top-p keeps the smallest prefix whose probability reaches ``top_p`` (the token that crosses it included),
+    measured on the full-softmax probabilities; top-k then caps it. At least one token is always kept.
+    """
+    probs = np.exp(topk_logprobs.astype(np.float64))
+    mass_before = np.cumsum(probs, axis=-1) - probs
+    n_p = (mass_before < top_p).sum(axis=-1)
+    return np.clip(n_p, 1, top_k).astype(np.uint8)
+
+
+@dataclass
+class SparseRows:
+    """The kept pairs of one instance: ``ids``/``logprobs`` flat, ``counts`` per position."""
+    counts: np.ndarray
+    ids: np.ndarray
+    logprobs: np.ndarray
+
+    def kept_mass(self) -> np.ndarray:
+        """Per-position probability mass of the kept ids (1 - the mass the truncation dropped)."""
+        bounds = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        return np.add.reduceat(np.exp(self.logprobs.astype(np.float64)), bounds[:-1]) if len(self.ids) else \
+            np.zeros(len(self.counts))
+
+    def dense(self, vocab_size: int, temperature: float = 1.0) -> np.ndarray:
+        """[positions, vocab] renormalised target ``softmax(logprobs / tau)`` over kept ids, zero elsewhere."""
+        out = np.zeros((len(self.counts), vocab_size), dtype=np.float64)
+        pos = np.repeat(np.arange(len(self.counts)), self.counts)
+        z = self.logprobs.astype(np.float64) / temperature
+        bounds = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        zmax = np.maximum.reduceat(z, bounds[:-1])
+        e = np.exp(z - zmax[pos])
+        out[pos, self.ids] = e / np.add.reduceat(e, bounds[:-1])[pos]
+        return out
+
+
+class LogitsWriter:
+    """Append instances' truncated top-K in instance order; each ``write_shard`` call is one shard file."""
+
+    def __init__(self, folder: str | Path, header: StoreHeader):
+        if not 1 <= header.top_k <= MAX_K:
+            raise InputError(f"logits top_k must be in 1..{MAX_K}, got {header.top_k}")
+        if not 0 < header.top_p <= 1:
+            raise InputError(f"logits top_p must be in (0, 1], got {header.top_p}")
+        self.folder = Path(folder)
+        self.header = StoreHeader(**{**asdict(header), "id_dtype": dtype_for(header.vocab_size).name})
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def shard_path(self, shard: int) -> Path:
+        return self.folder / f"shard-{shard:05d}.bin"
+
+    def write_shard(self, shard: int, topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> dict:
+        """Truncate [n, L-1, K] candidates with top-p-k and write them as shard ``shard``; return its entry."""
+        positions = topk_ids.shape[1]
+        if positions != self.header.positions:
+            raise ValueError(f"expected {self.header.positions} positions per instance, got {positions}")
+        counts = truncate_top_p_k(topk_logprobs, self.header.top_p, self.header.top_k)
+        keep = np.arange(topk_ids.shape[-1]) < counts[..., None]          # prefix mask, row-major order kept
+        return self._write(shard, counts, topk_ids[keep], topk_logprobs[keep])
+
+    def write_rows(self, shard: int, rows: list[SparseRows]) -> dict:
+        """Write already-truncated instances (e.g. the kept subset of another store) as shard ``shard``."""
+        return self._write(shard, np.stack([r.counts for r in rows]), np.concatenate([r.ids for r in rows]),
+                           np.concatenate([r.logprobs for r in rows]))
+
+    def _write(self, shard: int, counts: np.ndarray, ids: np.ndarray, lps: np.ndarray) -> dict:
+        n = counts.shape[0]
+        offsets = np.concatenate([[0], np.cumsum(counts.reshape(n, -1).sum(1, dtype=np.int64))]).astype(np.int64)
+        path = self.shard_path(shard)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            for arr, dt in ((counts, np.uint8), (offsets, np.int64), (ids, self.header.id_dtype),
+                            (lps, LOGPROB_DTYPE)):
+                f.write(np.ascontiguousarray(arr, dtype=dt).tobytes())
+        return {"file": path.name, "instances": n, "pairs": int(offsets[-1]), "bytes": path.stat().st_size,
+                "sha256": sha256_file(path)}
+
+    def finish(self, shards: list[dict], extra: dict | None = None) -> dict:
+        index = {"header": asdict(self.header), "shards": shards,
+                 "count": sum(s["instances"] for s in shards), **(extra or {})}
+        write_json_atomic(self.folder / "store.json", index)
+        return index
+
+
+class LogitsStore:
+    """Memory-mapped reads of a finished store by global instance index."""
+
+    def __init__(self, folder: str | Path, verify: bool = False):
+        self.folder = Path(folder)
+        path = self.folder / "store.json"
+        if not path.is_file():
+            raise InputError(f"not a logits store (no store.json): {self.folder}")
+        try:
+            index = json.loads(path.read_text())
+            self.header = StoreHeader(**index["header"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"corrupt store.json in {self.folder}") from None
+        if (self.header.format, self.header.version) != (FORMAT, VERSION):
+            raise InputError(f"{self.folder}: unsupported logits format {self.header.format} v{self.header.version}")
+        self.index, self.count = index, int(index["count"])
+        self._shards = [self._open(s, verify) for s in index["shards"]]
+        self._starts = np.cumsum([0] + [s["instances"] for s in index["shards"]])
+
+    def _open(self, entry: dict, verify: bool):
+        path = self.folder / entry["file"]
+        n, pos = entry["instances"], self.header.positions
+        id_dt, lp_dt = np.dtype(self.header.id_dtype), np.dtype(self.header.logprob_dtype)
+        sizes = [n * pos, (n + 1) * 8, entry["pairs"] * id_dt.itemsize, entry["pairs"] * lp_dt.itemsize]
+        actual = path.stat().st_size if path.is_file() else -1
+        if actual != sum(sizes):
+            raise InputError(f"{path}: truncated or missing logits shard ({actual} bytes, expected {sum(sizes)})")
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise InputError(f"{path}: checksum mismatch (corrupt logits shard)")
+        starts = np.cumsum([0] + sizes)
+        mm = lambda i, dt, count: np.memmap(path, dtype=dt, mode="r", offset=int(starts[i]), shape=(count,))
+        return (mm(0, np.uint8, n * pos).reshape(n, pos), mm(1, np.int64, n + 1), mm(2, id_dt, entry["pairs"]),
+                mm(3, lp_dt, entry["pairs"]))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def verify(self) -> None:
+        for entry in self.index["shards"]:
+            if sha256_file(self.folder / entry["file"]) != entry["sha256"]:
+                raise InputError(f"{self.folder / entry['file']}: checksum mismatch (corrupt logits shard)")
+
+    def __getitem__(self, i: int) -> SparseRows:
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        s = int(np.searchsorted(self._starts, i, side="right") - 1)
+        counts, offsets, ids, lps = self._shards[s]
+        j = i - self._starts[s]
+        a, b = int(offsets[j]), int(offsets[j + 1])
+        return SparseRows(np.asarray(counts[j]), np.asarray(ids[a:b]), np.asarray(lps[a:b]))
+
+    def check_tokenizer(self, tokenizer_hash: str) -> None:
+        if self.header.tokenizer_hash != tokenizer_hash:
+            raise InputError(f"{self.folder}: logits were stored with tokenizer {self.header.tokenizer_hash}, "
+                             f"the student uses {tokenizer_hash} (cross-tokenizer KD needs another loss)")
+
+    def bytes_per_token(self) -> float:
+        total = sum(s["bytes"] for s in self.index["shards"])
+        return total / max(self.count * self.header.positions, 1)
