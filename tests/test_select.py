@@ -1,0 +1,49 @@
+"""The difference score's definition (sign, length normalisation) and selection determinism and order."""
+
+import numpy as np
+import pytest
+
+from refine.errors import InputError
+from refine.scoring import Scores
+from refine.select import difference_scores, select
+
+
+def test_score_sign_and_length_normalisation():
+    # Instance 0: teacher predicts far better than the reference -> high score (kept).
+    # Instance 1: both models equally good (common text) -> score 0.
+    # Instance 2: neither knows it (noise), reference slightly better -> negative.
+    teacher = Scores(np.log(np.array([[0.9, 0.8, 0.9, 0.7], [0.5, 0.5, 0.5, 0.5], [0.01, 0.01, 0.02, 0.01]])))
+    ref = Scores(np.log(np.array([[0.1, 0.2, 0.1, 0.1], [0.5, 0.5, 0.5, 0.5], [0.02, 0.01, 0.02, 0.02]])))
+    s = difference_scores(teacher.mean_nll(), ref.mean_nll())
+    assert s[0] > 0 and s[1] == pytest.approx(0) and s[2] < 0
+    assert s[0] == pytest.approx(np.log([0.9, 0.8, 0.9, 0.7]).mean() - np.log([0.1, 0.2, 0.1, 0.1]).mean())
+    # Per-token means: doubling a row's length with the same per-token log-probs leaves its score unchanged.
+    long_t = Scores(np.tile(teacher.token_logprobs, 2))
+    long_r = Scores(np.tile(ref.token_logprobs, 2))
+    assert np.allclose(difference_scores(long_t.mean_nll(), long_r.mean_nll()), s)
+
+
+def test_top_alpha_keeps_corpus_order_and_breaks_ties_by_position():
+    scores = np.array([0.1, 3.0, -1.0, 2.0, 2.0, 0.5, 2.0])
+    kept = select(scores, alpha=3 / 7)
+    assert kept.tolist() == [1, 3, 4]                      # 3.0, then the first two of the tied 2.0s
+    assert select(scores, 1.0).tolist() == list(range(7))
+    assert select(scores, 0.01).tolist() == [1]            # at least one
+
+
+def test_sampling_is_seeded_and_tends_to_high_scores():
+    scores = np.linspace(-3, 3, 1000)
+    a = select(scores, 0.2, mode="sample", temperature=0.5, seed=1)
+    assert a.tolist() == select(scores, 0.2, mode="sample", temperature=0.5, seed=1).tolist()
+    assert a.tolist() != select(scores, 0.2, mode="sample", temperature=0.5, seed=2).tolist()
+    assert (np.diff(a) > 0).all() and len(a) == 200
+    assert scores[a].mean() > 1.5                          # mostly the top
+    r = select(scores, 0.2, mode="random", seed=1)
+    assert abs(scores[r].mean()) < 0.5                     # blind selection: no preference
+
+
+def test_bad_alpha_and_mode():
+    with pytest.raises(InputError):
+        select(np.zeros(3), 0)
+    with pytest.raises(InputError):
+        select(np.zeros(3), 0.5, mode="best")
