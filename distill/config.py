@@ -12,15 +12,8 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from refine.config import PathsConfig  # one schema for the shared paths group
 from refine.errors import InputError
-
-
-@dataclass
-class PathsConfig:
-    cache: str = ".cache"                  # fetched data, converted models, packed tokens (git-ignored)
-    runs: str = "runs"                     # one folder per run: checkpoints, metrics, config
-    teacher: str = ".cache/models/smollm2-135m"
-    corpus: str = ".cache/data/corpus"
 
 
 @dataclass

@@ -35,6 +35,7 @@ from distill.models import build_student
 from distill.schedules import check as check_schedule
 from distill.schedules import lr_multiplier
 from refine.errors import InputError, exit_on_input_error
+from refine.hydra_cli import precheck_overrides
 from refine.manifest import code_version, write_json_atomic
 from refine.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -227,26 +228,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     train(to_config(cfg))
 
 
-def _precheck_overrides(args: list[str]) -> None:
-    """Compose once before Hydra does, so a bad override ends with one line instead of a multi-line report."""
-    if any(a.startswith("-") for a in args):  # --multirun, --cfg, --help...: leave to Hydra
-        return
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            compose("train", overrides=args)
-    except (HydraException, OmegaConfBaseException) as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        msg = " ".join(ln for ln in lines if not ln.startswith(("full_key", "object_type")))
-        print(f"error: bad config override: {msg}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main() -> None:
-    _precheck_overrides(sys.argv[1:])
+    precheck_overrides(CONF_DIR, "train", sys.argv[1:])
     _hydra_main()
 
 

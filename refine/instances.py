@@ -7,6 +7,9 @@ A folder holds::
     index.json   format/version, dtype, seq_len, count, tokenizer {name, hash, vocab_size, eos_id},
                  sha256 of tokens.bin, tokens dropped at the tail
 
+A *subset* (``write_subset``: e.g. the instances difference sampling kept) has no stream; instead
+``subset.json`` records each row's index in the parent folder and the ids of the documents it came from.
+
 Documents are tokenized, each followed by EOS, concatenated into one stream, and cut into rows of
 ``seq_len`` tokens (the incomplete tail row is dropped and counted). Instance ``i`` covers stream tokens
 ``[i*seq_len, (i+1)*seq_len)``; ``doc_ids(i)`` recovers which documents it came from. Reads are memory-mapped.
@@ -125,6 +128,7 @@ class Instances:
             raise InputError(f"{bin_path}: truncated or wrong size ({actual} bytes, index says {expected})")
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.count, self.seq_len))
         self._docs: list[dict] | None = None
+        self._subset: dict | None = None
 
     def __len__(self) -> int:
         return self.count
@@ -138,6 +142,12 @@ class Instances:
             raise InputError(f"{self.folder / 'tokens.bin'}: checksum mismatch (corrupt file)")
 
     @property
+    def subset(self) -> dict:
+        if self._subset is None:
+            self._subset = json.loads((self.folder / "subset.json").read_text())
+        return self._subset
+
+    @property
     def docs(self) -> list[dict]:
         if self._docs is None:
             self._docs = json.loads((self.folder / "docs.json").read_text())
@@ -145,6 +155,8 @@ class Instances:
 
     def doc_ids(self, i: int) -> list[str]:
         """Ids of the documents that instance ``i`` overlaps, in stream order."""
+        if "subset_of" in self.index:
+            return self.subset["doc_ids"][i]
         starts = [d["start"] for d in self.docs]
         lo, hi = i * self.seq_len, (i + 1) * self.seq_len
         first = bisect.bisect_right(starts, lo) - 1
@@ -155,3 +167,21 @@ class Instances:
         if self.tokenizer.hash != tokenizer_hash:
             raise InputError(f"{self.folder} was tokenized with {self.tokenizer.name} ({self.tokenizer.hash}), "
                              f"but {what} uses tokenizer hash {tokenizer_hash}")
+
+
+def write_subset(src: Instances, rows: np.ndarray, folder: str | Path, extra: dict | None = None) -> Instances:
+    """Rows ``rows`` of ``src`` (in that order) as a new instances folder that remembers where they came from."""
+    rows = np.asarray(rows, dtype=np.int64)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        with open(tmp / "tokens.bin", "wb") as f:
+            for start in range(0, len(rows), 4096):           # bounded memory for big corpora
+                f.write(np.ascontiguousarray(src.tokens[rows[start:start + 4096]]).tobytes())
+        subset = {"parent_rows": rows.tolist(), "doc_ids": [src.doc_ids(int(r)) for r in rows]}
+        (tmp / "subset.json").write_text(json.dumps(subset, ensure_ascii=False))
+        index = {**src.index, "count": len(rows), "subset_of": str(Path(src.folder).resolve()),
+                 "tokens_sha256": sha256_file(tmp / "tokens.bin"), **(extra or {})}
+        for key in ("documents", "stream_tokens", "dropped_tail_tokens"):
+            index.pop(key, None)
+        (tmp / "index.json").write_text(json.dumps(index, indent=2))
+    return Instances(folder)

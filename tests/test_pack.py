@@ -101,3 +101,15 @@ def test_batch_stream_resumes_exactly(tok, tiny_corpus, tmp_path):
     c = BatchStream(inst, 1, seed=5)
     seen = {tuple(c.next_batch()[0].tolist()) for _ in range(len(inst))}
     assert len(seen) == len({tuple(r) for r in np.asarray(inst.tokens).tolist()})
+
+
+def test_subset_keeps_rows_and_document_ids(tok, tiny_corpus, tmp_path):
+    from refine.instances import write_subset
+
+    inst = pack(tiny_corpus / "train.jsonl", tok, 32, tmp_path / "p", quiet=True)
+    rows = [0, 5, len(inst) - 1]
+    sub = write_subset(inst, rows, tmp_path / "sub")
+    assert len(sub) == 3 and sub.tokenizer == inst.tokenizer
+    assert np.array_equal(np.asarray(sub.tokens), np.asarray(inst.tokens)[rows])
+    assert [sub.doc_ids(i) for i in range(3)] == [inst.doc_ids(r) for r in rows]
+    sub.verify()

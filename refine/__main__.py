@@ -1,0 +1,178 @@
+"""The refine stage (MiniPLM difference sampling + teacher logits for distillation). A Hydra app.
+
+Run::
+
+    python -m refine                                   # the bundled corpus (make refine)
+    python -m refine corpus=my.jsonl name=mine         # any corpus refine.corpus reads
+    python -m refine select.alpha=0.3                  # re-select from saved scores, no rescoring (make select)
+    python -m refine pack.max_instances=512            # a quick look at the first 512 instances
+
+Stages, each reusing a finished result: (1) pack the corpus with the teacher's tokenizer; (2) teacher pass
+(its own process: per-instance NLL + top-p-k logits, one pass); (3) reference pass (NLL only); (4) select the
+top alpha by ``NLL_ref - NLL_teacher`` in corpus order and write ``<out>/``: ``instances/`` (refined tokens),
+``refined.jsonl`` (text, for students with another tokenizer), ``logits/`` (aligned with ``instances/``),
+``scores.npz``, ``report.md`` + ``score_hist.png``, ``manifest.json``. The teacher pass keeps the logits of
+*every* scored instance in ``teacher/logits/``, so re-selecting with another alpha never rescores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from refine.config import ModelPassConfig, RefineConfig, to_refine_config
+from refine.errors import InputError, exit_on_input_error
+from refine.hydra_cli import precheck_overrides
+from refine.instances import Instances, write_subset
+from refine.logits_store import LogitsStore, LogitsWriter
+from refine.manifest import atomic_path, code_version, sha256_file, write_json_atomic, write_manifest
+from refine.pack import corpus_fingerprint, pack
+from refine.select import difference_scores, select
+from refine.tokenizer import load_tokenizer, tokenizer_hash
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def resolve_model(path: str) -> Path:
+    """An HF folder, or a training run folder (``runs/<name>``), which means its latest checkpoint."""
+    p = Path(path)
+    pointer = p / "checkpoints" / "latest"
+    if pointer.is_file():
+        p = p / "checkpoints" / pointer.read_text().strip()
+    if not (p / "config.json").is_file():
+        hint = " (run `make reference`)" if "reference" in str(path) else ""
+        raise InputError(f"no model at {path}{hint}")
+    return p
+
+
+def _model_fingerprint(model: Path) -> str:
+    files = sorted(model.glob("*.safetensors")) + [model / "config.json"]
+    return "|".join(f"{f.name}:{f.stat().st_size}:{sha256_file(f)[:16]}" for f in files)
+
+
+def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, top_k: int, top_p: float,
+          shard_size: int) -> dict:
+    """Run (or reuse) one model's scoring pass in a child process; return its pass summary."""
+    key = {"model": _model_fingerprint(model), "instances": inst.index["tokens_sha256"], "top_k": top_k,
+           "top_p": top_p, "dtype": pass_cfg.dtype, "backend": pass_cfg.backend, "shard_size": shard_size}
+    key_file = out / "key.json"
+    if key_file.is_file() and json.loads(key_file.read_text()) != key:
+        shutil.rmtree(out)                    # another model/config/data: its shards must not be mixed in
+    if (out / "pass.json").is_file() and key_file.is_file():
+        return json.loads((out / "pass.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(key_file, key)
+    cmd = [sys.executable, "-m", "refine.score_pass", "--model", str(model), "--instances", str(inst.folder),
+           "--out", str(out), "--backend", pass_cfg.backend, "--dtype", pass_cfg.dtype, "--top-k", str(top_k),
+           "--top-p", str(top_p), "--shard-size", str(shard_size), "--batch-rows", str(pass_cfg.batch_rows),
+           "--engine-opts", json.dumps(pass_cfg.engine)]
+    print(f"scoring {len(inst)} instances with {model} ({pass_cfg.backend}, {pass_cfg.dtype}"
+          f"{f', top-{top_p}-{top_k} logits' if top_k else ''})", flush=True)
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if res.returncode != 0:
+        raise InputError(f"scoring with {model} failed (exit {res.returncode}); rerun to resume its shards")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"  {summary['tokens']:,} tokens in {summary['score_seconds']:.0f} s: {summary['tok_s']:,.0f} tok/s "
+          f"(+{summary['engine_load_seconds']:.0f} s engine start)")
+    return summary
+
+
+def write_text_export(inst: Instances, rows: np.ndarray, scores: np.ndarray, tok, path: Path) -> None:
+    """The kept instances as text: students with another tokenizer train on this."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            rec = {"id": f"instance/{int(r)}", "doc_ids": inst.doc_ids(int(r)), "score": round(float(scores[r]), 5),
+                   "text": tok.decode(np.asarray(inst.tokens[r]).tolist())}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size: int) -> LogitsStore:
+    tmp_dir = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    writer = LogitsWriter(tmp_dir, src.header)
+    shards = [writer.write_rows(s, [src[int(r)] for r in rows[start:start + shard_size]])
+              for s, start in enumerate(range(0, len(rows), shard_size))]
+    writer.finish(shards, extra={"rows_of": "instances/"})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_dir.rename(out)
+    return LogitsStore(out)
+
+
+def refine(cfg: RefineConfig) -> dict:
+    from refine.report import write_report
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher, reference = resolve_model(cfg.teacher.path), resolve_model(cfg.reference.path)
+    tok = load_tokenizer(teacher)
+    ref_hash = tokenizer_hash(load_tokenizer(reference))
+    if ref_hash != tokenizer_hash(tok):
+        raise InputError(f"reference model {reference} uses another tokenizer than the teacher; difference "
+                         f"sampling compares per-token NLLs of the same tokens")
+
+    inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field)
+    if 0 < cfg.pack.max_instances < len(inst):
+        inst = write_subset(inst, np.arange(cfg.pack.max_instances), out / "instances_scored") \
+            if not _subset_matches(out / "instances_scored", inst, cfg.pack.max_instances) \
+            else Instances(out / "instances_scored")
+
+    t_pass = time.perf_counter()
+    tpass = score(cfg.teacher, teacher, inst, out / "teacher", cfg.logits.top_k, cfg.logits.top_p, cfg.shard_size)
+    rpass = score(cfg.reference, reference, inst, out / "reference", 0, 1.0, cfg.shard_size)
+    t_scored = time.perf_counter()
+
+    teacher_nll = np.load(out / "teacher" / "nll.npy", allow_pickle=False)
+    ref_nll = np.load(out / "reference" / "nll.npy", allow_pickle=False)
+    scores = difference_scores(teacher_nll, ref_nll)
+    kept = select(scores, cfg.select.alpha, cfg.select.mode, cfg.select.temperature, cfg.select.seed)
+    with atomic_path(out / "scores.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, teacher_nll=teacher_nll, ref_nll=ref_nll, score=scores, kept=kept)
+    refined = write_subset(inst, kept, out / "instances", extra={"selection": asdict(cfg.select)})
+    write_text_export(inst, kept, scores, tok, out / "refined.jsonl")
+    logits = None
+    if cfg.logits.top_k:
+        full = LogitsStore(out / "teacher" / "logits")
+        logits = write_kept_logits(full, kept, out / "logits", cfg.shard_size)
+    report = write_report(out, inst, refined, scores, kept, tok, logits, tpass, rpass, cfg.report_examples)
+    key = {"corpus": corpus_fingerprint(cfg.corpus), "config": asdict(cfg)}
+    manifest = write_manifest(out, key, teacher=str(teacher), reference=str(reference),
+                              tokenizer_hash=tokenizer_hash(tok), instances_scored=len(inst),
+                              instances_kept=len(refined), teacher_pass=tpass, reference_pass=rpass,
+                              seconds={"total": time.perf_counter() - t0, "scoring": t_scored - t_pass},
+                              report=report, code=code_version())
+    print(f"kept {len(refined):,} of {len(inst):,} instances (alpha {cfg.select.alpha}) -> {out}")
+    return manifest
+
+
+def _subset_matches(folder: Path, parent: Instances, n: int) -> bool:
+    try:
+        sub = Instances(folder)
+    except InputError:
+        return False
+    return sub.index.get("subset_of") == str(parent.folder.resolve()) and len(sub) == n and \
+        sub.subset["parent_rows"] == list(range(n))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="refine")
+@exit_on_input_error
+def _hydra_main(cfg: DictConfig) -> None:
+    refine(to_refine_config(cfg))
+
+
+def main() -> None:
+    precheck_overrides(CONF_DIR, "refine", sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

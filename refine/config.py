@@ -1,0 +1,70 @@
+"""Typed config of the refine stage (values in ``conf/refine.yaml``); unknown keys are errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from refine.errors import InputError
+
+
+@dataclass
+class PathsConfig:
+    cache: str = ".cache"                  # fetched data, converted models, packed tokens (git-ignored)
+    runs: str = "runs"                     # training runs (the reference model's among them)
+    teacher: str = ".cache/models/smollm2-135m"
+    corpus: str = ".cache/data/corpus"
+
+
+@dataclass
+class PackConfig:
+    seq_len: int = 256                     # MiniPLM packs 1024; 256 keeps CPU demos short
+    max_instances: int = -1                # score only the first N instances (-1: all)
+
+
+@dataclass
+class ModelPassConfig:
+    path: str = ""                         # HF folder, or a training run folder (its latest checkpoint)
+    backend: str = "vllm"                  # vllm | hf
+    dtype: str = "float32"                 # float32 | bfloat16
+    batch_rows: int = 64                   # rows per engine call (vLLM schedules them by tokens)
+    engine: dict = field(default_factory=dict)   # extra engine kwargs, e.g. {tensor_parallel_size: 2}
+
+
+@dataclass
+class LogitsConfig:
+    top_p: float = 0.95                    # PD paper's best: top-0.95 then top-50
+    top_k: int = 50                        # 0 disables logit capture
+
+
+@dataclass
+class SelectConfig:
+    alpha: float = 0.5                     # fraction kept (MiniPLM: 0.5)
+    mode: str = "top"                      # top | sample | random
+    temperature: float = 1.0               # sample mode: p ~ exp(score / temperature)
+    seed: int = 0
+
+
+@dataclass
+class RefineConfig:
+    name: str = "default"
+    corpus: str = "${paths.corpus}/train.jsonl"
+    text_field: str = "text"
+    out: str = "${paths.cache}/refined/${name}"
+    shard_size: int = 128                  # instances per scoring shard (the unit of crash-resume)
+    report_examples: int = 3               # top- and bottom-scored instances quoted in the report
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    teacher: ModelPassConfig = field(default_factory=lambda: ModelPassConfig(path="${paths.teacher}"))
+    reference: ModelPassConfig = field(default_factory=lambda: ModelPassConfig(path="${paths.runs}/reference"))
+    logits: LogitsConfig = field(default_factory=LogitsConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+
+
+def to_refine_config(cfg: DictConfig) -> RefineConfig:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RefineConfig), cfg))  # type: ignore
+    except OmegaConfBaseException as e:
+        raise InputError(f"bad config: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,90 @@
+"""The refine report: what was kept, from where, how the scores look, what the logits cost."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from refine.instances import Instances
+from refine.logits_store import LogitsStore
+
+
+def _source_of(inst: Instances, i: int, doc_source: dict[str, str]) -> str:
+    sources = {doc_source.get(d, "?") for d in inst.doc_ids(i)}
+    return sources.pop() if len(sources) == 1 else "mixed"
+
+
+def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mask = np.zeros(len(scores), bool)
+    mask[kept] = True
+    bins = np.histogram_bin_edges(scores, bins=60)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(scores[~mask], bins=bins, alpha=0.7, label=f"dropped ({(~mask).sum():,})")
+    ax.hist(scores[mask], bins=bins, alpha=0.7, label=f"kept ({mask.sum():,})")
+    ax.set_xlabel("difference score = NLL_ref - NLL_teacher (nats/token)")
+    ax.set_ylabel("instances")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndarray, kept: np.ndarray, tok,
+                 logits: LogitsStore | None, tpass: dict, rpass: dict, examples: int) -> dict:
+    root = Instances(inst.index["subset_of"]) if "subset_of" in inst.index else inst
+    doc_source = {d["id"]: d["source"] for d in root.docs}
+    per_source: dict[str, Counter] = {}
+    kept_set = set(kept.tolist())
+    for i in range(len(inst)):
+        c = per_source.setdefault(_source_of(inst, i, doc_source), Counter())
+        c["total"] += 1
+        c["kept"] += i in kept_set
+    _histogram(scores, kept, out / "score_hist.png")
+    figures = {
+        "instances_scored": len(inst), "instances_kept": len(refined), "seq_len": inst.seq_len,
+        "teacher_tok_s": tpass["tok_s"], "reference_tok_s": rpass["tok_s"],
+        "teacher_mean_nll": tpass["mean_nll"], "reference_mean_nll": rpass["mean_nll"],
+        "score_mean": float(scores.mean()), "score_kept_min": float(scores[kept].min()),
+        "kept_fraction_by_source": {s: c["kept"] / c["total"] for s, c in sorted(per_source.items())},
+        "instances_by_source": {s: c["total"] for s, c in sorted(per_source.items())},
+    }
+    if logits is not None:
+        sample = range(0, len(logits), max(len(logits) // 64, 1))
+        figures["logits_bytes_per_token"] = logits.bytes_per_token()
+        figures["logits_mean_kept_mass"] = float(np.mean([logits[i].kept_mass().mean() for i in sample]))
+        figures["logits_mean_ids_per_position"] = float(np.mean([logits[i].counts.mean() for i in sample]))
+    order = np.argsort(-scores, kind="stable")
+
+    def quote(i: int) -> str:
+        text = tok.decode(np.asarray(inst.tokens[i]).tolist()).replace("\n", " ")
+        return f"- **{scores[i]:+.3f}** `{', '.join(inst.doc_ids(i))[:80]}`: {text[:400]}…"
+
+    lines = [
+        f"# Refine report: {out.name}", "",
+        f"Scored **{len(inst):,}** instances of {inst.seq_len} tokens; kept **{len(refined):,}** "
+        f"({len(refined) / len(inst):.0%}) by difference score (NLL_ref − NLL_teacher).", "",
+        "| figure | value |", "|---|---|",
+        f"| teacher throughput | {tpass['tok_s']:,.0f} tok/s |",
+        f"| reference throughput | {rpass['tok_s']:,.0f} tok/s |",
+        f"| mean NLL teacher / reference | {tpass['mean_nll']:.3f} / {rpass['mean_nll']:.3f} nats/token |",
+        f"| mean score / lowest kept | {figures['score_mean']:+.3f} / {figures['score_kept_min']:+.3f} |",
+    ]
+    if logits is not None:
+        lines += [f"| logits bytes/token | {figures['logits_bytes_per_token']:.1f} |",
+                  f"| mean kept probability mass | {figures['logits_mean_kept_mass']:.3f} |",
+                  f"| mean ids per position | {figures['logits_mean_ids_per_position']:.1f} |"]
+    lines += ["", "| source | instances | kept |", "|---|---|---|"]
+    lines += [f"| {s} | {c['total']:,} | {c['kept'] / c['total']:.0%} |" for s, c in sorted(per_source.items())]
+    lines += ["", "![score histogram](score_hist.png)", "", "## Highest-scored instances (kept)", ""]
+    lines += [quote(int(i)) for i in order[:examples]]
+    lines += ["", "## Lowest-scored instances (dropped)", ""]
+    lines += [quote(int(i)) for i in order[::-1][:examples]]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return figures

@@ -1,0 +1,115 @@
+"""One scoring pass of one model over packed instances, shard by shard, resumable.
+
+Run by ``python -m refine`` in its own process per model (vLLM is faster without transformers beside it, and
+each engine's memory goes back to the OS when the pass ends)::
+
+    python -m refine.score_pass --model DIR --instances DIR --out DIR [--top-k 50 --top-p 0.95]
+
+For each shard of ``--shard-size`` instances it writes ``nll-XXXXX.npy`` (mean per-token NLL per instance) and,
+when ``--top-k > 0``, the top-p-k truncated logits shard of ``refine.logits_store``; then ``shard-XXXXX.json``
+last. A shard whose json exists is finished: a rerun after a crash scores only the missing shards.
+``finish`` assembles ``nll.npy`` and the store's ``store.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from refine.errors import InputError, exit_on_input_error
+from refine.instances import Instances
+from refine.logits_store import LogitsWriter, StoreHeader
+from refine.manifest import atomic_path, write_json_atomic
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+
+
+def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dtype: str = "float32",
+             top_k: int = 0, top_p: float = 1.0, shard_size: int = 128, batch_rows: int = 32,
+             quiet: bool = False, **engine_opts) -> dict:
+    from refine.scoring import make_scorer
+
+    inst = Instances(instances_dir)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(inst) + shard_size - 1) // shard_size
+    todo = [s for s in range(n_shards) if not (out_dir / f"shard-{s:05d}.json").is_file()]
+    writer = None
+    if top_k:
+        writer = LogitsWriter(out_dir / "logits", StoreHeader(inst.tokenizer.vocab_size, inst.tokenizer.hash, top_p,
+                                                              top_k, inst.seq_len - 1))
+    if todo:
+        t_load = time.perf_counter()
+        # max_model_len leaves room for the one token vLLM must generate after the prompt.
+        opts = {"max_model_len": inst.seq_len + 16, **engine_opts} if backend == "vllm" else engine_opts
+        scorer = make_scorer(backend, model, top_k=top_k, dtype=dtype, **opts)
+        load_s = time.perf_counter() - t_load
+        try:
+            for s in todo:
+                t0 = time.perf_counter()
+                rows = np.asarray(inst.tokens[s * shard_size:(s + 1) * shard_size])
+                parts = [scorer.score(rows[i:i + batch_rows]) for i in range(0, len(rows), batch_rows)]
+                nll = np.concatenate([p.mean_nll() for p in parts]).astype(np.float32)
+                entry = None
+                if writer is not None:
+                    entry = writer.write_shard(s, np.concatenate([p.topk_ids for p in parts]),
+                                               np.concatenate([p.topk_logprobs for p in parts]))
+                _save_npy(out_dir / f"nll-{s:05d}.npy", nll)
+                secs = time.perf_counter() - t0
+                write_json_atomic(out_dir / f"shard-{s:05d}.json", {
+                    "shard": s, "instances": len(rows), "tokens": int(rows.size), "seconds": secs,
+                    "tok_s": rows.size / secs, "logits": entry})
+                if not quiet:
+                    print(f"  {Path(model).name}: shard {s + 1}/{n_shards}, {rows.size / secs:,.0f} tok/s",
+                          file=sys.stderr, flush=True)
+        finally:
+            scorer.close()
+    else:
+        load_s = 0.0
+    return finish(out_dir, n_shards, writer, model, load_s)
+
+
+def finish(out_dir: Path, n_shards: int, writer: LogitsWriter | None, model: str, load_s: float) -> dict:
+    entries = [json.loads((out_dir / f"shard-{s:05d}.json").read_text()) for s in range(n_shards)]
+    nll = np.concatenate([np.load(out_dir / f"nll-{s:05d}.npy", allow_pickle=False) for s in range(n_shards)])
+    _save_npy(out_dir / "nll.npy", nll)
+    if writer is not None:
+        writer.finish([e["logits"] for e in entries])
+    tokens, seconds = sum(e["tokens"] for e in entries), sum(e["seconds"] for e in entries)
+    summary = {"model": str(model), "instances": int(len(nll)), "tokens": tokens, "score_seconds": seconds,
+               "tok_s": tokens / max(seconds, 1e-9), "engine_load_seconds": load_s, "mean_nll": float(nll.mean())}
+    write_json_atomic(out_dir / "pass.json", summary)
+    return summary
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Score packed instances with one model (a refine pass).")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--instances", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--top-k", type=int, default=0, help="store top-p-k logits with this k (0: NLL only)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--shard-size", type=int, default=128)
+    ap.add_argument("--batch-rows", type=int, default=32)
+    ap.add_argument("--engine-opts", default="{}", help="JSON dict passed to the engine (e.g. tensor_parallel_size)")
+    a = ap.parse_args(argv)
+    if not Path(a.model).is_dir():
+        raise InputError(f"model folder not found: {a.model}")
+    summary = run_pass(a.model, a.instances, a.out, a.backend, a.dtype, a.top_k, a.top_p, a.shard_size,
+                       a.batch_rows, **json.loads(a.engine_opts))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
