@@ -5,7 +5,7 @@ Run::
     python -m refine                                   # the bundled corpus (make refine)
     python -m refine corpus=my.jsonl name=mine         # any corpus refine.corpus reads
     python -m refine select.alpha=0.3                  # re-select from saved scores, no rescoring (make select)
-    python -m refine pack.max_instances=512            # a quick look at the first 512 instances
+    python -m refine pack.max_instances=512            # a quick look: 512 instances spread over the corpus
 
 Stages, each reusing a finished result: (1) pack the corpus with the teacher's tokenizer; (2) teacher pass
 (its own process: per-instance NLL + top-p-k logits, one pass); (3) reference pass (NLL only); (4) select the
@@ -122,9 +122,10 @@ def refine(cfg: RefineConfig) -> dict:
 
     inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field)
     if 0 < cfg.pack.max_instances < len(inst):
-        inst = write_subset(inst, np.arange(cfg.pack.max_instances), out / "instances_scored") \
-            if not _subset_matches(out / "instances_scored", inst, cfg.pack.max_instances) \
-            else Instances(out / "instances_scored")
+        # An evenly spaced subset keeps every part of the corpus represented (the first N would be one source).
+        rows = np.unique(np.linspace(0, len(inst) - 1, cfg.pack.max_instances).round().astype(np.int64))
+        sub = out / "instances_scored"
+        inst = Instances(sub) if _subset_matches(sub, inst, rows) else write_subset(inst, rows, sub)
 
     t_pass = time.perf_counter()
     tpass = score(cfg.teacher, teacher, inst, out / "teacher", cfg.logits.top_k, cfg.logits.top_p, cfg.shard_size)
@@ -154,13 +155,13 @@ def refine(cfg: RefineConfig) -> dict:
     return manifest
 
 
-def _subset_matches(folder: Path, parent: Instances, n: int) -> bool:
+def _subset_matches(folder: Path, parent: Instances, rows: np.ndarray) -> bool:
     try:
         sub = Instances(folder)
     except InputError:
         return False
-    return sub.index.get("subset_of") == str(parent.folder.resolve()) and len(sub) == n and \
-        sub.subset["parent_rows"] == list(range(n))
+    return sub.index.get("subset_of") == str(parent.folder.resolve()) and \
+        sub.subset["parent_rows"] == rows.tolist() and sub.index["tokens_sha256"] != parent.index["tokens_sha256"]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="refine")

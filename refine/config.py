@@ -21,7 +21,7 @@ class PathsConfig:
 @dataclass
 class PackConfig:
     seq_len: int = 256                     # MiniPLM packs 1024; 256 keeps CPU demos short
-    max_instances: int = -1                # score only the first N instances (-1: all)
+    max_instances: int = -1                # score N instances spread evenly over the corpus (-1: all)
 
 
 @dataclass

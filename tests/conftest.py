@@ -68,3 +68,40 @@ def tiny_overrides(tiny_tokenizer_dir, tiny_corpus, tmp_path) -> list[str]:
     return ["+experiment=lm_baseline", "+debug=tiny", f"model.tokenizer={tiny_tokenizer_dir}",
             f"paths.corpus={tiny_corpus}", f"paths.cache={tmp_path / 'cache'}", f"paths.runs={tmp_path / 'runs'}",
             f"run_dir={tmp_path / 'runs' / 'run'}"]
+
+
+def save_tiny_llama(tokenizer_dir: Path, out: Path, seed: int, hidden: int = 128, layers: int = 2,
+                    init_std: float = 0.2) -> Path:
+    """A random-init Llama with the tiny tokenizer, saved as an HF folder (head_dim 64: vLLM's CPU attention
+    has no kernel for head sizes below 32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from refine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=1,
+                         max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    # A wider init than the default spreads the next-token distributions, so top-K ids are well separated.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, init_std)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    return save_tiny_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    return save_tiny_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("tiny_reference"), seed=1, layers=1,
+                           init_std=0.1)

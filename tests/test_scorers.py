@@ -8,32 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from refine.scoring import make_scorer
-from refine.tokenizer import load_tokenizer
 from tests.conftest import REPO
 
 K = 20
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory):
-    tok = load_tokenizer(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)  # head_dim 64: vLLM's CPU attention has no kernel for 16
-    # Larger-than-default init spreads the next-token distribution, so top-K ids are well separated.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    out = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,91 @@
+"""The refine stage end to end on tiny real models: outputs, reuse, re-selection and crash-resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from refine.__main__ import CONF_DIR, refine
+from refine.config import to_refine_config
+from refine.instances import Instances
+from refine.logits_store import LogitsStore
+from tests.conftest import REPO
+
+
+def _cfg(overrides):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return to_refine_config(compose("refine", overrides=overrides))
+
+
+@pytest.fixture
+def overrides(tiny_corpus, tiny_model_dir, tiny_reference_dir, tmp_path):
+    return [f"corpus={tiny_corpus / 'train.jsonl'}", f"teacher.path={tiny_model_dir}",
+            f"reference.path={tiny_reference_dir}", "teacher.backend=hf", "reference.backend=hf",
+            "pack.seq_len=64", "shard_size=16", "logits.top_k=10", "logits.top_p=0.9", f"out={tmp_path / 'out'}"]
+
+
+def _mtimes(folder: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")}
+
+
+def test_refine_outputs_reuse_reselect_and_resume(overrides, tmp_path):
+    out = tmp_path / "out"
+    manifest = refine(_cfg(overrides))
+    scored = Instances(out / "instances_all")
+    kept_inst = Instances(out / "instances")
+    s = np.load(out / "scores.npz")
+    n = len(scored)
+    assert manifest["instances_scored"] == n and len(kept_inst) == round(0.5 * n)
+    assert np.allclose(s["score"], s["ref_nll"].astype(np.float64) - s["teacher_nll"])
+    kept = s["kept"]
+    assert (np.diff(kept) > 0).all()                                         # corpus order
+    assert set(kept) == set(np.argsort(-s["score"], kind="stable")[: len(kept)])
+    assert np.array_equal(np.asarray(kept_inst.tokens), np.asarray(scored.tokens)[kept])
+    logits, full = LogitsStore(out / "logits", verify=True), LogitsStore(out / "teacher" / "logits")
+    assert len(logits) == len(kept) == len(full) // 2
+    for j in (0, len(kept) - 1):
+        a, b = logits[j], full[int(kept[j])]
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.logprobs, b.logprobs)
+    lines = (out / "refined.jsonl").read_text().splitlines()
+    assert len(lines) == len(kept) and json.loads(lines[0])["id"] == f"instance/{kept[0]}"
+    assert (out / "score_hist.png").stat().st_size > 1000 and "Highest-scored" in (out / "report.md").read_text()
+
+    # Rerun: both passes reused, outputs identical.
+    before = {k: _mtimes(out / k) for k in ("teacher", "reference")}
+    snapshot = (out / "scores.npz").read_bytes(), (out / "logits" / "shard-00000.bin").read_bytes()
+    refine(_cfg(overrides))
+    assert {k: _mtimes(out / k) for k in ("teacher", "reference")} == before
+    assert ((out / "scores.npz").read_bytes(), (out / "logits" / "shard-00000.bin").read_bytes()) == snapshot
+
+    # Another alpha re-selects from the saved scores without rescoring.
+    refine(_cfg(overrides + ["select.alpha=0.25"]))
+    assert {k: _mtimes(out / k) for k in ("teacher", "reference")} == before
+    assert len(Instances(out / "instances")) == round(0.25 * n) == len(LogitsStore(out / "logits"))
+
+    # A crash in the middle of the teacher pass: shard 1 never finished. The rerun scores only that shard.
+    for name in ("shard-00001.json", "nll-00001.npy", "pass.json"):
+        (out / "teacher" / name).unlink()
+    refine(_cfg(overrides))
+    after = _mtimes(out / "teacher")
+    assert after["shard-00000.json"] == before["teacher"]["shard-00000.json"]
+    assert after["shard-00001.json"] != before["teacher"]["shard-00001.json"]
+    assert ((out / "scores.npz").read_bytes(), (out / "logits" / "shard-00000.bin").read_bytes()) == snapshot
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["corpus=/no/such/corpus.jsonl"], "corpus not found"),
+    (["reference.path=/no/such/model"], "no model at /no/such/model"),
+    (["select.alpah=0.3"], "alpah"),
+])
+def test_refine_cli_errors_are_one_line(overrides, extra, match):
+    res = subprocess.run([sys.executable, "-m", "refine", *overrides, *extra], capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], res.stderr
