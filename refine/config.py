@@ -48,6 +48,14 @@ class SelectConfig:
 
 
 @dataclass
+class DedupConfig:
+    """Reference-model embeddings + faiss: optional near-duplicate removal before scoring, diversity figures."""
+    enabled: bool = False                  # drop near-duplicates before scoring
+    threshold: float = 0.95                # cosine similarity at or above which a later instance is a duplicate
+    diversity: bool = True                 # report diversity of scored vs refined instances (costs one cheap pass)
+
+
+@dataclass
 class RefineConfig:
     name: str = "default"
     corpus: str = "${paths.corpus}/train.jsonl"
@@ -61,6 +69,7 @@ class RefineConfig:
     reference: ModelPassConfig = field(default_factory=lambda: ModelPassConfig(path="${paths.runs}/reference"))
     logits: LogitsConfig = field(default_factory=LogitsConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
 
 
 def to_refine_config(cfg: DictConfig) -> RefineConfig:

@@ -180,6 +180,7 @@ def write_subset(src: Instances, rows: np.ndarray, folder: str | Path, extra: di
         subset = {"parent_rows": rows.tolist(), "doc_ids": [src.doc_ids(int(r)) for r in rows]}
         (tmp / "subset.json").write_text(json.dumps(subset, ensure_ascii=False))
         index = {**src.index, "count": len(rows), "subset_of": str(Path(src.folder).resolve()),
+                 "parent_sha256": src.index["tokens_sha256"],
                  "tokens_sha256": sha256_file(tmp / "tokens.bin"), **(extra or {})}
         for key in ("documents", "stream_tokens", "dropped_tail_tokens"):
             index.pop(key, None)

@@ -34,7 +34,8 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dtype: str = "float32",
              top_k: int = 0, top_p: float = 1.0, shard_size: int = 128, batch_rows: int = 32,
-             quiet: bool = False, **engine_opts) -> dict:
+             quiet: bool = False, scorer=None, **engine_opts) -> dict:
+    """Score every unfinished shard. ``scorer``: an already started one (benchmarks), else one is made here."""
     from refine.scoring import make_scorer
 
     inst = Instances(instances_dir)
@@ -48,9 +49,11 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
                                                               top_k, inst.seq_len - 1))
     if todo:
         t_load = time.perf_counter()
-        # max_model_len leaves room for the one token vLLM must generate after the prompt.
-        opts = {"max_model_len": inst.seq_len + 16, **engine_opts} if backend == "vllm" else engine_opts
-        scorer = make_scorer(backend, model, top_k=top_k, dtype=dtype, **opts)
+        own = scorer is None
+        if own:
+            # max_model_len leaves room for the one token vLLM must generate after the prompt.
+            opts = {"max_model_len": inst.seq_len + 16, **engine_opts} if backend == "vllm" else engine_opts
+            scorer = make_scorer(backend, model, top_k=top_k, dtype=dtype, **opts)
         load_s = time.perf_counter() - t_load
         try:
             for s in todo:
@@ -71,7 +74,8 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
                     print(f"  {Path(model).name}: shard {s + 1}/{n_shards}, {rows.size / secs:,.0f} tok/s",
                           file=sys.stderr, flush=True)
         finally:
-            scorer.close()
+            if own:
+                scorer.close()
     else:
         load_s = 0.0
     return finish(out_dir, n_shards, writer, model, load_s)

@@ -55,6 +55,8 @@ def test_refine_outputs_reuse_reselect_and_resume(overrides, tmp_path):
     lines = (out / "refined.jsonl").read_text().splitlines()
     assert len(lines) == len(kept) and json.loads(lines[0])["id"] == f"instance/{kept[0]}"
     assert (out / "score_hist.png").stat().st_size > 1000 and "Highest-scored" in (out / "report.md").read_text()
+    div = manifest["report"]["diversity"]
+    assert 0 < div["scored"] < 2 and 0 < div["refined"] < 2 and "Diversity" in (out / "report.md").read_text()
 
     # Rerun: both passes reused, outputs identical.
     before = {k: _mtimes(out / k) for k in ("teacher", "reference")}
@@ -89,3 +91,11 @@ def test_refine_cli_errors_are_one_line(overrides, extra, match):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], res.stderr
+
+
+def test_near_duplicates_are_removed_before_scoring(overrides):
+    # The plumbing: with a loose threshold the (random-init) reference embeddings call many instances
+    # near-duplicates; scoring then runs on the survivors only. (near_duplicates itself: tests/test_dedup.py.)
+    manifest = refine(_cfg(overrides + ["dedup.enabled=true", "dedup.threshold=0.5"]))
+    dedup = manifest["report"]["dedup"]
+    assert dedup["after"] < dedup["before"] and manifest["instances_scored"] == dedup["after"]
