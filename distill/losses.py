@@ -12,3 +12,92 @@ def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     Computed in fp32 even under bf16 autocast: the logsumexp over a 49k+ vocabulary loses precision in bf16.
     """
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), tokens[:, 1:].reshape(-1))
+
+
+# ---- Knowledge distillation on a sparse teacher signal (distill.signal.TeacherSignal) ----------------------
+#
+# Notation per position: the teacher's kept ids S (top-p-k), their full-softmax log-probs t_i (tau = 1), the
+# student's logits z. With temperature tau:
+#   teacher target  p_i = softmax_S(t_i / tau)            (renormalised over S: the PD paper's target)
+#   student         log q_i = log_softmax_V(z / tau)_i    (over the FULL vocabulary, gathered at S)
+# Missing-mass policy for the probability outside S:
+#   "renorm": ignore it: the target is p above (default; what top-p-k KD usually does);
+#   "tail":   keep it as one extra outcome "any other token", with teacher mass m_t = 1 - sum_S exp(t_i)
+#             and student mass m_s = 1 - sum_S q_i (defined at tau = 1 only, where m_t is known).
+
+LOSSES = ("kld", "nll", "rkl", "mse")
+_EPS = 1e-9
+
+
+def _masked_softmax(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~mask, 0.0)
+
+
+def kd_loss(student_logits: torch.Tensor, signal, loss: str = "kld", temperature: float | torch.Tensor = 1.0,
+            missing_mass: str = "renorm") -> torch.Tensor:
+    """Mean per-position KD loss. ``student_logits``: [B, T, V] for the T predicted positions.
+
+    ``temperature``: a float or a [B, T] tensor (adaptive temperature). Losses:
+    kld = KL(p || q) (PD paper's best), nll = soft cross entropy -sum p log q, rkl = KL(q_S || p) with the
+    student renormalised over S, mse = squared error between student logits and teacher log-probs at S, each
+    centred over S (logits are shift-invariant; the PD paper's weak baseline).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown KD loss {loss!r} ({' | '.join(LOSSES)})")
+    tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature))
+    tau = tau.to(student_logits.device, torch.float32)
+    tau = tau[..., None] if tau.dim() == 2 else tau
+    mask, t_lp = signal.mask, signal.logprobs.float()
+    z = student_logits.float()
+    if loss == "mse":
+        zs = z.gather(-1, signal.ids)
+        n = mask.sum(-1, keepdim=True).clamp_min(1)
+        zs_c = zs - (zs.masked_fill(~mask, 0).sum(-1, keepdim=True) / n)
+        t_c = t_lp.masked_fill(~mask, 0) - (t_lp.masked_fill(~mask, 0).sum(-1, keepdim=True) / n)
+        return ((zs_c - t_c).pow(2).masked_fill(~mask, 0).sum(-1) / n.squeeze(-1)).mean()
+    log_q = torch.log_softmax(z / tau, dim=-1).gather(-1, signal.ids).masked_fill(~mask, 0.0)
+    if missing_mass == "renorm":
+        p = _masked_softmax(t_lp / tau, mask)
+        log_p = torch.log(p.clamp_min(_EPS))
+        if loss == "kld":
+            per_pos = (p * (log_p - log_q)).sum(-1)
+        elif loss == "nll":
+            per_pos = -(p * log_q).sum(-1)
+        else:  # rkl over the kept support, student renormalised there
+            q_s = _masked_softmax(log_q, mask)
+            per_pos = (q_s * (torch.log(q_s.clamp_min(_EPS)) - log_p)).masked_fill(~mask, 0).sum(-1)
+        return per_pos.mean()
+    if missing_mass != "tail":
+        raise ValueError(f"unknown missing_mass policy {missing_mass!r} (renorm | tail)")
+    if not bool((tau == 1).all()):
+        raise ValueError("missing_mass=tail needs temperature 1 (the dropped mass is known at tau = 1 only)")
+    p = t_lp.exp().masked_fill(~mask, 0.0)
+    q = log_q.exp().masked_fill(~mask, 0.0)
+    m_t = (1 - p.sum(-1)).clamp_min(_EPS)
+    m_s = (1 - q.sum(-1)).clamp_min(_EPS)
+    log_p = t_lp.masked_fill(~mask, 0.0)
+    if loss == "kld":
+        per_pos = (p * (log_p - log_q)).sum(-1) + m_t * (m_t.log() - m_s.log())
+    elif loss == "nll":
+        per_pos = -(p * log_q).sum(-1) - m_t * m_s.log()
+    else:
+        per_pos = (q * (log_q - log_p)).sum(-1) + m_s * (m_s.log() - m_t.log())
+    return per_pos.mean()
+
+
+def adaptive_temperature(signal, base: float, beta: float = 1.0, low: float = 0.5, high: float = 4.0
+                         ) -> torch.Tensor:
+    """AdaKD-style per-position temperature from the teacher's confidence, [B, T].
+
+        h_t   = H(p_t) / log(n_t)       normalised entropy of the kept teacher distribution (0 = one-hot)
+        tau_t = clamp(base * exp(beta * (0.5 - h_t)), low, high)
+
+    Confident positions (h -> 0) get a higher temperature, so the student also learns the teacher's ranking of
+    the alternatives instead of a near one-hot target; uncertain positions (h -> 1) get a lower one, which
+    sharpens an already flat target. beta = 0 gives the constant ``base``.
+    """
+    p = _masked_softmax(signal.logprobs.float(), signal.mask)
+    entropy = -(p * torch.log(p.clamp_min(_EPS))).sum(-1)
+    n = signal.mask.sum(-1).float()
+    h = torch.where(n > 1, entropy / torch.log(n.clamp_min(2)), torch.zeros_like(entropy))
+    return (base * torch.exp(beta * (0.5 - h))).clamp(low, high).detach()

@@ -1,0 +1,96 @@
+"""The teacher signal: one type for stored (offline) and live (online) teacher logits.
+
+``TeacherSignal`` holds, for every predicted position of a batch ([B, T] with T = seq_len - 1, position t
+predicting token t+1), up to K candidate token ids with the teacher's *full-softmax* log-probs at
+temperature 1, padded to the batch's largest K with ``mask``. Losses see only this type, never the teacher:
+
+* ``OfflineTeacher`` reads the refine stage's top-p-k store (``refine.logits_store``), aligned row by row with
+  the packed instances the student trains on;
+* ``OnlineTeacher`` runs a frozen HF teacher forward on the same batch and applies the same top-p-k rule
+  (``top_k = 0`` keeps the full vocabulary).
+
+Because both keep full-softmax log-probs of the kept ids, the probability mass outside them is known
+(``1 - exp(logprobs).sum(-1)``) and a KD temperature tau is applied later, in the loss.
+
+Why no co-trained "online" teacher (PD paper's sense: logits of a teacher still being pretrained in the same
+run)? The paper finds such logits worse than a converged teacher's; here the teacher is a released,
+converged model, and a run that also trains the teacher is teacher pretraining, a different job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from refine.logits_store import LogitsStore, truncate_top_p_k
+
+
+@dataclass
+class TeacherSignal:
+    ids: torch.Tensor        # [B, T, K] int64, padding 0
+    logprobs: torch.Tensor   # [B, T, K] float32 full-softmax log-probs, padding -inf
+    mask: torch.Tensor       # [B, T, K] bool
+
+    def to(self, device) -> TeacherSignal:
+        return TeacherSignal(self.ids.to(device), self.logprobs.to(device), self.mask.to(device))
+
+    def kept_mass(self) -> torch.Tensor:
+        return self.logprobs.exp().masked_fill(~self.mask, 0).sum(-1)
+
+
+def from_sorted_topk(ids: torch.Tensor, logprobs: torch.Tensor, top_p: float, top_k: int) -> TeacherSignal:
+    """Apply the top-p-then-top-k rule (``refine.logits_store.truncate_top_p_k``) to sorted candidates."""
+    ids, logprobs = ids[..., :top_k], logprobs[..., :top_k].float()
+    counts = torch.from_numpy(truncate_top_p_k(logprobs.detach().cpu().numpy(), top_p, top_k).astype(np.int64))
+    mask = torch.arange(ids.shape[-1], device=ids.device) < counts.to(ids.device)[..., None]
+    return TeacherSignal(ids.masked_fill(~mask, 0).long(), logprobs.masked_fill(~mask, float("-inf")), mask)
+
+
+class OfflineTeacher:
+    """Stored top-p-k logits for the rows of the student's packed instances."""
+
+    def __init__(self, store: LogitsStore):
+        self.store = store
+
+    def signal(self, rows: np.ndarray, tokens: torch.Tensor | None = None) -> TeacherSignal:
+        sparse = [self.store[int(r)] for r in rows]
+        b, t = len(sparse), self.store.header.positions
+        k = max(int(s.counts.max()) for s in sparse)
+        ids = np.zeros((b, t, k), dtype=np.int64)
+        lps = np.full((b, t, k), -np.inf, dtype=np.float32)
+        mask = np.zeros((b, t, k), dtype=bool)
+        for i, s in enumerate(sparse):
+            counts = s.counts.astype(np.int64)
+            pos = np.repeat(np.arange(t), counts)
+            # Rank of each pair within its position: index minus the position's first pair.
+            slot = np.arange(len(pos)) - np.repeat(np.cumsum(counts) - counts, counts)
+            ids[i, pos, slot] = s.ids
+            lps[i, pos, slot] = s.logprobs.astype(np.float32)
+            mask[i, pos, slot] = True
+        return TeacherSignal(torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(mask))
+
+
+class OnlineTeacher:
+    """A frozen HF teacher run on each batch, truncated like the stored logits (or the full vocabulary)."""
+
+    def __init__(self, model_dir: str, top_p: float = 0.95, top_k: int = 50, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        self.top_p, self.top_k = top_p, top_k
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                          trust_remote_code=trust_remote_code).to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.inference_mode()
+    def signal(self, rows: np.ndarray | None, tokens: torch.Tensor) -> TeacherSignal:
+        tokens = tokens.to(self.model.device)
+        logp = torch.log_softmax(self.model(input_ids=tokens).logits[:, :-1].float(), dim=-1)
+        if self.top_k <= 0:                                  # full vocabulary
+            ids = torch.arange(logp.shape[-1], device=logp.device).expand_as(logp)
+            return TeacherSignal(ids.clone(), logp.clone(), torch.ones_like(logp, dtype=torch.bool))
+        top = torch.topk(logp, self.top_k, dim=-1)
+        return from_sorted_topk(top.indices, top.values, self.top_p, self.top_k)
