@@ -12,7 +12,8 @@ Stages, each reusing a finished result: (1) pack the corpus with the teacher's t
 top alpha by ``NLL_ref - NLL_teacher`` in corpus order and write ``<out>/``: ``instances/`` (refined tokens),
 ``refined.jsonl`` (text, for students with another tokenizer), ``logits/`` (aligned with ``instances/``),
 ``scores.npz``, ``report.md`` + ``score_hist.png``, ``manifest.json``. The teacher pass keeps the logits of
-*every* scored instance in ``teacher/logits/``, so re-selecting with another alpha never rescores.
+*every* scored instance in ``teacher/logits/`` (aligned with ``instances_scored/``), so re-selecting with
+another alpha never rescores, and offline KD on the unselected data can use them.
 """
 
 from __future__ import annotations
@@ -141,8 +142,7 @@ def refine(cfg: RefineConfig) -> dict:
     if 0 < cfg.pack.max_instances < len(inst):
         # An evenly spaced subset keeps every part of the corpus represented (the first N would be one source).
         rows = np.unique(np.linspace(0, len(inst) - 1, cfg.pack.max_instances).round().astype(np.int64))
-        sub = out / "instances_scored"
-        inst = Instances(sub) if _subset_matches(sub, inst, rows) else write_subset(inst, rows, sub)
+        inst = _subset(inst, rows, out / "instances_sample")
 
     emb, dedup_info = None, {}
     if cfg.dedup.enabled or cfg.dedup.diversity:
@@ -155,9 +155,11 @@ def refine(cfg: RefineConfig) -> dict:
         print(f"near-duplicates: dropped {len(inst) - len(keep_rows)} of {len(inst)} (cosine >= "
               f"{cfg.dedup.threshold})")
         if len(keep_rows) < len(inst):
-            sub = out / "instances_dedup"
-            inst = Instances(sub) if _subset_matches(sub, inst, keep_rows) else write_subset(inst, keep_rows, sub)
+            inst = _subset(inst, keep_rows, out / "instances_dedup")
             emb = emb[keep_rows]
+    # The scored set always lives at instances_scored/ (row i <-> teacher/logits row i): offline KD on the
+    # unselected data trains on it.
+    inst = _subset(inst, np.arange(len(inst)), out / "instances_scored")
 
     t_pass = time.perf_counter()
     tpass = score(cfg.teacher, teacher, inst, out / "teacher", cfg.logits.top_k, cfg.logits.top_p, cfg.shard_size)
@@ -198,13 +200,17 @@ def refine(cfg: RefineConfig) -> dict:
     return manifest
 
 
-def _subset_matches(folder: Path, parent: Instances, rows: np.ndarray) -> bool:
+def _subset(parent: Instances, rows: np.ndarray, folder: Path) -> Instances:
+    """``rows`` of ``parent`` at ``folder``, reusing an identical subset already there."""
     try:
         sub = Instances(folder)
+        if sub.index.get("subset_of") == str(parent.folder.resolve()) and \
+                sub.index.get("parent_sha256") == parent.index["tokens_sha256"] and \
+                sub.subset["parent_rows"] == rows.tolist():
+            return sub
     except InputError:
-        return False
-    return sub.index.get("subset_of") == str(parent.folder.resolve()) and \
-        sub.index.get("parent_sha256") == parent.index["tokens_sha256"] and sub.subset["parent_rows"] == rows.tolist()
+        pass
+    return write_subset(parent, rows, folder)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="refine")

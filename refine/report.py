@@ -38,7 +38,9 @@ def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path) -> None:
 
 def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndarray, kept: np.ndarray, tok,
                  logits: LogitsStore | None, tpass: dict, rpass: dict, examples: int) -> dict:
-    root = Instances(inst.index["subset_of"]) if "subset_of" in inst.index else inst
+    root = inst
+    while "subset_of" in root.index:                     # the packed stream at the end of the subset chain
+        root = Instances(root.index["subset_of"])
     doc_source = {d["id"]: d["source"] for d in root.docs}
     per_source: dict[str, Counter] = {}
     kept_set = set(kept.tolist())

@@ -41,3 +41,37 @@ def test_bad_schedules_fail_early():
         check(ScheduleConfig(name="triangle"), 100)
     with pytest.raises(InputError):
         check(ScheduleConfig(name="cosine", warmup_steps=100), 100)
+
+
+def _alpha(schedule, **kw):
+    from distill.config import AlphaConfig
+
+    return AlphaConfig(schedule=schedule, peak=0.9, floor=0.1, **kw)
+
+
+@pytest.mark.parametrize("schedule, first, last", [
+    ("constant", 0.9, 0.9), ("linear_increase", 0.1, 0.9), ("linear_decrease", 0.9, 0.1),
+    ("periodic", 0.9, 0.9),
+])
+def test_alpha_schedules_boundaries(schedule, first, last):
+    from distill.schedules import alpha_at
+
+    cfg = _alpha(schedule, periods=2)
+    assert alpha_at(0, 101, cfg) == pytest.approx(first)
+    assert alpha_at(100, 101, cfg) == pytest.approx(last)
+    if schedule == "periodic":                                  # two cycles: troughs at 1/4 and 3/4
+        assert alpha_at(25, 101, cfg) == pytest.approx(0.1) and alpha_at(50, 101, cfg) == pytest.approx(0.9)
+    if schedule.startswith("linear"):
+        assert alpha_at(50, 101, cfg) == pytest.approx(0.5)
+
+
+def test_alpha_wsd_follows_the_lr_shape():
+    from distill.schedules import alpha_at
+
+    cfg = _alpha("wsd", warmup_steps=10, decay_fraction=0.2)
+    assert alpha_at(0, 100, cfg) == pytest.approx(0.1 + 0.8 / 10)
+    assert alpha_at(9, 100, cfg) == pytest.approx(0.9)
+    assert all(alpha_at(s, 100, cfg) == 0.9 for s in range(10, 80))
+    assert alpha_at(80, 100, cfg) < 0.9 and alpha_at(99, 100, cfg) == pytest.approx(0.1)
+    with pytest.raises(InputError):
+        alpha_at(0, 10, _alpha("zigzag"))
