@@ -39,7 +39,7 @@ class DataConfig:
     val: str = "${paths.corpus}/val.jsonl"
     text_field: str = "text"
     seq_len: int = 256
-    batch_size: int = 8                    # sequences per micro-batch
+    batch_size: int = 4                    # sequences per micro-batch
     grad_accum: int = 1                    # micro-batches per optimizer step
 
 
@@ -61,6 +61,40 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1              # floor at the end, as a fraction of the peak lr
     decay_fraction: float = 0.2            # wsd: the last fraction of steps decays
     decay_shape: str = "linear"            # wsd decay: linear | cosine | sqrt
+
+
+@dataclass
+class AlphaConfig:
+    """The KD weight alpha in L = (1 - alpha) * L_lm + alpha * L_kd, as a function of the step.
+
+    constant: ``peak``; linear_increase: floor -> peak; linear_decrease: peak -> floor; periodic: cosine
+    between floor and peak, ``periods`` cycles, starting at peak; wsd: floor -> peak over ``warmup_steps``,
+    hold, then back to floor over the last ``decay_fraction`` of the steps (the WSD learning-rate shape; with a
+    WSD learning rate this is the PD paper's best setting).
+    """
+    schedule: str = "constant"
+    peak: float = 0.9                      # PD paper: static 0.9 best among constants
+    floor: float = 0.0
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2
+    periods: int = 2
+
+
+@dataclass
+class KDConfig:
+    """Distillation: off (LM loss only), or a teacher signal from stored logits or a live teacher."""
+    signal: str = "none"                   # none | offline | online
+    logits: str = ""                       # offline: the refine logits store aligned with data.train
+    teacher: str = "${paths.teacher}"      # online: an HF teacher folder (frozen)
+    top_p: float = 0.95                    # online truncation (offline stores carry their own)
+    top_k: int = 50                        # online; 0 = full vocabulary
+    loss: str = "kld"                      # kld | nll | rkl | mse
+    temperature: float = 1.0
+    adaptive_temperature: bool = False     # AdaKD-style per-position temperature (distill.losses)
+    adaptive_beta: float = 1.0
+    missing_mass: str = "renorm"           # renorm | tail (see distill.losses)
+    tau_squared: bool = False              # multiply the KD loss by tau^2 (Hinton's gradient-scale fix)
+    alpha: AlphaConfig = field(default_factory=AlphaConfig)
 
 
 @dataclass
@@ -89,6 +123,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
 
 
 def to_config(cfg: DictConfig) -> TrainConfig:

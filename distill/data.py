@@ -53,7 +53,8 @@ class BatchStream:
         # A fresh generator per (seed, epoch): the order never depends on how many batches came before.
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.instances))
 
-    def next_batch(self) -> torch.Tensor:
+    def next_rows(self) -> np.ndarray:
+        """Instance indices of the next batch (what an offline teacher signal is looked up by)."""
         rows = []
         while len(rows) < self.batch_size:
             if self.cursor == len(self._order):
@@ -61,10 +62,15 @@ class BatchStream:
                 self._order = self._permutation(self.epoch)
             rows.append(self._order[self.cursor])
             self.cursor += 1
+        return np.asarray(rows)
+
+    def fetch(self, rows: np.ndarray) -> torch.Tensor:
         # Sorted fancy-indexing reads the memmap sequentially; the batch keeps the permutation's row order.
-        idx = np.asarray(rows)
-        batch = self.instances.tokens[np.sort(idx)][np.argsort(np.argsort(idx))]
+        batch = self.instances.tokens[np.sort(rows)][np.argsort(np.argsort(rows))]
         return torch.from_numpy(batch.astype(np.int64))
+
+    def next_batch(self) -> torch.Tensor:
+        return self.fetch(self.next_rows())
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "count": len(self.instances)}

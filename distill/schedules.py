@@ -1,4 +1,4 @@
-"""Schedules as pure functions of the step: learning-rate multipliers (and, later, the KD weight alpha).
+"""Schedules as pure functions of the step: the learning-rate multiplier and the KD weight alpha.
 
 ``lr_multiplier(step)`` returns the factor applied to the peak learning rate *for* optimizer step ``step``
 (0-based). All shapes warm up linearly from 1/warmup to 1 over ``warmup_steps``.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from distill.config import ScheduleConfig
+from distill.config import AlphaConfig, ScheduleConfig
 from refine.errors import InputError
 
 
@@ -60,3 +60,54 @@ def check(cfg: ScheduleConfig, total_steps: int) -> None:
         raise InputError(f"schedule.decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
     if cfg.warmup_steps >= total_steps:
         raise InputError(f"schedule.warmup_steps ({cfg.warmup_steps}) must be < trainer.max_steps ({total_steps})")
+
+
+def alpha_at(step: int, total_steps: int, cfg: AlphaConfig) -> float:
+    """The KD weight for optimizer step ``step`` (0-based); see ``distill.config.AlphaConfig``."""
+    lo, hi = cfg.floor, cfg.peak
+    progress = step / max(total_steps - 1, 1)
+    if cfg.schedule == "constant":
+        return hi
+    if cfg.schedule == "linear_increase":
+        return lo + (hi - lo) * progress
+    if cfg.schedule == "linear_decrease":
+        return hi - (hi - lo) * progress
+    if cfg.schedule == "periodic":
+        return lo + (hi - lo) * 0.5 * (1 + math.cos(2 * math.pi * cfg.periods * progress))
+    if cfg.schedule == "wsd":
+        if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+            return lo + (hi - lo) * (step + 1) / cfg.warmup_steps
+        decay_steps = max(int(round(cfg.decay_fraction * total_steps)), 1)
+        decay_start = total_steps - decay_steps
+        if step < decay_start:
+            return hi
+        return hi - (hi - lo) * min((step - decay_start + 1) / decay_steps, 1.0)
+    raise InputError(f"unknown alpha schedule {cfg.schedule!r} "
+                     f"(constant | linear_increase | linear_decrease | periodic | wsd)")
+
+
+def plot_schedules(path, cfg, with_alpha: bool) -> None:
+    """The run's learning rate (and KD alpha) over its steps, as a PNG in the run folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(cfg.trainer.max_steps)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(steps, [cfg.optim.lr * lr_multiplier(s, cfg.trainer.max_steps, cfg.schedule) for s in steps],
+            label=f"lr ({cfg.schedule.name})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    if with_alpha:
+        ax2 = ax.twinx()
+        ax2.plot(steps, [alpha_at(s, cfg.trainer.max_steps, cfg.kd.alpha) for s in steps], color="C1",
+                 label=f"alpha ({cfg.kd.alpha.schedule})")
+        ax2.set_ylabel("KD weight alpha")
+        ax2.set_ylim(0, 1)
+        fig.legend(loc="lower left")
+    else:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

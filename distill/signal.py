@@ -85,7 +85,7 @@ class OnlineTeacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the signal enters the student's autograd graph as a constant
     def signal(self, rows: np.ndarray | None, tokens: torch.Tensor) -> TeacherSignal:
         tokens = tokens.to(self.model.device)
         logp = torch.log_softmax(self.model(input_ids=tokens).logits[:, :-1].float(), dim=-1)

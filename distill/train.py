@@ -1,10 +1,11 @@
-"""Pretrain a student LM (LM loss; KD losses arrive with the distillation stage). A Hydra app.
+"""Pretrain a student LM with LM loss, optionally distilling a teacher (offline stored logits or online). Hydra app.
 
 Run::
 
     python -m distill.train +experiment=lm_baseline                  # the bundled corpus, CPU-sized student
     python -m distill.train +experiment=lm_baseline +debug=tiny      # a seconds-long smoke run
     python -m distill.train +experiment=lm_baseline trainer.max_steps=2000 run_name=longer
+    python -m distill.train +experiment=kd_wsd                       # KD from the refine stage's stored logits
     python -m distill.train --cfg job                                # print the composed config
 
 Everything a run writes goes to ``runs/<run_name>/``: ``metrics.jsonl`` (one record per step, plus val),
@@ -30,10 +31,11 @@ from tqdm import tqdm
 from distill import checkpoint
 from distill.config import TrainConfig, to_config
 from distill.data import BatchStream, open_instances, val_batches
+from distill.kd import Distiller
 from distill.losses import lm_loss
 from distill.models import build_student
 from distill.schedules import check as check_schedule
-from distill.schedules import lr_multiplier
+from distill.schedules import lr_multiplier, plot_schedules
 from refine.errors import InputError, exit_on_input_error
 from refine.hydra_cli import precheck_overrides
 from refine.manifest import code_version, write_json_atomic
@@ -41,7 +43,7 @@ from refine.tokenizer import load_tokenizer, tokenizer_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Config sections that must match for a run folder to be resumed (the rest, e.g. max_steps, may change).
-RESUME_MUST_MATCH = ("model", "data", "optim", "seed")
+RESUME_MUST_MATCH = ("model", "data", "optim", "seed", "kd")
 
 
 def pick_device(name: str) -> torch.device:
@@ -165,6 +167,8 @@ def train(cfg: TrainConfig) -> dict:
         "parameters": sum(p.numel() for p in params), "device": str(device),
         "precision": str(amp or torch.float32), "torch": torch.__version__,
     })
+    distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tokenizer), device, tc.max_steps)
+    plot_schedules(run_dir / "schedules.png", cfg, distiller.enabled)
     metrics = Metrics(run_dir, step, tc.tensorboard)
     vbatches = val_batches(val_set, dc.batch_size, tc.eval_batches)
     tokens_per_step = dc.batch_size * dc.grad_accum * dc.seq_len
@@ -179,14 +183,17 @@ def train(cfg: TrainConfig) -> dict:
     t_start, last_ckpt = time.perf_counter(), ckpt
     while step < tc.max_steps:
         t0 = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum, parts_sum = 0.0, {}
         for _ in range(dc.grad_accum):
-            batch = stream.next_batch().to(device)
+            rows = stream.next_rows()
+            batch = stream.fetch(rows).to(device)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = model(input_ids=batch).logits
-            loss = lm_loss(logits, batch)
+            loss, parts = distiller.loss(logits, batch, rows, step)
             (loss / dc.grad_accum).backward()
             loss_sum += loss.item()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / dc.grad_accum
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
         lr = opt.param_groups[0]["lr"]
@@ -199,15 +206,19 @@ def train(cfg: TrainConfig) -> dict:
         if not math.isfinite(train_loss):
             raise InputError(f"non-finite training loss at step {step}; lower optim.lr or check the data")
         dt = time.perf_counter() - t0
-        metrics.log({"step": step, "split": "train", "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                     "tokens": tokens_seen, "tok_s": tokens_per_step / dt})
+        metrics.log({"step": step, "split": "train", "loss": train_loss, **parts_sum, "lr": lr,
+                     "grad_norm": grad_norm, "tokens": tokens_seen, "tok_s": tokens_per_step / dt})
         bar.update(1)
         if step % tc.log_every == 0:
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
         if step % tc.eval_every == 0 or step == tc.max_steps:
             val_loss = evaluate(model, vbatches, device, amp)
-            metrics.log({"step": step, "split": "val", "loss": val_loss, "tokens": tokens_seen})
-            bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})")
+            record = {"step": step, "split": "val", "loss": val_loss, "tokens": tokens_seen}
+            if distiller.enabled:
+                record["kl_teacher"] = distiller.val_kl(model, vbatches, amp)
+            metrics.log(record)
+            bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})"
+                      + (f", KL(teacher||student) {record['kl_teacher']:.4f}" if "kl_teacher" in record else ""))
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
             last_ckpt = save_checkpoint()
     bar.close()

@@ -16,6 +16,7 @@ class PathsConfig:
     runs: str = "runs"                     # training runs (the reference model's among them)
     teacher: str = ".cache/models/smollm2-135m"
     corpus: str = ".cache/data/corpus"
+    refined: str = ".cache/refined/default"
 
 
 @dataclass

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -96,3 +97,46 @@ def test_kill_and_rerun_resumes_with_identical_losses(tiny_overrides, tmp_path):
         a, b = _records(straight, split), _records(killed, split)
         assert [r["step"] for r in a] == [r["step"] for r in b]
         assert [r["loss"] for r in a] == [r["loss"] for r in b]   # bit-identical, not merely close
+
+
+@pytest.fixture
+def tiny_kd_data(tiny_tokenizer_dir, tiny_corpus, tiny_model_dir, tmp_path):
+    """Packed tiny train instances and the tiny teacher's top-0.95-16 logits for them (a refine in miniature)."""
+    from refine.logits_store import LogitsWriter, StoreHeader
+    from refine.pack import pack
+    from refine.scoring import make_scorer
+    from refine.tokenizer import tokenizer_hash
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    inst = pack(tiny_corpus / "train.jsonl", tok, 64, tmp_path / "inst", quiet=True)
+    scores = make_scorer("hf", str(tiny_model_dir), top_k=16).score(np.asarray(inst.tokens))
+    writer = LogitsWriter(tmp_path / "logits", StoreHeader(len(tok), tokenizer_hash(tok), 0.95, 16, 63))
+    writer.finish([writer.write_shard(0, scores.topk_ids, scores.topk_logprobs)])
+    return [f"data.train={tmp_path / 'inst'}", f"kd.logits={tmp_path / 'logits'}", f"kd.teacher={tiny_model_dir}",
+            "kd.top_k=16", "kd.top_p=0.95"]
+
+
+def test_kd_offline_and_online_runs(tiny_overrides, tiny_kd_data, tmp_path):
+    base = [o for o in tiny_overrides if not o.startswith(("+experiment", "run_dir"))] + tiny_kd_data + [
+        "trainer.max_steps=30", "trainer.eval_every=10", "optim.lr=3e-3", "kd.alpha.warmup_steps=5"]
+    off = _cfg(["+experiment=kd_wsd", *base, f"run_dir={tmp_path / 'off'}"])
+    train(off)
+    recs = _records(tmp_path / "off", "train")
+    assert {"lm_loss", "kd_loss", "alpha", "tau"} <= set(recs[0])
+    assert recs[0]["alpha"] < recs[15]["alpha"] == pytest.approx(0.9) and recs[-1]["alpha"] == pytest.approx(0.0)
+    kd = [r["kd_loss"] for r in recs]
+    assert np.mean(kd[-5:]) < np.mean(kd[:5]) - 0.1                      # the student fits the teacher's targets
+    assert all("kl_teacher" in r for r in _records(tmp_path / "off", "val"))
+    assert (tmp_path / "off" / "schedules.png").stat().st_size > 1000
+    on = _cfg(["+experiment=kd_online", *base, "trainer.max_steps=3", f"run_dir={tmp_path / 'on'}"])
+    train(on)
+    first_off = _records(tmp_path / "off", "train")[0]
+    first_on = _records(tmp_path / "on", "train")[0]
+    # Same batch, same student init, same teacher: stored (float16) and live logits give the same KD loss.
+    assert first_on["kd_loss"] == pytest.approx(first_off["kd_loss"], rel=2e-3)
+
+
+def test_kd_refuses_misaligned_logits(tiny_overrides, tiny_kd_data, tiny_corpus):
+    base = [o for o in tiny_overrides if not o.startswith("+experiment")] + tiny_kd_data
+    with pytest.raises(InputError, match="not aligned"):           # logits of other instances than data.train
+        train(_cfg(["+experiment=kd_offline", *base, f"data.train={tiny_corpus / 'val.jsonl'}"]))
