@@ -94,6 +94,7 @@ class KDConfig:
     adaptive_beta: float = 1.0
     missing_mass: str = "renorm"           # renorm | tail (see distill.losses)
     tau_squared: bool = False              # multiply the KD loss by tau^2 (Hinton's gradient-scale fix)
+    val_kl_batches: int = 2                # val batches for KL(teacher || student) at each eval (0: off)
     alpha: AlphaConfig = field(default_factory=AlphaConfig)
 
 

@@ -214,8 +214,8 @@ def train(cfg: TrainConfig) -> dict:
         if step % tc.eval_every == 0 or step == tc.max_steps:
             val_loss = evaluate(model, vbatches, device, amp)
             record = {"step": step, "split": "val", "loss": val_loss, "tokens": tokens_seen}
-            if distiller.enabled:
-                record["kl_teacher"] = distiller.val_kl(model, vbatches, amp)
+            if distiller.enabled and cfg.kd.val_kl_batches > 0:
+                record["kl_teacher"] = distiller.val_kl(model, vbatches[: cfg.kd.val_kl_batches], amp)
             metrics.log(record)
             bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})"
                       + (f", KL(teacher||student) {record['kl_teacher']:.4f}" if "kl_teacher" in record else ""))

