@@ -5,9 +5,12 @@ Used by tests, for models vLLM cannot load, and to cross-check vLLM (they agree 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from refine.errors import InputError
 from refine.scoring import Scores
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -18,10 +21,17 @@ class HFScorer:
                  device: str = "cpu", trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
 
+        if not (Path(model_dir) / "config.json").is_file():
+            raise InputError(f"not a model folder (no config.json): {model_dir}")
+        if dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.top_k, self.batch_size, self.device = top_k, batch_size, torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
         ).to(self.device).eval()
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if not 0 <= top_k <= vocab:
+            raise InputError(f"top_k must be in 0..{vocab} (the model's vocabulary), got {top_k}")
 
     @torch.inference_mode()
     def score(self, rows: np.ndarray) -> Scores:
@@ -40,4 +50,4 @@ class HFScorer:
                       torch.cat(lps).numpy() if self.top_k else None)
 
     def close(self) -> None:
-        del self.model
+        self.model = None

@@ -20,6 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
+from refine.errors import InputError
+
 
 @dataclass
 class Scores:
@@ -46,6 +48,8 @@ class Scorer(Protocol):
 
 
 def make_scorer(kind: str, model_dir: str, top_k: int = 0, dtype: str = "float32", **opts) -> Scorer:
+    """``kind``: "vllm" (``refine.scorer.VLLMScorer``) or "hf" (``refine.hf_scorer.HFScorer``); the backend is
+    imported here, on demand. ``opts`` go to the backend (vLLM: max_model_len, engine kwargs; HF: batch_size)."""
     if kind == "vllm":
         from refine.scorer import VLLMScorer
 
@@ -54,4 +58,4 @@ def make_scorer(kind: str, model_dir: str, top_k: int = 0, dtype: str = "float32
         from refine.hf_scorer import HFScorer
 
         return HFScorer(model_dir, top_k=top_k, dtype=dtype, **opts)
-    raise ValueError(f"unknown scorer {kind!r} (vllm | hf)")
+    raise InputError(f"unknown scorer {kind!r} (vllm | hf)")
