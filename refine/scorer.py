@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,7 @@ class VLLMScorer:
         from vllm import LLM, SamplingParams
 
         self.top_k, self.max_model_len = top_k, max_model_len
+        self.last_timing: dict[str, float] = {}    # seconds of the last score(): engine call vs extraction
         self.llm = LLM(model=str(model_dir), dtype=dtype, max_logprobs=max(top_k, 1), max_model_len=max_model_len,
                        seed=seed, tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=True,
                        trust_remote_code=trust_remote_code, enable_prefix_caching=False,
@@ -102,7 +104,9 @@ class VLLMScorer:
 
     def score(self, rows: np.ndarray) -> Scores:
         rows = np.asarray(rows)
+        t0 = time.perf_counter()
         outs = self.generate(rows)
+        t1 = time.perf_counter()
         n, length = rows.shape
         width = self.top_k + 1
         lp = np.empty((n, length - 1, width), dtype=np.float32)
@@ -117,9 +121,12 @@ class VLLMScorer:
         if not np.array_equal(ids[:, :, 0], rows[:, 1:]):
             raise RuntimeError("vLLM returned prompt log-probs for other tokens than the ones sent")
         if self.top_k == 0:
-            return Scores(np.ascontiguousarray(lp[:, :, 0]))
-        return Scores(np.ascontiguousarray(lp[:, :, 0]), np.ascontiguousarray(ids[:, :, 1:]),
-                      np.ascontiguousarray(lp[:, :, 1:]))
+            scores = Scores(np.ascontiguousarray(lp[:, :, 0]))
+        else:
+            scores = Scores(np.ascontiguousarray(lp[:, :, 0]), np.ascontiguousarray(ids[:, :, 1:]),
+                            np.ascontiguousarray(lp[:, :, 1:]))
+        self.last_timing = {"generate_s": t1 - t0, "extract_s": time.perf_counter() - t1}
+        return scores
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
