@@ -88,6 +88,8 @@ class KDConfig:
     teacher: str = "${paths.teacher}"      # online: an HF teacher folder (frozen)
     top_p: float = 0.95                    # online truncation (offline stores carry their own)
     top_k: int = 50                        # online; 0 = full vocabulary
+    rs_samples: int = 0                    # online: > 0 samples this many tokens per position (RS-KD) instead
+    rs_temperature: float = 1.0            # online RS-KD proposal temperature (offline stores carry their own)
     loss: str = "kld"                      # kld | nll | rkl | mse
     temperature: float = 1.0
     adaptive_temperature: bool = False     # AdaKD-style per-position temperature (distill.losses)

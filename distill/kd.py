@@ -28,10 +28,11 @@ def _check_teacher_tokenizer(teacher_dir: str, student_hash: str) -> None:
 
 class Distiller:
     def __init__(self, cfg: KDConfig, train_set: Instances, student_tokenizer_hash: str, device: torch.device,
-                 max_steps: int):
+                 max_steps: int, seed: int = 0):
         self.cfg, self.device, self.max_steps = cfg, device, max_steps
         self.student_hash = student_tokenizer_hash
         self.teacher = None
+        self.sampled = False
         self._val_teacher = None
         if cfg.signal == "none":
             return
@@ -48,13 +49,21 @@ class Distiller:
                                  f" tokens) is not aligned with data.train {train_set.folder} ({len(train_set)} x "
                                  f"{train_set.seq_len}); use the store written next to those instances")
             self.teacher = OfflineTeacher(store)
+            self.sampled = store.header.kind == "sampled"
         elif cfg.signal == "online":
             from distill.signal import OnlineTeacher
 
             _check_teacher_tokenizer(cfg.teacher, student_tokenizer_hash)
-            self.teacher = OnlineTeacher(cfg.teacher, cfg.top_p, cfg.top_k, device=str(device))
+            self.teacher = OnlineTeacher(cfg.teacher, cfg.top_p, cfg.top_k, device=str(device),
+                                         rs_samples=cfg.rs_samples, rs_temperature=cfg.rs_temperature, seed=seed)
+            self.sampled = cfg.rs_samples > 0
         else:
             raise InputError(f"unknown kd.signal {cfg.signal!r} (none | offline | online)")
+        if self.sampled and (cfg.temperature != 1 or cfg.adaptive_temperature or cfg.loss == "mse"):
+            # Sampled targets are importance weights, not teacher log-probs: rescaling them by 1/tau or
+            # regressing logits on them estimates nothing. Their temperature is the sampling temperature.
+            raise InputError("a sampled (RS-KD) teacher signal needs kd.temperature=1, no adaptive temperature "
+                             "and a kld | nll | rkl loss; set the sampling temperature when capturing instead")
 
     @property
     def enabled(self) -> bool:

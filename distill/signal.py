@@ -2,7 +2,8 @@
 
 ``TeacherSignal`` holds, for every predicted position of a batch ([B, T] with T = seq_len - 1, position t
 predicting token t+1), up to K candidate token ids with the teacher's *full-softmax* log-probs at
-temperature 1, padded to the batch's largest K with ``mask``. Losses see only this type, never the teacher:
+temperature 1 (for a sampled RS-KD signal: log importance weights, ``refine.sparse_sampling``), padded to
+the batch's largest K with ``mask``. Losses see only this type, never the teacher:
 
 * ``OfflineTeacher`` reads the refine stage's top-p-k store (``refine.logits_store``), aligned row by row with
   the packed instances the student trains on;
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from refine.logits_store import LogitsStore, truncate_top_p_k
+from refine.sparse_sampling import sample_sparse, seed_for
 
 
 @dataclass
@@ -55,31 +57,25 @@ class OfflineTeacher:
         self.store = store
 
     def signal(self, rows: np.ndarray, tokens: torch.Tensor | None = None) -> TeacherSignal:
-        sparse = [self.store[int(r)] for r in rows]
-        b, t = len(sparse), self.store.header.positions
-        k = max(int(s.counts.max()) for s in sparse)
-        ids = np.zeros((b, t, k), dtype=np.int64)
-        lps = np.full((b, t, k), -np.inf, dtype=np.float32)
-        mask = np.zeros((b, t, k), dtype=bool)
-        for i, s in enumerate(sparse):
-            counts = s.counts.astype(np.int64)
-            pos = np.repeat(np.arange(t), counts)
-            # Rank of each pair within its position: index minus the position's first pair.
-            slot = np.arange(len(pos)) - np.repeat(np.cumsum(counts) - counts, counts)
-            ids[i, pos, slot] = s.ids
-            lps[i, pos, slot] = s.logprobs.astype(np.float32)
-            mask[i, pos, slot] = True
-        return TeacherSignal(torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(mask))
+        parts = [self.store.padded(int(r)) for r in rows]
+        k = max(p[0].shape[1] for p in parts)
+        pad = lambda a, value: np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=value)
+        return TeacherSignal(torch.from_numpy(np.stack([pad(p[0], 0) for p in parts])),
+                             torch.from_numpy(np.stack([pad(p[1], -np.inf) for p in parts])),
+                             torch.from_numpy(np.stack([pad(p[2], False) for p in parts])))
 
 
 class OnlineTeacher:
-    """A frozen HF teacher run on each batch, truncated like the stored logits (or the full vocabulary)."""
+    """A frozen HF teacher run on each batch, truncated like the stored logits (or the full vocabulary), or
+    sampled RS-KD style (``rs_samples`` draws per position from the full distribution)."""
 
     def __init__(self, model_dir: str, top_p: float = 0.95, top_k: int = 50, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, rs_samples: int = 0,
+                 rs_temperature: float = 1.0, seed: int = 0):
         from transformers import AutoModelForCausalLM
 
         self.top_p, self.top_k = top_p, top_k
+        self.rs_samples, self.rs_temperature, self.seed = rs_samples, rs_temperature, seed
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
                                                           trust_remote_code=trust_remote_code).to(device).eval()
         for p in self.model.parameters():
@@ -89,6 +85,16 @@ class OnlineTeacher:
     def signal(self, rows: np.ndarray | None, tokens: torch.Tensor) -> TeacherSignal:
         tokens = tokens.to(self.model.device)
         logp = torch.log_softmax(self.model(input_ids=tokens).logits[:, :-1].float(), dim=-1)
+        if self.rs_samples:
+            # Draws depend only on (seed, rows): a resumed run and an offline store of the same rows agree.
+            if rows is None:
+                raise ValueError("sampled online KD needs the batch's row indices (its random stream)")
+            gen = torch.Generator(device=logp.device).manual_seed(seed_for(self.seed, *np.asarray(rows).tolist()))
+            vocab = torch.arange(logp.shape[-1], device=logp.device).expand_as(logp)
+            ids, logw, counts = sample_sparse(vocab, logp, self.rs_samples, self.rs_temperature, gen,
+                                              with_tail=False)
+            mask = torch.arange(self.rs_samples, device=ids.device) < counts[..., None]
+            return TeacherSignal(ids, logw, mask)
         if self.top_k <= 0:                                  # full vocabulary
             ids = torch.arange(logp.shape[-1], device=logp.device).expand_as(logp)
             return TeacherSignal(ids.clone(), logp.clone(), torch.ones_like(logp, dtype=torch.bool))

@@ -167,7 +167,7 @@ def train(cfg: TrainConfig) -> dict:
         "parameters": sum(p.numel() for p in params), "device": str(device),
         "precision": str(amp or torch.float32), "torch": torch.__version__,
     })
-    distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tokenizer), device, tc.max_steps)
+    distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tokenizer), device, tc.max_steps, cfg.seed)
     plot_schedules(run_dir / "schedules.png", cfg, distiller.enabled)
     metrics = Metrics(run_dir, step, tc.tensorboard)
     vbatches = val_batches(val_set, dc.batch_size, tc.eval_batches)

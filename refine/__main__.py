@@ -30,7 +30,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from refine.config import ModelPassConfig, RefineConfig, to_refine_config
+from refine.config import LogitsConfig, ModelPassConfig, RefineConfig, to_refine_config
 from refine.errors import InputError, exit_on_input_error
 from refine.hydra_cli import precheck_overrides
 from refine.instances import Instances, write_subset
@@ -60,11 +60,14 @@ def _model_fingerprint(model: Path) -> str:
     return "|".join(f"{f.name}:{f.stat().st_size}:{sha256_file(f)[:16]}" for f in files)
 
 
-def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, top_k: int, top_p: float,
+def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, logits: LogitsConfig | None,
           shard_size: int) -> dict:
-    """Run (or reuse) one model's scoring pass in a child process; return its pass summary."""
-    key = {"model": _model_fingerprint(model), "instances": inst.index["tokens_sha256"], "top_k": top_k,
-           "top_p": top_p, "dtype": pass_cfg.dtype, "backend": pass_cfg.backend, "shard_size": shard_size}
+    """Run (or reuse) one model's scoring pass in a child process; return its pass summary. ``logits``: what
+    to capture besides the NLL (the teacher pass), None for NLL only (the reference pass)."""
+    logits = logits or LogitsConfig(top_p=1.0, top_k=0)
+    top_k, top_p = logits.top_k, logits.top_p
+    key = {"model": _model_fingerprint(model), "instances": inst.index["tokens_sha256"], **asdict(logits),
+           "dtype": pass_cfg.dtype, "backend": pass_cfg.backend, "shard_size": shard_size}
     key_file = out / "key.json"
     if key_file.is_file() and json.loads(key_file.read_text()) != key:
         shutil.rmtree(out)                    # another model/config/data: its shards must not be mixed in
@@ -74,7 +77,9 @@ def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, to
     write_json_atomic(key_file, key)
     cmd = [sys.executable, "-m", "refine.score_pass", "--model", str(model), "--instances", str(inst.folder),
            "--out", str(out), "--backend", pass_cfg.backend, "--dtype", pass_cfg.dtype, "--top-k", str(top_k),
-           "--top-p", str(top_p), "--shard-size", str(shard_size), "--batch-rows", str(pass_cfg.batch_rows),
+           "--top-p", str(top_p), "--candidates", str(logits.candidates), "--rs-samples", str(logits.rs_samples),
+           "--rs-temperature", str(logits.rs_temperature), "--seed", str(logits.seed),
+           "--shard-size", str(shard_size), "--batch-rows", str(pass_cfg.batch_rows),
            "--engine-opts", json.dumps(pass_cfg.engine)]
     print(f"scoring {len(inst)} instances with {model} ({pass_cfg.backend}, {pass_cfg.dtype}"
           f"{f', top-{top_p}-{top_k} logits' if top_k else ''})", flush=True)
@@ -162,8 +167,8 @@ def refine(cfg: RefineConfig) -> dict:
     inst = _subset(inst, np.arange(len(inst)), out / "instances_scored")
 
     t_pass = time.perf_counter()
-    tpass = score(cfg.teacher, teacher, inst, out / "teacher", cfg.logits.top_k, cfg.logits.top_p, cfg.shard_size)
-    rpass = score(cfg.reference, reference, inst, out / "reference", 0, 1.0, cfg.shard_size)
+    tpass = score(cfg.teacher, teacher, inst, out / "teacher", cfg.logits, cfg.shard_size)
+    rpass = score(cfg.reference, reference, inst, out / "reference", None, cfg.shard_size)
     t_scored = time.perf_counter()
 
     teacher_nll = np.load(out / "teacher" / "nll.npy", allow_pickle=False)
@@ -174,11 +179,11 @@ def refine(cfg: RefineConfig) -> dict:
         np.savez(f, teacher_nll=teacher_nll, ref_nll=ref_nll, score=scores, kept=kept)
     refined = write_subset(inst, kept, out / "instances", extra={"selection": asdict(cfg.select)})
     write_text_export(inst, kept, scores, tok, out / "refined.jsonl")
-    logits = None
-    if cfg.logits.top_k:
-        full = LogitsStore(out / "teacher" / "logits")
-        logits = write_kept_logits(full, kept, out / "logits", cfg.shard_size)
-    report = write_report(out, inst, refined, scores, kept, tok, logits, tpass, rpass, cfg.report_examples)
+    stores = {}
+    for name, wanted in (("logits", cfg.logits.top_k), ("logits_rs", cfg.logits.rs_samples)):
+        if wanted:
+            stores[name] = write_kept_logits(LogitsStore(out / "teacher" / name), kept, out / name, cfg.shard_size)
+    report = write_report(out, inst, refined, scores, kept, tok, stores, tpass, rpass, cfg.report_examples)
     if emb is not None:
         from refine.dedup import diversity
 

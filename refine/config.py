@@ -38,6 +38,10 @@ class ModelPassConfig:
 class LogitsConfig:
     top_p: float = 0.95                    # PD paper's best: top-0.95 then top-50
     top_k: int = 50                        # 0 disables logit capture
+    candidates: int = 0                    # top-K the engine returns per position (0: top_k); RS-KD draws from these
+    rs_samples: int = 0                    # > 0: also an RS-KD sampled store (teacher/logits_rs, logits_rs/)
+    rs_temperature: float = 1.0            # RS-KD proposal q ∝ p^(1/t)
+    seed: int = 0                          # RS-KD draws
 
 
 @dataclass

@@ -1,12 +1,18 @@
 """The sparse teacher-logits store (this module alone reads and writes it).
 
-For every instance and every predicted position ``t = 1 .. L-1`` it keeps the teacher's top-p-k truncated
-next-token distribution: a variable number ``c_t`` (1..k) of ``(token id, log-prob)`` pairs, most likely
-first. The log-probs are the teacher's *full-softmax* log-probs at capture temperature 1, so
+For every instance and every predicted position ``t = 1 .. L-1`` it keeps a sparse teacher next-token
+distribution: a variable number ``c_t`` of ``(token id, log-prob)`` pairs, most likely first. Two kinds:
+
+``top_p_k`` (default): the top-p-k truncation; the log-probs are the teacher's *full-softmax* log-probs at
+capture temperature 1, so
 
 * the mass the truncation left out is recoverable: ``1 - sum(exp(logprobs))`` (``kept_mass``);
 * any KD temperature tau can be applied later: ``softmax(logprobs / tau)`` over the kept ids equals
   ``softmax(z_kept / tau)``, the PD paper's renormalised target.
+
+``sampled`` (RS-KD): ``samples`` draws per position, stored as unique ids with log importance weights
+(``refine.sparse_sampling``): an unbiased estimate of the teacher distribution. ``1 - sum(exp)`` is the
+weight of draws that fell outside the candidates the engine returned. Its temperature is fixed at capture.
 
 Layout: a folder with ``store.json`` (format, version, vocab size, tokenizer hash, p, k, capture tau, dtypes,
 positions per instance, shards with sha256) and one binary file per shard::
@@ -49,6 +55,9 @@ class StoreHeader:
     logprob_dtype: str = LOGPROB_DTYPE.name
     format: str = FORMAT
     version: int = VERSION
+    kind: str = "top_p_k"           # top_p_k | sampled (RS-KD, refine.sparse_sampling)
+    samples: int = 0                # sampled: draws per position
+    sample_temperature: float = 1.0  # sampled: proposal q ∝ p^(1/t)
 
 
 def truncate_top_p_k(topk_logprobs: np.ndarray, top_p: float, top_k: int) -> np.ndarray:
@@ -103,12 +112,15 @@ class LogitsWriter:
     def shard_path(self, shard: int) -> Path:
         return self.folder / f"shard-{shard:05d}.bin"
 
-    def write_shard(self, shard: int, topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> dict:
-        """Truncate [n, L-1, K] candidates with top-p-k and write them as shard ``shard``; return its entry."""
+    def write_shard(self, shard: int, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
+                    counts: np.ndarray | None = None) -> dict:
+        """Write [n, L-1, K] sorted candidates as shard ``shard``, keeping the first ``counts`` [n, L-1] of each
+        position (default: the top-p-k rule); return its entry."""
         positions = topk_ids.shape[1]
         if positions != self.header.positions:
             raise ValueError(f"expected {self.header.positions} positions per instance, got {positions}")
-        counts = truncate_top_p_k(topk_logprobs, self.header.top_p, self.header.top_k)
+        if counts is None:
+            counts = truncate_top_p_k(topk_logprobs, self.header.top_p, self.header.top_k)
         keep = np.arange(topk_ids.shape[-1]) < counts[..., None]          # prefix mask, row-major order kept
         return self._write(shard, counts, topk_ids[keep], topk_logprobs[keep])
 
@@ -194,3 +206,77 @@ class LogitsStore:
     def bytes_per_token(self) -> float:
         total = sum(s["bytes"] for s in self.index["shards"])
         return total / max(self.count * self.header.positions, 1)
+
+    def stats(self, sample: int = 64) -> dict:
+        """Bytes and ids per predicted token (exact), mean kept probability mass (over ``sample`` instances)."""
+        rows = np.unique(np.linspace(0, len(self) - 1, min(len(self), sample)).astype(int))
+        pairs = sum(s["pairs"] for s in self.index["shards"])
+        return {"bytes_per_token": self.bytes_per_token(),
+                "ids_per_position": pairs / max(self.count * self.header.positions, 1),
+                "mean_kept_mass": float(np.mean([self[int(i)].kept_mass().mean() for i in rows]))}
+
+    def padded(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Instance ``i`` as [L-1, c_max] arrays (ids, logprobs, mask), most likely first (no Python per position)."""
+        rows = self[i]
+        counts = rows.counts.astype(np.int64)
+        t, k = len(counts), max(int(counts.max()), 1)
+        pos = np.repeat(np.arange(t), counts)
+        slot = np.arange(len(pos)) - np.repeat(np.cumsum(counts) - counts, counts)   # rank within its position
+        ids = np.zeros((t, k), dtype=np.int64)
+        lps = np.full((t, k), -np.inf, dtype=np.float32)
+        mask = np.zeros((t, k), dtype=bool)
+        ids[pos, slot], lps[pos, slot], mask[pos, slot] = rows.ids, rows.logprobs.astype(np.float32), True
+        return ids, lps, mask
+
+
+def retruncate(src: str | Path, dst: str | Path, top_p: float, top_k: int, shard_size: int = 256) -> LogitsStore:
+    """A smaller top-p-k store from a larger one, without the teacher: the stored pairs are sorted full-softmax
+    log-probs, so applying top-p' then top-k' (p' <= p, k' <= k) to them gives exactly what a teacher pass
+    with (p', k') would have stored. Storage-vs-quality sweeps use it."""
+    store = LogitsStore(src)
+    h = store.header
+    if h.kind != "top_p_k":
+        raise InputError(f"{src}: a {h.kind} store cannot be re-truncated with top-p-k")
+    if top_p > h.top_p or top_k > h.top_k:
+        raise InputError(f"{src} holds top-{h.top_p}-{h.top_k}; it cannot give top-{top_p}-{top_k}")
+    writer = LogitsWriter(dst, StoreHeader(**{**asdict(h), "top_p": top_p, "top_k": top_k}))
+    shards = []
+    for s, start in enumerate(range(0, len(store), shard_size)):
+        parts = [store.padded(i) for i in range(start, min(start + shard_size, len(store)))]
+        k = max(p[0].shape[1] for p in parts)
+        ids = np.stack([np.pad(p[0], ((0, 0), (0, k - p[0].shape[1]))) for p in parts])
+        lps = np.stack([np.pad(p[1], ((0, 0), (0, k - p[1].shape[1])), constant_values=-np.inf) for p in parts])
+        counts = np.minimum(truncate_top_p_k(lps, top_p, top_k), np.stack([p[2].sum(-1) for p in parts]))
+        shards.append(writer.write_shard(s, ids, lps, counts.astype(np.uint8)))
+    writer.finish(shards, extra={k: v for k, v in store.index.items() if k not in ("header", "shards", "count")})
+    return LogitsStore(dst)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m refine.logits_store info STORE`` | ``retruncate SRC DST --top-p P --top-k K``."""
+    import argparse
+
+    from refine.errors import exit_on_input_error
+
+    ap = argparse.ArgumentParser(prog="python -m refine.logits_store", description=main.__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    info = sub.add_parser("info", help="header, size, bytes/token, mean kept mass; verifies checksums")
+    info.add_argument("store")
+    rt = sub.add_parser("retruncate", help="a smaller top-p-k store from a larger one (no teacher needed)")
+    rt.add_argument("src")
+    rt.add_argument("dst")
+    rt.add_argument("--top-p", type=float, required=True)
+    rt.add_argument("--top-k", type=int, required=True)
+    a = ap.parse_args(argv)
+
+    @exit_on_input_error
+    def run() -> None:
+        store = LogitsStore(a.store, verify=True) if a.cmd == "info" else retruncate(a.src, a.dst, a.top_p, a.top_k)
+        print(json.dumps({"folder": str(store.folder), **asdict(store.header), "instances": len(store),
+                          **store.stats()}, indent=1))
+
+    run()
+
+
+if __name__ == "__main__":
+    main()

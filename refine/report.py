@@ -37,7 +37,8 @@ def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path) -> None:
 
 
 def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndarray, kept: np.ndarray, tok,
-                 logits: LogitsStore | None, tpass: dict, rpass: dict, examples: int) -> dict:
+                 stores: dict[str, LogitsStore], tpass: dict, rpass: dict, examples: int) -> dict:
+    """``stores``: the kept instances' logits stores by folder name (``logits``, ``logits_rs``)."""
     root = inst
     while "subset_of" in root.index:                     # the packed stream at the end of the subset chain
         root = Instances(root.index["subset_of"])
@@ -57,11 +58,9 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
         "kept_fraction_by_source": {s: c["kept"] / c["total"] for s, c in sorted(per_source.items())},
         "instances_by_source": {s: c["total"] for s, c in sorted(per_source.items())},
     }
-    if logits is not None:
-        sample = range(0, len(logits), max(len(logits) // 64, 1))
-        figures["logits_bytes_per_token"] = logits.bytes_per_token()
-        figures["logits_mean_kept_mass"] = float(np.mean([logits[i].kept_mass().mean() for i in sample]))
-        figures["logits_mean_ids_per_position"] = float(np.mean([logits[i].counts.mean() for i in sample]))
+    for name, store in stores.items():
+        for k, v in store.stats().items():
+            figures[f"{name}_{k}"] = v
     order = np.argsort(-scores, kind="stable")
 
     def quote(i: int) -> str:
@@ -78,10 +77,12 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
         f"| mean NLL teacher / reference | {tpass['mean_nll']:.3f} / {rpass['mean_nll']:.3f} nats/token |",
         f"| mean score / lowest kept | {figures['score_mean']:+.3f} / {figures['score_kept_min']:+.3f} |",
     ]
-    if logits is not None:
-        lines += [f"| logits bytes/token | {figures['logits_bytes_per_token']:.1f} |",
-                  f"| mean kept probability mass | {figures['logits_mean_kept_mass']:.3f} |",
-                  f"| mean ids per position | {figures['logits_mean_ids_per_position']:.1f} |"]
+    for name, store in stores.items():
+        h = store.header
+        what = f"top-{h.top_p}-{h.top_k}" if h.kind == "top_p_k" else f"RS-KD {h.samples} draws, t={h.sample_temperature}"
+        lines += [f"| `{name}/` ({what}) bytes/token | {figures[f'{name}_bytes_per_token']:.1f} |",
+                  f"| `{name}/` ids per position | {figures[f'{name}_ids_per_position']:.1f} |",
+                  f"| `{name}/` mean kept probability mass | {figures[f'{name}_mean_kept_mass']:.3f} |"]
     lines += ["", "| source | instances | kept |", "|---|---|---|"]
     lines += [f"| {s} | {c['total']:,} | {c['kept'] / c['total']:.0%} |" for s, c in sorted(per_source.items())]
     lines += ["", "![score histogram](score_hist.png)", "", "## Highest-scored instances (kept)", ""]

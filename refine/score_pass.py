@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,14 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dtype: str = "float32",
              top_k: int = 0, top_p: float = 1.0, shard_size: int = 128, batch_rows: int = 32,
-             quiet: bool = False, scorer=None, **engine_opts) -> dict:
-    """Score every unfinished shard. ``scorer``: an already started one (benchmarks), else one is made here."""
+             quiet: bool = False, scorer=None, candidates: int = 0, rs_samples: int = 0,
+             rs_temperature: float = 1.0, seed: int = 0, **engine_opts) -> dict:
+    """Score every unfinished shard. ``scorer``: an already started one (benchmarks), else one is made here.
+
+    The engine returns the top ``max(top_k, candidates)`` per position; the top-p-k store keeps a prefix of
+    them, and with ``rs_samples`` > 0 the same candidates (plus their remaining mass) also give an RS-KD
+    sampled store in ``logits_rs/`` (draws seeded by ``seed`` and the shard: a rerun writes the same bytes).
+    """
     from refine.scoring import make_scorer
 
     inst = Instances(instances_dir)
@@ -43,17 +50,24 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = (len(inst) + shard_size - 1) // shard_size
     todo = [s for s in range(n_shards) if not (out_dir / f"shard-{s:05d}.json").is_file()]
-    writer = None
+    writer = rs_writer = None
+    header = StoreHeader(inst.tokenizer.vocab_size, inst.tokenizer.hash, top_p, top_k, inst.seq_len - 1)
     if top_k:
-        writer = LogitsWriter(out_dir / "logits", StoreHeader(inst.tokenizer.vocab_size, inst.tokenizer.hash, top_p,
-                                                              top_k, inst.seq_len - 1))
+        writer = LogitsWriter(out_dir / "logits", header)
+    if rs_samples:
+        if not top_k:
+            raise InputError("RS-KD sampling draws from the teacher's top-K candidates: it needs top_k > 0")
+        rs_writer = LogitsWriter(out_dir / "logits_rs", replace(header, top_p=1.0, top_k=rs_samples, kind="sampled",
+                                                                 samples=rs_samples,
+                                                                 sample_temperature=rs_temperature))
+    n_cand = max(top_k, candidates)
     if todo:
         t_load = time.perf_counter()
         own = scorer is None
         if own:
             # max_model_len leaves room for the one token vLLM must generate after the prompt.
             opts = {"max_model_len": inst.seq_len + 16, **engine_opts} if backend == "vllm" else engine_opts
-            scorer = make_scorer(backend, model, top_k=top_k, dtype=dtype, **opts)
+            scorer = make_scorer(backend, model, top_k=n_cand, dtype=dtype, **opts)
         load_s = time.perf_counter() - t_load
         try:
             for s in todo:
@@ -61,15 +75,18 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
                 rows = np.asarray(inst.tokens[s * shard_size:(s + 1) * shard_size])
                 parts = [scorer.score(rows[i:i + batch_rows]) for i in range(0, len(rows), batch_rows)]
                 nll = np.concatenate([p.mean_nll() for p in parts]).astype(np.float32)
-                entry = None
+                entry = rs_entry = None
                 if writer is not None:
-                    entry = writer.write_shard(s, np.concatenate([p.topk_ids for p in parts]),
-                                               np.concatenate([p.topk_logprobs for p in parts]))
+                    cand_ids = np.concatenate([p.topk_ids for p in parts])
+                    cand_lps = np.concatenate([p.topk_logprobs for p in parts])
+                    entry = writer.write_shard(s, cand_ids[..., :top_k], cand_lps[..., :top_k])
+                if rs_writer is not None:
+                    rs_entry = _write_sampled(rs_writer, s, cand_ids, cand_lps, rs_samples, rs_temperature, seed)
                 _save_npy(out_dir / f"nll-{s:05d}.npy", nll)
                 secs = time.perf_counter() - t0
                 write_json_atomic(out_dir / f"shard-{s:05d}.json", {
                     "shard": s, "instances": len(rows), "tokens": int(rows.size), "seconds": secs,
-                    "tok_s": rows.size / secs, "logits": entry})
+                    "tok_s": rows.size / secs, "logits": entry, "logits_rs": rs_entry})
                 if not quiet:
                     print(f"  {Path(model).name}: shard {s + 1}/{n_shards}, {rows.size / secs:,.0f} tok/s",
                           file=sys.stderr, flush=True)
@@ -78,15 +95,30 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
                 scorer.close()
     else:
         load_s = 0.0
-    return finish(out_dir, n_shards, writer, model, load_s)
+    return finish(out_dir, n_shards, writer, rs_writer, model, load_s)
 
 
-def finish(out_dir: Path, n_shards: int, writer: LogitsWriter | None, model: str, load_s: float) -> dict:
+def _write_sampled(writer: LogitsWriter, shard: int, cand_ids: np.ndarray, cand_lps: np.ndarray, samples: int,
+                   temperature: float, seed: int) -> dict:
+    import torch
+
+    from refine.sparse_sampling import sample_sparse, seed_for
+
+    gen = torch.Generator().manual_seed(seed_for(seed, shard))
+    ids, logw, counts = sample_sparse(torch.from_numpy(cand_ids), torch.from_numpy(cand_lps), samples, temperature,
+                                      gen)
+    return writer.write_shard(shard, ids.numpy(), logw.numpy(), counts.numpy().astype(np.uint8))
+
+
+def finish(out_dir: Path, n_shards: int, writer: LogitsWriter | None, rs_writer: LogitsWriter | None, model: str,
+           load_s: float) -> dict:
     entries = [json.loads((out_dir / f"shard-{s:05d}.json").read_text()) for s in range(n_shards)]
     nll = np.concatenate([np.load(out_dir / f"nll-{s:05d}.npy", allow_pickle=False) for s in range(n_shards)])
     _save_npy(out_dir / "nll.npy", nll)
     if writer is not None:
         writer.finish([e["logits"] for e in entries])
+    if rs_writer is not None:
+        rs_writer.finish([e["logits_rs"] for e in entries])
     tokens, seconds = sum(e["tokens"] for e in entries), sum(e["seconds"] for e in entries)
     summary = {"model": str(model), "instances": int(len(nll)), "tokens": tokens, "score_seconds": seconds,
                "tok_s": tokens / max(seconds, 1e-9), "engine_load_seconds": load_s, "mean_nll": float(nll.mean())}
@@ -104,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--top-k", type=int, default=0, help="store top-p-k logits with this k (0: NLL only)")
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--candidates", type=int, default=0, help="top-K the engine returns (default: --top-k)")
+    ap.add_argument("--rs-samples", type=int, default=0, help="also write an RS-KD sampled store (draws/position)")
+    ap.add_argument("--rs-temperature", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-size", type=int, default=128)
     ap.add_argument("--batch-rows", type=int, default=32)
     ap.add_argument("--engine-opts", default="{}", help="JSON dict passed to the engine (e.g. tensor_parallel_size)")
@@ -111,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(a.model).is_dir():
         raise InputError(f"model folder not found: {a.model}")
     summary = run_pass(a.model, a.instances, a.out, a.backend, a.dtype, a.top_k, a.top_p, a.shard_size,
-                       a.batch_rows, **json.loads(a.engine_opts))
+                       a.batch_rows, candidates=a.candidates, rs_samples=a.rs_samples,
+                       rs_temperature=a.rs_temperature, seed=a.seed, **json.loads(a.engine_opts))
     print(json.dumps(summary))
 
 

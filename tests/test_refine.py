@@ -27,7 +27,8 @@ def _cfg(overrides):
 def overrides(tiny_corpus, tiny_model_dir, tiny_reference_dir, tmp_path):
     return [f"corpus={tiny_corpus / 'train.jsonl'}", f"teacher.path={tiny_model_dir}",
             f"reference.path={tiny_reference_dir}", "teacher.backend=hf", "reference.backend=hf",
-            "pack.seq_len=64", "shard_size=16", "logits.top_k=10", "logits.top_p=0.9", f"out={tmp_path / 'out'}"]
+            "pack.seq_len=64", "shard_size=16", "logits.top_k=10", "logits.top_p=0.9", "logits.candidates=20",
+            "logits.rs_samples=8", f"out={tmp_path / 'out'}"]
 
 
 def _mtimes(folder: Path) -> dict:
@@ -52,6 +53,11 @@ def test_refine_outputs_reuse_reselect_and_resume(overrides, tmp_path):
     for j in (0, len(kept) - 1):
         a, b = logits[j], full[int(kept[j])]
         assert np.array_equal(a.ids, b.ids) and np.array_equal(a.logprobs, b.logprobs)
+    # The same teacher pass also wrote RS-KD samples (from its top-20 candidates), kept rows alike.
+    rs, rs_full = LogitsStore(out / "logits_rs", verify=True), LogitsStore(out / "teacher" / "logits_rs")
+    assert rs.header.kind == "sampled" and rs.header.samples == 8 and len(rs) == len(kept)
+    assert np.array_equal(rs[0].ids, rs_full[int(kept[0])].ids) and (rs[0].counts <= 8).all()
+    assert 0.5 < manifest["report"]["logits_rs_mean_kept_mass"] <= 1.0
     lines = (out / "refined.jsonl").read_text().splitlines()
     assert len(lines) == len(kept) and json.loads(lines[0])["id"] == f"instance/{kept[0]}"
     assert (out / "score_hist.png").stat().st_size > 1000 and "Highest-scored" in (out / "report.md").read_text()
@@ -60,10 +66,12 @@ def test_refine_outputs_reuse_reselect_and_resume(overrides, tmp_path):
 
     # Rerun: both passes reused, outputs identical.
     before = {k: _mtimes(out / k) for k in ("teacher", "reference")}
-    snapshot = (out / "scores.npz").read_bytes(), (out / "logits" / "shard-00000.bin").read_bytes()
+    snapshot = ((out / "scores.npz").read_bytes(), (out / "logits" / "shard-00000.bin").read_bytes(),
+                (out / "teacher" / "logits_rs" / "shard-00001.bin").read_bytes())
     refine(_cfg(overrides))
     assert {k: _mtimes(out / k) for k in ("teacher", "reference")} == before
-    assert ((out / "scores.npz").read_bytes(), (out / "logits" / "shard-00000.bin").read_bytes()) == snapshot
+    assert ((out / "scores.npz").read_bytes(), (out / "logits" / "shard-00000.bin").read_bytes(),
+            (out / "teacher" / "logits_rs" / "shard-00001.bin").read_bytes()) == snapshot
 
     # Another alpha re-selects from the saved scores without rescoring.
     refine(_cfg(overrides + ["select.alpha=0.25"]))
@@ -77,7 +85,8 @@ def test_refine_outputs_reuse_reselect_and_resume(overrides, tmp_path):
     after = _mtimes(out / "teacher")
     assert after["shard-00000.json"] == before["teacher"]["shard-00000.json"]
     assert after["shard-00001.json"] != before["teacher"]["shard-00001.json"]
-    assert ((out / "scores.npz").read_bytes(), (out / "logits" / "shard-00000.bin").read_bytes()) == snapshot
+    assert ((out / "scores.npz").read_bytes(), (out / "logits" / "shard-00000.bin").read_bytes(),
+            (out / "teacher" / "logits_rs" / "shard-00001.bin").read_bytes()) == snapshot
 
 
 @pytest.mark.parametrize("extra, match", [
