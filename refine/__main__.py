@@ -37,22 +37,11 @@ from refine.instances import Instances, write_subset
 from refine.logits_store import LogitsStore, LogitsWriter
 from refine.manifest import atomic_path, code_version, sha256_file, write_json_atomic, write_manifest
 from refine.pack import corpus_fingerprint, pack
+from refine.paths import resolve_model
 from refine.select import difference_scores, select
 from refine.tokenizer import load_tokenizer, tokenizer_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def resolve_model(path: str) -> Path:
-    """An HF folder, or a training run folder (``runs/<name>``), which means its latest checkpoint."""
-    p = Path(path)
-    pointer = p / "checkpoints" / "latest"
-    if pointer.is_file():
-        p = p / "checkpoints" / pointer.read_text().strip()
-    if not (p / "config.json").is_file():
-        hint = " (run `make reference`)" if "reference" in str(path) else ""
-        raise InputError(f"no model at {path}{hint}")
-    return p
 
 
 def _model_fingerprint(model: Path) -> str:

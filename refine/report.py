@@ -79,7 +79,8 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
     ]
     for name, store in stores.items():
         h = store.header
-        what = f"top-{h.top_p}-{h.top_k}" if h.kind == "top_p_k" else f"RS-KD {h.samples} draws, t={h.sample_temperature}"
+        what = f"top-{h.top_p}-{h.top_k}" if h.kind == "top_p_k" else \
+            f"RS-KD {h.samples} draws, t={h.sample_temperature}"
         lines += [f"| `{name}/` ({what}) bytes/token | {figures[f'{name}_bytes_per_token']:.1f} |",
                   f"| `{name}/` ids per position | {figures[f'{name}_ids_per_position']:.1f} |",
                   f"| `{name}/` mean kept probability mass | {figures[f'{name}_mean_kept_mass']:.3f} |"]

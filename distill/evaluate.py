@@ -1,0 +1,114 @@
+"""Evaluate a checkpoint: held-out perplexity on our ``val`` split, and lm-eval benchmarks, offline.
+
+Run::
+
+    make benchmarks                                              # once: benchmark data from the registry
+    python -m distill.evaluate runs/lm_baseline                  # a run folder (its latest checkpoint) or HF folder
+    python -m distill.evaluate CKPT --tasks rd_piqa,rd_hellaswag --limit 500
+    make eval CKPT=runs/kd_wsd [TASKS=rd_core] [LIMIT=]
+
+The tasks are the YAMLs in ``conf/eval/tasks/`` (``rd_core`` = all of them), which read the local benchmark
+data; the same folder works with the lm-eval CLI: ``lm_eval --model hf --model_args pretrained=CKPT
+--include_path conf/eval/tasks --tasks rd_core``. Results go to ``<CKPT>/eval.json`` (and are printed).
+The val loss is the trainer's (``distill.train.evaluate``: token-weighted next-token cross entropy over
+packed ``seq_len`` rows of the val split), so it is comparable with the runs' ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from refine.errors import InputError, exit_on_input_error
+from refine.manifest import write_json_atomic
+from refine.paths import REPO, benchmarks_dir, corpus_dir, resolve_model
+
+TASKS_DIR = REPO / "conf" / "eval" / "tasks"
+
+
+def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 4, max_batches: int = 0) -> dict:
+    """Held-out LM loss of ``model`` on the corpus or packed instances at ``val`` (all rows unless capped)."""
+    from distill.data import open_instances, val_batches
+    from distill.train import evaluate
+    from refine.paths import cache_dir
+
+    inst = open_instances(val, tokenizer, seq_len, cache_dir(), quiet=True)
+    batches = val_batches(inst, batch_size, max_batches or len(inst))
+    loss = evaluate(model, batches, next(model.parameters()).device, None)
+    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": sum(b[:, 1:].numel() for b in batches)}
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,
+                include_path: Path = TASKS_DIR) -> dict:
+    """lm-eval on an in-memory HF model; returns {task: {metric: value, metric_stderr: value, samples: n}}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(include_path), include_defaults=False)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        raise InputError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(sorted(tm.all_tasks))}")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, random_seed=0, numpy_random_seed=0,
+                          torch_random_seed=0, fewshot_random_seed=0, log_samples=False)
+    results = {}
+    for task, metrics in out["results"].items():
+        # lm-eval keys are "<metric>,<filter>" (e.g. "acc,none", "acc_stderr,none")
+        results[task] = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        results[task]["samples"] = out.get("n-samples", {}).get(task, {}).get("effective")
+    return results
+
+
+def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], limit: int | None = None, val: str | None = None,
+                        seq_len: int = 256, batch_size: int = 8, device: str = "cpu") -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from refine.tokenizer import load_tokenizer
+
+    path = resolve_model(ckpt)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).to(device).eval()
+    report = {"checkpoint": str(path), "limit": limit}
+    if val != "":
+        report.update(val_loss(model, tokenizer, val or corpus_dir() / "val.jsonl", seq_len))
+    if tasks:
+        if not benchmarks_dir().is_dir():
+            raise InputError(f"no benchmark data at {benchmarks_dir()} (run `make benchmarks`)")
+        report["tasks"] = run_lm_eval(model, tokenizer, tasks, limit, batch_size)
+    import lm_eval
+
+    report["lm_eval"] = lm_eval.__version__
+    report["seconds"] = time.perf_counter() - t0
+    write_json_atomic(path / "eval.json", report)
+    return report
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="an HF folder or a run folder (its latest checkpoint)")
+    ap.add_argument("--tasks", default="rd_core", help="comma-separated task names or tags ('' = none)")
+    ap.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    ap.add_argument("--val", default=None, help="val corpus or packed instances ('' = skip; default: val split)")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    tasks = [t for t in a.tasks.split(",") if t]
+    r = evaluate_checkpoint(a.checkpoint, tasks, a.limit, a.val, a.seq_len, a.batch_size, a.device)
+    if "val_loss" in r:
+        print(f"val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f}) over {r['val_tokens']:,} tokens")
+    for task, m in sorted(r.get("tasks", {}).items()):
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and "stderr" not in k)
+        print(f"{task:<20}{shown}  (n={m.get('samples')})")
+    print(f"-> {Path(r['checkpoint']) / 'eval.json'} ({r['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
