@@ -17,7 +17,7 @@ export RD_CACHE := $(CACHE)
 # pip prints one harmless warning per package for this machine's empty extra indexes; keep the log readable.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install data models benchmarks reference refine select eval demo test test-slow bench lint clean
+.PHONY: help install data models benchmarks reference refine select eval report demo test test-slow bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -66,6 +66,12 @@ LIMIT ?=
 eval: benchmarks ## val perplexity + lm-eval benchmarks of CKPT (a run folder or HF folder) -> CKPT/eval.json
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=runs/<name> [TASKS=rd_core] [LIMIT=N]"; exit 2; }
 	$(PY) -m distill.evaluate $(CKPT) --tasks $(TASKS) $(if $(LIMIT),--limit $(LIMIT))
+
+# make report RUNS="runs/kd_compare" [NAME=kd_compare]
+RUNS ?= runs
+NAME ?=
+report: install ## markdown + PNG report from run folders (val-loss curves, benchmark table) -> reports/<NAME>.md
+	$(PY) -m distill.report $(RUNS) $(if $(NAME),--name $(NAME))
 
 DEMO_STEPS ?= 150
 DEMO_INSTANCES ?= 256
