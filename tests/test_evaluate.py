@@ -71,3 +71,29 @@ def test_every_task_yaml_is_indexed_and_missing_data_is_one_line(tmp_path, monke
     monkeypatch.setenv("RD_BENCHMARKS", str(tmp_path))
     with pytest.raises(InputError, match="unknown task"):
         evaluate_checkpoint(tiny_model_dir, ["rd_nope"], val="")
+
+
+@pytest.mark.slow
+def test_teacher_scores_through_our_path_equal_the_lm_eval_cli(tmp_path):
+    """The converted SmolLM2 teacher on real HellaSwag/PIQA items (make models benchmarks): our in-process path
+    (distill.evaluate) and the lm-eval CLI loading the checkpoint itself give the same accuracies."""
+    import subprocess
+    import sys
+
+    from distill.evaluate import TASKS_DIR, evaluate_checkpoint
+    from refine.paths import benchmarks_dir, teacher_dir
+
+    if not (teacher_dir() / "config.json").is_file() or not benchmarks_dir().is_dir():
+        pytest.skip("needs `make models benchmarks`")
+    tasks, limit = ["rd_hellaswag", "rd_piqa"], 100
+    ours = evaluate_checkpoint(teacher_dir(), tasks, limit=limit, val="")["tasks"]
+    out = tmp_path / "cli"
+    subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                    f"pretrained={teacher_dir()},dtype=float32", "--include_path", str(TASKS_DIR),
+                    "--tasks", ",".join(tasks), "--limit", str(limit), "--batch_size", "8",
+                    "--output_path", str(out)], check=True, capture_output=True, text=True)
+    cli = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    for t in tasks:
+        for metric in ("acc", "acc_norm"):
+            assert ours[t][metric] == pytest.approx(cli[t][f"{metric},none"], abs=1e-9), (t, metric)
+    assert ours["rd_hellaswag"]["acc_norm"] > 0.3 and ours["rd_piqa"]["acc"] > 0.55    # above chance (0.25 / 0.5)
