@@ -9,6 +9,7 @@ Every run trains llama_small on ``<refined>/instances_scored`` (the scored, *uns
 teacher logits cover every row) for ``--steps`` steps of the trainer defaults (4 x 256 tokens), seed 0:
 
 * ``lm_baseline``   LM loss only
+* ``lm_wsd``        LM loss only with the WSD lr: separates kd_wsd's alpha schedule from its lr schedule
 * ``kd_offline``    stored top-0.95-50 logits, alpha 0.9 constant, KLD, cosine lr (PD paper's best static)
 * ``kd_wsd``        the same logits, WSD alpha + WSD lr (PD paper's best)
 * ``kd_rs``         RS-KD sampled store (``teacher/logits_rs``), alpha 0.9, KLD
@@ -34,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from refine.logits_store import LogitsStore, retruncate  # noqa: E402
 
-RUNS = ("lm_baseline", "kd_offline", "kd_wsd", "kd_rs", "kd_topk_equal")
+RUNS = ("lm_baseline", "lm_wsd", "kd_offline", "kd_wsd", "kd_rs", "kd_topk_equal")
 
 
 def equal_bytes_store(refined: Path) -> tuple[Path, dict]:
@@ -94,12 +95,18 @@ def main() -> None:
             names = [n for n in names if n not in ("kd_rs", "kd_topk_equal")]
     plans = {
         "lm_baseline": ["+experiment=lm_baseline", *common],
+        "lm_wsd": ["+experiment=lm_baseline", "schedule=wsd", *common],
         "kd_offline": offline,
         "kd_wsd": ["+experiment=kd_wsd", *common],
         "kd_rs": [*offline, f"kd.logits={refined}/teacher/logits_rs"],
         "kd_topk_equal": [*offline, f"kd.logits={equal}"] if stores else [],
     }
-    results = {}
+    # Runs of an earlier call with the same setup are kept (``--runs`` can add one run to a finished table).
+    results, out_path = {}, Path(a.out)
+    if out_path.is_file():
+        prev = json.loads(out_path.read_text())
+        if prev.get("steps") == a.steps and prev.get("refined") == str(refined):
+            results, stores = prev["results"], stores or prev.get("stores", {})
     for name in names:
         results[name] = train(name, plans[name], runs_dir)
         if name.startswith("kd"):
@@ -117,7 +124,7 @@ def main() -> None:
     out = {"results": results, "stores": stores, "steps": a.steps, "refined": str(refined),
            "note": "one seed; the val loss is over trainer.eval_batches fixed val batches of the val split",
            "machine": machine()}
-    Path(a.out).write_text(json.dumps(out, indent=2))
+    out_path.write_text(json.dumps(out, indent=2))
     print(f"-> {a.out}")
 
 
