@@ -81,19 +81,19 @@ class SparseRows:
 
     def kept_mass(self) -> np.ndarray:
         """Per-position probability mass of the kept ids (1 - the mass the truncation dropped)."""
-        bounds = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
-        return np.add.reduceat(np.exp(self.logprobs.astype(np.float64)), bounds[:-1]) if len(self.ids) else \
-            np.zeros(len(self.counts))
+        pos = np.repeat(np.arange(len(self.counts)), self.counts)
+        # bincount, not reduceat: a position with no pairs (all RS-KD draws in the tail) must give 0
+        return np.bincount(pos, weights=np.exp(self.logprobs.astype(np.float64)), minlength=len(self.counts))
 
     def dense(self, vocab_size: int, temperature: float = 1.0) -> np.ndarray:
         """[positions, vocab] renormalised target ``softmax(logprobs / tau)`` over kept ids, zero elsewhere."""
         out = np.zeros((len(self.counts), vocab_size), dtype=np.float64)
         pos = np.repeat(np.arange(len(self.counts)), self.counts)
         z = self.logprobs.astype(np.float64) / temperature
-        bounds = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
-        zmax = np.maximum.reduceat(z, bounds[:-1])
+        zmax = np.full(len(self.counts), -np.inf)
+        np.maximum.at(zmax, pos, z)
         e = np.exp(z - zmax[pos])
-        out[pos, self.ids] = e / np.add.reduceat(e, bounds[:-1])[pos]
+        out[pos, self.ids] = e / np.bincount(pos, weights=e, minlength=len(self.counts))[pos]
         return out
 
 

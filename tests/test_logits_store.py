@@ -93,3 +93,13 @@ def test_foreign_tokenizer_is_refused(tmp_path):
     store = _store(tmp_path, ids, lps, 0.95, 4, [1])
     with pytest.raises(InputError, match="tokenizer"):
         store.check_tokenizer("another")
+
+
+def test_positions_without_pairs_have_zero_mass_and_no_target(tmp_path):
+    """An RS-KD position whose draws all fell outside the candidates stores no pairs."""
+    from refine.logits_store import SparseRows
+
+    rows = SparseRows(np.array([2, 0, 1], dtype=np.uint8), np.array([3, 1, 4]), np.log([0.5, 0.25, 0.9]))
+    assert np.allclose(rows.kept_mass(), [0.75, 0.0, 0.9])
+    dense = rows.dense(V)
+    assert np.allclose(dense.sum(-1), [1.0, 0.0, 1.0]) and dense[0, 3] == pytest.approx(2 / 3)
