@@ -2,7 +2,7 @@
 
 Run after ``make refine`` with RS-KD samples captured, e.g.::
 
-    make refine REFINE_ARGS="pack.max_instances=2048 logits.candidates=100 logits.rs_samples=24"
+    make refine REFINE_ARGS="pack.max_instances=1024 logits.candidates=100 logits.rs_samples=24"
     python bench/kd_compare.py [--refined .cache/refined/default] [--steps 200] [--runs lm,kd_offline,...]
 
 Every run trains llama_small on ``<refined>/instances_scored`` (the scored, *unselected* instances, so the
@@ -84,7 +84,6 @@ def main() -> None:
     refined, runs_dir = Path(a.refined).resolve(), Path(a.runs_dir).resolve()
     common = [f"paths.refined={refined}", f"data.train={refined}/instances_scored", f"trainer.max_steps={a.steps}",
               "seed=0"]
-    offline = ["+experiment=kd_offline", *common]
     names, stores = a.runs.split(","), {}
     if {"kd_rs", "kd_topk_equal"} & set(names):
         if (refined / "teacher" / "logits_rs" / "store.json").is_file():
@@ -93,14 +92,15 @@ def main() -> None:
             print(f"no RS-KD store in {refined}/teacher (refine with logits.rs_samples > 0): skipping kd_rs, "
                   f"kd_topk_equal")
             names = [n for n in names if n not in ("kd_rs", "kd_topk_equal")]
-    plans = {
-        "lm_baseline": ["+experiment=lm_baseline", *common],
-        "lm_wsd": ["+experiment=lm_baseline", "schedule=wsd", *common],
-        "kd_offline": offline,
-        "kd_wsd": ["+experiment=kd_wsd", *common],
-        "kd_rs": [*offline, f"kd.logits={refined}/teacher/logits_rs"],
-        "kd_topk_equal": [*offline, f"kd.logits={equal}"] if stores else [],
-    }
+    # The logits store each KD run reads (its bytes/token goes into the table).
+    logits_of = {"kd_offline": refined / "teacher" / "logits", "kd_wsd": refined / "teacher" / "logits",
+                 "kd_rs": refined / "teacher" / "logits_rs"}
+    if stores:
+        logits_of["kd_topk_equal"] = equal
+    plans = {"lm_baseline": ["+experiment=lm_baseline", *common],
+             "lm_wsd": ["+experiment=lm_baseline", "schedule=wsd", *common],
+             **{n: ["+experiment=kd_wsd" if n == "kd_wsd" else "+experiment=kd_offline", *common,
+                    f"kd.logits={path}"] for n, path in logits_of.items()}}
     # Runs of an earlier call with the same setup are kept (``--runs`` can add one run to a finished table).
     results, out_path = {}, Path(a.out)
     if out_path.is_file():
@@ -109,10 +109,8 @@ def main() -> None:
             results, stores = prev["results"], stores or prev.get("stores", {})
     for name in names:
         results[name] = train(name, plans[name], runs_dir)
-        if name.startswith("kd"):
-            logits = plans[name][-1].split("=", 1)[1] if name in ("kd_rs", "kd_topk_equal") else \
-                f"{refined}/teacher/logits"
-            results[name]["bytes_per_token"] = LogitsStore(logits).bytes_per_token()
+        if name in logits_of:
+            results[name]["bytes_per_token"] = LogitsStore(logits_of[name]).bytes_per_token()
 
     print(f"\n{'run':<15}{'val loss':>10}{'val ppl':>10}{'KL(T||S)':>10}{'B/token':>9}{'seconds':>9}")
     for name, r in results.items():

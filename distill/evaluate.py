@@ -25,7 +25,7 @@ import torch
 
 from refine.errors import InputError, exit_on_input_error
 from refine.manifest import write_json_atomic
-from refine.paths import REPO, benchmarks_dir, corpus_dir, resolve_model
+from refine.paths import REPO, benchmarks_dir, cache_dir, corpus_dir, resolve_model
 
 TASKS_DIR = REPO / "conf" / "eval" / "tasks"
 
@@ -34,7 +34,6 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
     """Held-out LM loss of ``model`` on the corpus or packed instances at ``val`` (all rows unless capped)."""
     from distill.data import open_instances, val_batches
     from distill.train import evaluate
-    from refine.paths import cache_dir
 
     inst = open_instances(val, tokenizer, seq_len, cache_dir(), quiet=True)
     batches = val_batches(inst, batch_size, max_batches or len(inst))

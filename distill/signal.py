@@ -57,12 +57,7 @@ class OfflineTeacher:
         self.store = store
 
     def signal(self, rows: np.ndarray, tokens: torch.Tensor | None = None) -> TeacherSignal:
-        parts = [self.store.padded(int(r)) for r in rows]
-        k = max(p[0].shape[1] for p in parts)
-        pad = lambda a, value: np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=value)
-        return TeacherSignal(torch.from_numpy(np.stack([pad(p[0], 0) for p in parts])),
-                             torch.from_numpy(np.stack([pad(p[1], -np.inf) for p in parts])),
-                             torch.from_numpy(np.stack([pad(p[2], False) for p in parts])))
+        return TeacherSignal(*map(torch.from_numpy, self.store.padded(rows)))
 
 
 class OnlineTeacher:

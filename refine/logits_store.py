@@ -215,17 +215,20 @@ class LogitsStore:
                 "ids_per_position": pairs / max(self.count * self.header.positions, 1),
                 "mean_kept_mass": float(np.mean([self[int(i)].kept_mass().mean() for i in rows]))}
 
-    def padded(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Instance ``i`` as [L-1, c_max] arrays (ids, logprobs, mask), most likely first (no Python per position)."""
-        rows = self[i]
-        counts = rows.counts.astype(np.int64)
-        t, k = len(counts), max(int(counts.max()), 1)
-        pos = np.repeat(np.arange(t), counts)
-        slot = np.arange(len(pos)) - np.repeat(np.cumsum(counts) - counts, counts)   # rank within its position
-        ids = np.zeros((t, k), dtype=np.int64)
-        lps = np.full((t, k), -np.inf, dtype=np.float32)
-        mask = np.zeros((t, k), dtype=bool)
-        ids[pos, slot], lps[pos, slot], mask[pos, slot] = rows.ids, rows.logprobs.astype(np.float32), True
+    def padded(self, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Instances ``rows`` as [B, L-1, K] arrays (ids, logprobs, mask), K the largest count among them, most
+        likely first, padded with id 0 / -inf / False; one scatter per instance, no Python per position."""
+        sparse = [self[int(r)] for r in rows]
+        b, t = len(sparse), self.header.positions
+        k = max(max(int(s.counts.max()) for s in sparse), 1)
+        ids = np.zeros((b, t, k), dtype=np.int64)
+        lps = np.full((b, t, k), -np.inf, dtype=np.float32)
+        mask = np.zeros((b, t, k), dtype=bool)
+        for i, s in enumerate(sparse):
+            counts = s.counts.astype(np.int64)
+            pos = np.repeat(np.arange(t), counts)
+            slot = np.arange(len(pos)) - np.repeat(np.cumsum(counts) - counts, counts)   # rank within position
+            ids[i, pos, slot], lps[i, pos, slot], mask[i, pos, slot] = s.ids, s.logprobs.astype(np.float32), True
         return ids, lps, mask
 
 
@@ -242,11 +245,9 @@ def retruncate(src: str | Path, dst: str | Path, top_p: float, top_k: int, shard
     writer = LogitsWriter(dst, StoreHeader(**{**asdict(h), "top_p": top_p, "top_k": top_k}))
     shards = []
     for s, start in enumerate(range(0, len(store), shard_size)):
-        parts = [store.padded(i) for i in range(start, min(start + shard_size, len(store)))]
-        k = max(p[0].shape[1] for p in parts)
-        ids = np.stack([np.pad(p[0], ((0, 0), (0, k - p[0].shape[1]))) for p in parts])
-        lps = np.stack([np.pad(p[1], ((0, 0), (0, k - p[1].shape[1])), constant_values=-np.inf) for p in parts])
-        counts = np.minimum(truncate_top_p_k(lps, top_p, top_k), np.stack([p[2].sum(-1) for p in parts]))
+        ids, lps, mask = store.padded(range(start, min(start + shard_size, len(store))))
+        # padding has probability 0, so top-p could count it where the stored mass is below p': cap by the mask
+        counts = np.minimum(truncate_top_p_k(lps, top_p, top_k), mask.sum(-1))
         shards.append(writer.write_shard(s, ids, lps, counts.astype(np.uint8)))
     writer.finish(shards, extra={k: v for k, v in store.index.items() if k not in ("header", "shards", "count")})
     return LogitsStore(dst)

@@ -55,7 +55,8 @@ def sample_sparse(cand_ids: torch.Tensor, cand_logprobs: torch.Tensor, samples: 
     if with_tail:
         tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp_min(0)
         lp = torch.cat([lp, tail.log()], dim=-1)                         # column K: "another token"
-    log_q = torch.log_softmax(lp / temperature, dim=-1)
+    # At t = 1 the proposal is the teacher itself (lp with its tail sums to one): no second [rows, K] pass.
+    log_q = lp if temperature == 1 else torch.log_softmax(lp / temperature, dim=-1)
     draws = torch.multinomial(log_q.exp(), samples, replacement=True, generator=generator)   # [R, N]
     draws, _ = draws.sort(dim=-1)
     # Run-length encode the sorted draws: group g of each draw, its count, its candidate index.
