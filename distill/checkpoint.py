@@ -9,20 +9,19 @@ crash at any moment leaves the previous checkpoint usable.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from refine.errors import InputError
 from refine.manifest import atomic_path
 
 STATE = "trainer_state.pt"
 # Fields that define the architecture: a checkpoint that differs in any of them belongs to another model.
-ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "tie_word_embeddings")
+ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "state_size", "expand")
 
 
 def ckpt_root(run_dir: str | Path) -> Path:
@@ -61,20 +60,21 @@ def latest(run_dir: str | Path) -> Path | None:
     return path
 
 
-def load_model(path: str | Path, expected_config) -> LlamaForCausalLM:
+def load_model(path: str | Path, expected_config) -> PreTrainedModel:
     """Load a checkpoint's weights, refusing one made for another architecture."""
-    cfg_path = Path(path) / "config.json"
-    try:
-        saved = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {cfg_path}: {e}") from None
-    diff = {k: (saved.get(k), getattr(expected_config, k)) for k in ARCH_FIELDS
-            if saved.get(k) != getattr(expected_config, k)}
+    from transformers import AutoConfig
+
+    try:  # the saved config with every default filled in, so absent keys compare as what they mean
+        saved = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {Path(path) / 'config.json'}: {str(e).splitlines()[0]}") from None
+    diff = {k: (getattr(saved, k, None), getattr(expected_config, k, None)) for k in ARCH_FIELDS
+            if getattr(saved, k, None) != getattr(expected_config, k, None)}
     if diff:
         shown = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
         raise InputError(f"checkpoint {path} is for another model config ({shown}); "
                          f"use another run_name or resume=false")
-    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
 
 
 def load_state(path: str | Path) -> dict:

@@ -18,9 +18,10 @@ from refine.errors import InputError
 
 @dataclass
 class ModelConfig:
-    """A Llama-family student built from scratch with transformers. Vocabulary comes from the tokenizer."""
+    """A student built from scratch with transformers (``distill.models``). Vocabulary comes from the tokenizer."""
     name: str = "llama_tiny"
-    tokenizer: str = "${paths.teacher}"    # students share the teacher's tokenizer (needed for logit KD)
+    arch: str = "llama"                    # llama | qwen2 | mamba
+    tokenizer: str = "${paths.teacher}"    # the teacher's tokenizer unless cross-family (logit KD needs it)
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
@@ -30,6 +31,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
     init_std: float = 0.02
+    state_size: int = 16                   # mamba only: SSM state per channel
+    expand: int = 2                        # mamba only: block width = expand * hidden_size
 
 
 @dataclass
@@ -112,6 +115,15 @@ class TrainerConfig:
     tensorboard: bool = True
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     precision: str = "auto"                # auto = bf16 autocast on CUDA, fp32 elsewhere | fp32 | bf16
+    threads: int = 0                       # torch intra-op threads (0: torch's default); sweeps run jobs side by side
+
+
+@dataclass
+class EvalConfig:
+    """After training, evaluate the final checkpoint (``distill.evaluate``) into its ``eval.json``."""
+    tasks: list[str] = field(default_factory=list)   # lm-eval tasks/tags from conf/eval/tasks, e.g. [rd_piqa]
+    limit: int = 0                         # items per task (0: all)
+    batch_size: int = 8
 
 
 @dataclass
@@ -127,6 +139,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def to_config(cfg: DictConfig) -> TrainConfig:

@@ -5,6 +5,7 @@ Run::
     make benchmarks                                              # once: benchmark data from the registry
     python -m distill.evaluate runs/lm_baseline                  # a run folder (its latest checkpoint) or HF folder
     python -m distill.evaluate CKPT --tasks rd_piqa,rd_hellaswag --limit 500
+    python -m distill.evaluate CKPT --backend vllm                # lm-eval's vLLM model instead of transformers
     make eval CKPT=runs/kd_wsd [TASKS=rd_core] [LIMIT=]
 
 The tasks are the YAMLs in ``conf/eval/tasks/`` (``rd_core`` = all of them), which read the local benchmark
@@ -17,6 +18,7 @@ packed ``seq_len`` rows of the val split), so it is comparable with the runs' ``
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import time
 from pathlib import Path
@@ -31,30 +33,50 @@ TASKS_DIR = REPO / "conf" / "eval" / "tasks"
 
 
 def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 4, max_batches: int = 0) -> dict:
-    """Held-out LM loss of ``model`` on the corpus or packed instances at ``val`` (all rows unless capped)."""
+    """Held-out LM loss of ``model`` on the corpus or packed instances at ``val`` (all rows unless capped).
+
+    Also bits per byte: the summed loss over the UTF-8 bytes of the predicted tokens' text (special tokens,
+    i.e. document separators, count no bytes), which compares students with different tokenizers.
+    """
     from distill.data import open_instances, val_batches
     from distill.train import evaluate
 
     inst = open_instances(val, tokenizer, seq_len, cache_dir(), quiet=True)
     batches = val_batches(inst, batch_size, max_batches or len(inst))
     loss = evaluate(model, batches, next(model.parameters()).device, None)
-    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": sum(b[:, 1:].numel() for b in batches)}
+    tokens = sum(b[:, 1:].numel() for b in batches)
+    n_bytes = sum(len(tokenizer.decode(row[1:].tolist(), skip_special_tokens=True).encode("utf-8"))
+                  for b in batches for row in b)
+    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": tokens,
+            "val_bpb": loss * tokens / math.log(2) / max(n_bytes, 1)}
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,
-                include_path: Path = TASKS_DIR) -> dict:
-    """lm-eval on an in-memory HF model; returns {task: {metric: value, metric_stderr: value, samples: n}}."""
+                include_path: Path = TASKS_DIR, backend: str = "hf") -> dict:
+    """lm-eval on ``model``: an in-memory HF model (``backend="hf"``) or, with ``backend="vllm"``, a model folder
+    that lm-eval's vLLM model serves (``refine.scorer.lm_eval_vllm``). Returns {task: {metric: value,
+    metric_stderr: value, samples: n}}."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(include_path), include_defaults=False)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
         raise InputError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(sorted(tm.all_tasks))}")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if backend == "vllm":
+        from refine.scorer import close_llm, lm_eval_vllm
+
+        lm = lm_eval_vllm(model, batch_size=batch_size)
+    elif backend == "hf":
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    else:
+        raise InputError(f"unknown eval backend {backend!r} (hf | vllm)")
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, random_seed=0, numpy_random_seed=0,
                           torch_random_seed=0, fewshot_random_seed=0, log_samples=False)
+    if backend == "vllm":
+        close_llm(lm.model)
     results = {}
     for task, metrics in out["results"].items():
         # lm-eval keys are "<metric>,<filter>" (e.g. "acc,none", "acc_stderr,none")
@@ -64,7 +86,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_siz
 
 
 def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], limit: int | None = None, val: str | None = None,
-                        seq_len: int = 256, batch_size: int = 8, device: str = "cpu") -> dict:
+                        seq_len: int = 256, batch_size: int = 8, device: str = "cpu", backend: str = "hf") -> dict:
     from transformers import AutoModelForCausalLM
 
     from refine.tokenizer import load_tokenizer
@@ -79,7 +101,12 @@ def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], limit: int | None = 
     if tasks:
         if not benchmarks_dir().is_dir():
             raise InputError(f"no benchmark data at {benchmarks_dir()} (run `make benchmarks`)")
-        report["tasks"] = run_lm_eval(model, tokenizer, tasks, limit, batch_size)
+        if backend == "vllm":   # the engine runs 2x slower beside a loaded transformers model: free it first
+            del model
+            gc.collect()
+            model = path
+        report["tasks"] = run_lm_eval(model, tokenizer, tasks, limit, batch_size, backend=backend)
+        report["backend"] = backend
     import lm_eval
 
     report["lm_eval"] = lm_eval.__version__
@@ -98,11 +125,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                    help="lm-eval model: hf (in-process transformers) or vllm (lm-eval's vLLM model)")
     a = ap.parse_args(argv)
     tasks = [t for t in a.tasks.split(",") if t]
-    r = evaluate_checkpoint(a.checkpoint, tasks, a.limit, a.val, a.seq_len, a.batch_size, a.device)
+    print_report(evaluate_checkpoint(a.checkpoint, tasks, a.limit, a.val, a.seq_len, a.batch_size, a.device,
+                                     a.backend))
+
+
+def print_report(r: dict) -> None:
     if "val_loss" in r:
-        print(f"val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f}) over {r['val_tokens']:,} tokens")
+        print(f"val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f}, {r['val_bpb']:.4f} bits/byte) over "
+              f"{r['val_tokens']:,} tokens")
     for task, m in sorted(r.get("tasks", {}).items()):
         shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and "stderr" not in k)
         print(f"{task:<20}{shown}  (n={m.get('samples')})")

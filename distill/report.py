@@ -6,10 +6,14 @@ Run::
     make report RUNS=runs/sweeps/lm_baseline NAME=lr_sweep
 
 Every folder below the given ones that holds a finished run (``summary.json`` + ``run.json`` +
-``metrics.jsonl``) is one row; runs that share a ``run_name`` and differ only in ``seed`` are grouped, with
-the mean and the spread (min..max) over seeds. Benchmark columns come from each run's latest checkpoint's
-``eval.json`` (``make eval``), when present. Figures: held-out val loss against tokens per run, and the
-benchmark table as bars. Nothing is recomputed here: the report only reads what the runs wrote.
+``metrics.jsonl``) is one run; runs that differ only in ``seed`` are one row, with the mean and the spread
+(min..max) over seeds. A Hydra sweep folder is named by its overrides (``+experiment=kd_wsd,kd.alpha.peak=0.5,
+seed=1``): the row is the run name plus the overrides other than the seed. Benchmark and bits-per-byte columns
+come from each run's final checkpoint's ``eval.json`` (``make eval``, or ``eval.tasks`` in the run), when present.
+Figures: held-out val loss against tokens per run; the benchmark table as bars; storage vs quality when runs
+read offline stores of different sizes (bytes/token of the store against val loss, e.g. over (p, k)); with
+``--refined``, the refine stage's difference-score histogram. Nothing is recomputed: the report only reads
+what the runs and the refine stage wrote.
 """
 
 from __future__ import annotations
@@ -37,6 +41,24 @@ def find_runs(roots: list[Path]) -> list[Path]:
     return sorted(set(found))
 
 
+def _label(folder: Path, run_name: str) -> str:
+    """The row a run belongs to: its run name plus the sweep overrides in its folder name, except the seed."""
+    if "=" not in folder.name:
+        return run_name
+    extra = [o for o in folder.name.split(",") if not o.startswith(("seed=", "+experiment=", "run_name="))]
+    return " ".join([run_name, *extra])
+
+
+def _store_bytes(kd: dict) -> float | None:
+    """Bytes/token of an offline run's logits store, when it is still on disk."""
+    from refine.logits_store import LogitsStore
+
+    path = Path(kd.get("logits") or "")
+    if kd.get("signal") != "offline" or not (path / "store.json").is_file():
+        return None
+    return LogitsStore(path).bytes_per_token()
+
+
 def read_run(folder: Path) -> dict:
     run = json.loads((folder / "run.json").read_text())
     summary = json.loads((folder / "summary.json").read_text())
@@ -45,9 +67,11 @@ def read_run(folder: Path) -> dict:
     cfg = run["config"]
     ckpt = Path(summary.get("checkpoint", ""))
     ev = json.loads((ckpt / "eval.json").read_text()) if (ckpt / "eval.json").is_file() else {}
-    return {"folder": str(folder), "name": cfg["run_name"], "seed": cfg["seed"], "tokens": summary["tokens"],
-            "val_loss": summary["val_loss"], "kl_teacher": val[-1].get("kl_teacher") if val else None,
+    return {"folder": str(folder), "name": cfg["run_name"], "label": _label(folder, cfg["run_name"]),
+            "seed": cfg["seed"], "tokens": summary["tokens"], "val_loss": summary["val_loss"],
+            "val_bpb": ev.get("val_bpb"), "kl_teacher": val[-1].get("kl_teacher") if val else None,
             "curve": [(r["tokens"], r["loss"]) for r in val], "kd": cfg["kd"]["signal"],
+            "store_bytes_per_token": _store_bytes(cfg["kd"]), "student": cfg.get("model", {}).get("name", "?"),
             "train": cfg["data"]["train"], "params": run.get("parameters"),
             "tasks": {t: m.get("acc_norm", m.get("acc")) for t, m in ev.get("tasks", {}).items()}}
 
@@ -55,7 +79,7 @@ def read_run(folder: Path) -> dict:
 def group(runs: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
-        groups[r["name"]].append(r)
+        groups[r["label"]].append(r)
     return dict(groups)
 
 
@@ -68,7 +92,8 @@ def _fmt(values: list[float | None], digits: int = 4) -> str:
     return f"{mean(vals):.{digits}f} ({min(vals):.{digits}f}..{max(vals):.{digits}f})"
 
 
-def _plots(groups: dict[str, list[dict]], tasks: list[str], out_dir: Path, name: str) -> list[str]:
+def _plots(groups: dict[str, list[dict]], tasks: list[str], out_dir: Path, name: str,
+           refined: Path | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,26 +126,74 @@ def _plots(groups: dict[str, list[dict]], tasks: list[str], out_dir: Path, name:
         files.append(f"{name}_benchmarks.png")
         fig.savefig(out_dir / files[-1], dpi=110)
         plt.close(fig)
+    stores = {g: rs for g, rs in groups.items() if rs[0]["store_bytes_per_token"] is not None}
+    if len({rs[0]["store_bytes_per_token"] for rs in stores.values()}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for g, rs in stores.items():
+            x, y = rs[0]["store_bytes_per_token"], mean(r["val_loss"] for r in rs)
+            ax.scatter([x], [y])
+            ax.annotate(g, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.set_xlabel("teacher logits store (bytes/token)")
+        ax.set_ylabel("student val LM loss (nats/token)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files.append(f"{name}_storage_vs_loss.png")
+        fig.savefig(out_dir / files[-1], dpi=110)
+        plt.close(fig)
+    if refined is not None:
+        files.append(_score_histogram(refined, out_dir, name, plt))
     return files
 
 
-def build(roots: list[Path], name: str, out_dir: Path) -> Path:
+def _score_histogram(refined: Path, out_dir: Path, name: str, plt) -> str:
+    """Difference scores (NLL_ref - NLL_teacher) of the scored instances, kept vs dropped by the selection."""
+    import numpy as np
+
+    path = refined / "scores.npz"
+    if not path.is_file():
+        raise InputError(f"no refine scores at {path} (run `make refine`)")
+    with np.load(path, allow_pickle=False) as z:
+        score, kept = z["score"], z["kept"]
+    mask = np.zeros(len(score), dtype=bool)
+    mask[kept] = True
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(score.min(), score.max(), 40)
+    ax.hist(score[mask], bins, alpha=0.7, label=f"kept ({mask.sum():,})")
+    ax.hist(score[~mask], bins, alpha=0.7, label=f"dropped ({(~mask).sum():,})")
+    ax.set_xlabel("difference score: NLL_ref - NLL_teacher (nats/token)")
+    ax.set_ylabel("instances")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = f"{name}_scores.png"
+    fig.savefig(out_dir / out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def build(roots: list[Path], name: str, out_dir: Path, refined: Path | None = None,
+          notes: Path | None = None) -> Path:
     runs = [read_run(f) for f in find_runs(roots)]
     groups = group(runs)
     tasks = sorted({t for r in runs for t in r["tasks"]})
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = _plots(groups, tasks, out_dir, name)
-    head = ["run", "seeds", "tokens", "data", "KD", "val loss", "KL(T‖S)"] + [t.removeprefix("rd_") for t in tasks]
+    files = _plots(groups, tasks, out_dir, name, refined)
+    head = (["run", "student", "seeds", "tokens", "data", "KD", "val loss", "val bits/byte", "KL(T‖S)"]
+            + [t.removeprefix("rd_") for t in tasks])
     lines = [f"# Report: {name}", "",
              f"{len(runs)} runs in {len(groups)} groups from {', '.join(str(r) for r in roots)}. Values are the mean "
              f"over seeds (min..max in brackets when there are several). Val loss: held-out next-token loss on the "
              f"val split at the end of training; benchmarks: lm-eval accuracy (acc_norm where defined).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g, rs in groups.items():
-        row = [g, ",".join(str(r["seed"]) for r in rs), f"{rs[0]['tokens']:,}", Path(rs[0]["train"]).name, rs[0]["kd"],
-               _fmt([r["val_loss"] for r in rs]), _fmt([r["kl_teacher"] for r in rs], 3)]
+        row = [g, rs[0]["student"], ",".join(str(r["seed"]) for r in rs), f"{rs[0]['tokens']:,}",
+               Path(rs[0]["train"]).name, rs[0]["kd"], _fmt([r["val_loss"] for r in rs]),
+               _fmt([r["val_bpb"] for r in rs]), _fmt([r["kl_teacher"] for r in rs], 3)]
         row += [_fmt([r["tasks"].get(t) for r in rs], 3) for t in tasks]
         lines.append("| " + " | ".join(row) + " |")
+    if notes is not None:
+        if not notes.is_file():
+            raise InputError(f"no notes file at {notes}")
+        lines += ["", notes.read_text().strip()]
     lines += [""] + [f"![{f}]({f})" for f in files]
     path = out_dir / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
@@ -134,9 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("runs", nargs="+", help="folders holding run folders (searched recursively)")
     ap.add_argument("--name", default=None, help="report name (default: the first folder's name)")
     ap.add_argument("--out", default=str(REPO / "reports"))
+    ap.add_argument("--refined", default=None, help="a refine output folder: add its score histogram")
+    ap.add_argument("--notes", default=None, help="a markdown file placed after the table (findings)")
     a = ap.parse_args(argv)
     roots = [Path(r) for r in a.runs]
-    path = build(roots, a.name or roots[0].name, Path(a.out))
+    path = build(roots, a.name or roots[0].name, Path(a.out), a.refined and Path(a.refined),
+                 a.notes and Path(a.notes))
     print(path.read_text())
     print(f"-> {path}")
 

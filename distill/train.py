@@ -125,6 +125,8 @@ def train(cfg: TrainConfig) -> dict:
     tc, dc = cfg.trainer, cfg.data
     check_schedule(cfg.schedule, tc.max_steps)
     device = pick_device(tc.device)
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
     amp = autocast_dtype(tc.precision, device)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
@@ -230,6 +232,11 @@ def train(cfg: TrainConfig) -> dict:
                "val_ppl": math.exp(val_loss), "checkpoint": str(last_ckpt), "seconds_this_session": elapsed}
     write_json_atomic(run_dir / "summary.json", summary)
     print(f"done: {step} steps, {tokens_seen:,} tokens, val loss {val_loss:.4f}; checkpoint {last_ckpt}")
+    if cfg.eval.tasks:
+        from distill.evaluate import evaluate_checkpoint, print_report
+
+        print_report(evaluate_checkpoint(last_ckpt, cfg.eval.tasks, cfg.eval.limit or None, dc.val, dc.seq_len,
+                                         cfg.eval.batch_size, str(device)))
     return summary
 
 

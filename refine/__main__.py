@@ -11,6 +11,7 @@ Stages, each reusing a finished result: (1) pack the corpus with the teacher's t
 (its own process: per-instance NLL + top-p-k logits, one pass); (3) reference pass (NLL only); (4) select the
 top alpha by ``NLL_ref - NLL_teacher`` in corpus order and write ``<out>/``: ``instances/`` (refined tokens),
 ``refined.jsonl`` (text, for students with another tokenizer), ``logits/`` (aligned with ``instances/``),
+``instances_random/`` + ``random.jsonl`` (the same fraction chosen at random: the equal-compute control),
 ``scores.npz``, ``report.md`` + ``score_hist.png``, ``manifest.json``. The teacher pass keeps the logits of
 *every* scored instance in ``teacher/logits/`` (aligned with ``instances_scored/``), so re-selecting with
 another alpha never rescores, and offline KD on the unselected data can use them.
@@ -168,6 +169,12 @@ def refine(cfg: RefineConfig) -> dict:
         np.savez(f, teacher_nll=teacher_nll, ref_nll=ref_nll, score=scores, kept=kept)
     refined = write_subset(inst, kept, out / "instances", extra={"selection": asdict(cfg.select)})
     write_text_export(inst, kept, scores, tok, out / "refined.jsonl")
+    # MiniPLM's control: the same fraction of the scored instances chosen blindly (seeded), for equal-compute
+    # comparisons (conf/experiment/random_alpha.yaml, cross_family_random.yaml).
+    control = select(scores, cfg.select.alpha, "random", seed=cfg.select.seed)
+    write_subset(inst, control, out / "instances_random",
+                 extra={"selection": {**asdict(cfg.select), "mode": "random"}})
+    write_text_export(inst, control, scores, tok, out / "random.jsonl")
     stores = {}
     for name, wanted in (("logits", cfg.logits.top_k), ("logits_rs", cfg.logits.rs_samples)):
         if wanted:
@@ -177,7 +184,7 @@ def refine(cfg: RefineConfig) -> dict:
         from refine.dedup import diversity
 
         report["diversity"] = {"scored": diversity(emb), "refined": diversity(emb[kept]),
-                               "random_same_size": diversity(emb[select(scores, cfg.select.alpha, "random")])}
+                               "random_same_size": diversity(emb[control])}
         report["dedup"] = dedup_info
         with open(out / "report.md", "a") as f:
             d = report["diversity"]

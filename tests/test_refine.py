@@ -15,6 +15,7 @@ from refine.__main__ import CONF_DIR, refine
 from refine.config import to_refine_config
 from refine.instances import Instances
 from refine.logits_store import LogitsStore
+from refine.select import select
 from tests.conftest import REPO
 
 
@@ -60,6 +61,12 @@ def test_refine_outputs_reuse_reselect_and_resume(overrides, tmp_path):
     assert 0.5 < manifest["report"]["logits_rs_mean_kept_mass"] <= 1.0
     lines = (out / "refined.jsonl").read_text().splitlines()
     assert len(lines) == len(kept) and json.loads(lines[0])["id"] == f"instance/{kept[0]}"
+    # The equal-size random control (seeded by select.seed), as instances and as text.
+    control = select(s["score"], 0.5, "random", seed=0)
+    assert np.array_equal(np.asarray(Instances(out / "instances_random").tokens), np.asarray(scored.tokens)[control])
+    rand_lines = (out / "random.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in rand_lines] == [f"instance/{r}" for r in control]
+    assert set(control) != set(kept)
     assert (out / "score_hist.png").stat().st_size > 1000 and "Highest-scored" in (out / "report.md").read_text()
     div = manifest["report"]["diversity"]
     assert 0 < div["scored"] < 2 and 0 < div["refined"] < 2 and "Diversity" in (out / "report.md").read_text()

