@@ -7,9 +7,10 @@ Run::
 
 Every folder below the given ones that holds a finished run (``summary.json`` + ``run.json`` +
 ``metrics.jsonl``) is one run; runs that differ only in ``seed`` are one row, with the mean and the spread
-(min..max) over seeds. A Hydra sweep folder is named by its overrides (``+experiment=kd_wsd,kd.alpha.peak=0.5,
-seed=1``): the row is the run name plus the overrides other than the seed. Benchmark and bits-per-byte columns
-come from each run's final checkpoint's ``eval.json`` (``make eval``, or ``eval.tasks`` in the run), when present.
+(min..max) over seeds. For a Hydra sweep run the row is the run name plus the overrides it was launched with
+(``.hydra/overrides.yaml``), except the seed and the sweep-wide ones (e.g. ``kd_offline kd.alpha.peak=0.5``).
+Benchmark and bits-per-byte columns come from each run's final checkpoint's ``eval.json`` (``make eval``, or
+``eval.tasks`` in the run), when present.
 Figures: held-out val loss against tokens per run; the benchmark table as bars; storage vs quality when runs
 read offline stores of different sizes (bytes/token of the store against val loss, e.g. over (p, k)); with
 ``--refined``, the refine stage's difference-score histogram. Nothing is recomputed: the report only reads
@@ -42,10 +43,23 @@ def find_runs(roots: list[Path]) -> list[Path]:
 
 
 def _label(folder: Path, run_name: str) -> str:
-    """The row a run belongs to: its run name plus the sweep overrides in its folder name, except the seed."""
-    if "=" not in folder.name:
+    """The row a run belongs to: its run name plus the Hydra sweep overrides it was launched with (Hydra's
+    ``.hydra/overrides.yaml``) other than the seed and the keys that only name or size the sweep (the config's
+    ``override_dirname.exclude_keys``). Paths are shown by their last component."""
+    from omegaconf import OmegaConf
+
+    overrides, hydra_cfg = folder / ".hydra" / "overrides.yaml", folder / ".hydra" / "hydra.yaml"
+    if not overrides.is_file():
         return run_name
-    extra = [o for o in folder.name.split(",") if not o.startswith(("seed=", "+experiment=", "run_name="))]
+    skip = {"seed", "+experiment", "run_name"}
+    if hydra_cfg.is_file():
+        skip |= set(OmegaConf.select(OmegaConf.load(hydra_cfg), "hydra.job.config.override_dirname.exclude_keys")
+                    or [])
+    extra = []
+    for item in OmegaConf.to_container(OmegaConf.load(overrides)):
+        key, _, value = str(item).partition("=")
+        if key not in skip and not key.startswith("hydra"):
+            extra.append(f"{key}={Path(value).name if '/' in value else value}")
     return " ".join([run_name, *extra])
 
 

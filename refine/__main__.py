@@ -36,7 +36,7 @@ from refine.errors import InputError, exit_on_input_error
 from refine.hydra_cli import precheck_overrides
 from refine.instances import Instances, write_subset
 from refine.logits_store import LogitsStore, LogitsWriter
-from refine.manifest import atomic_path, code_version, sha256_file, write_json_atomic, write_manifest
+from refine.manifest import atomic_path, code_version, read_manifest, sha256_file, write_json_atomic, write_manifest
 from refine.pack import corpus_fingerprint, pack
 from refine.paths import resolve_model
 from refine.select import difference_scores, select
@@ -133,6 +133,10 @@ def refine(cfg: RefineConfig) -> dict:
         raise InputError(f"reference model {reference} uses another tokenizer than the teacher; difference "
                          f"sampling compares per-token NLLs of the same tokens")
 
+    previous = read_manifest(out)
+    if previous and previous.get("tokenizer_hash") not in (None, tokenizer_hash(tok)):
+        raise InputError(f"{out} holds the refine output of a teacher with another tokenizer; choose another "
+                         f"name= (e.g. name=gemma with paths=gemma) or delete the folder")
     inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field)
     if 0 < cfg.pack.max_instances < len(inst):
         # An evenly spaced subset keeps every part of the corpus represented (the first N would be one source).

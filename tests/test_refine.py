@@ -13,10 +13,11 @@ from hydra import compose, initialize_config_dir
 
 from refine.__main__ import CONF_DIR, refine
 from refine.config import to_refine_config
+from refine.errors import InputError
 from refine.instances import Instances
 from refine.logits_store import LogitsStore
 from refine.select import select
-from tests.conftest import REPO
+from tests.conftest import REPO, save_tiny_llama, train_tiny_tokenizer
 
 
 def _cfg(overrides):
@@ -94,6 +95,12 @@ def test_refine_outputs_reuse_reselect_and_resume(overrides, tmp_path):
     assert after["shard-00001.json"] != before["teacher"]["shard-00001.json"]
     assert ((out / "scores.npz").read_bytes(), (out / "logits" / "shard-00000.bin").read_bytes(),
             (out / "teacher" / "logits_rs" / "shard-00001.bin").read_bytes()) == snapshot
+
+    # A teacher with another tokenizer (e.g. paths=gemma without name=gemma) never overwrites this output.
+    other = save_tiny_llama(train_tiny_tokenizer(tmp_path / "tok2", vocab_size=300, seed=5), tmp_path / "other", 0)
+    with pytest.raises(InputError, match="another tokenizer; choose another name"):
+        refine(_cfg(overrides + [f"teacher.path={other}", f"reference.path={other}"]))
+    assert (out / "scores.npz").read_bytes() == snapshot[0]
 
 
 @pytest.mark.parametrize("extra, match", [

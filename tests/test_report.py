@@ -51,16 +51,29 @@ def test_report_without_runs_is_one_line(tmp_path):
         build([tmp_path / "nope"], "x", tmp_path / "reports")
 
 
-def test_sweep_folders_group_by_overrides_except_seed(tmp_path):
+def test_sweep_runs_group_by_their_overrides_except_seed(tmp_path):
     runs = tmp_path / "sweep"
+
+    def launched(name: str, seed: int, overrides: list[str]) -> None:
+        hydra_dir = runs / f"{name}_s{seed}" / ".hydra"
+        hydra_dir.mkdir()
+        (hydra_dir / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (hydra_dir / "hydra.yaml").write_text("hydra:\n  job:\n    config:\n      override_dirname:\n"
+                                              "        exclude_keys: [trainer.max_steps]\n")
+
     for seed, v in ((0, 7.0), (1, 7.2)):
-        _run(runs, "kd_offline", seed, [v], kd="offline")
-        (runs / f"kd_offline_s{seed}").rename(runs / f"+experiment=kd_offline,kd.alpha.peak=0.5,seed={seed}")
-    _run(runs, "kd_offline", 0, [6.9], kd="offline")
-    (runs / "kd_offline_s0").rename(runs / "+experiment=kd_offline,seed=0")
+        _run(runs, f"a{seed}", seed, [v], kd="offline")
+        launched(f"a{seed}", seed, ["+experiment=kd_offline", f"seed={seed}", "kd.alpha.peak=0.5",
+                                    "kd.logits=/x/teacher/logits_k10", "trainer.max_steps=5"])
+    _run(runs, "b", 0, [6.9], kd="offline")
+    launched("b", 0, ["+experiment=kd_offline", "seed=0", "trainer.max_steps=5"])
+    for folder in runs.iterdir():   # every run's run_name is the experiment's
+        cfg = json.loads((folder / "run.json").read_text())
+        cfg["config"]["run_name"] = "kd_offline"
+        (folder / "run.json").write_text(json.dumps(cfg))
     text = build([runs], "sweep", tmp_path / "reports", refined=None).read_text()
     rows = [line.split(" | ")[0].strip("| ") for line in text.splitlines() if line.startswith("| kd")]
-    assert rows == ["kd_offline kd.alpha.peak=0.5", "kd_offline"]
+    assert rows == ["kd_offline kd.alpha.peak=0.5 kd.logits=logits_k10", "kd_offline"]
     assert "7.1000 (7.0000..7.2000)" in text
 
 
