@@ -123,10 +123,7 @@ def _plots(groups: dict[str, list[dict]], tasks: list[str], out_dir: Path, name:
     ax.set_ylabel("held-out val LM loss (nats/token)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    files.append(f"{name}_val_loss.png")
-    fig.savefig(out_dir / files[-1], dpi=110)
-    plt.close(fig)
+    files.append(_save(fig, out_dir / f"{name}_val_loss.png"))
     if tasks:
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks)), 4))
         width = 0.8 / len(groups)
@@ -136,10 +133,7 @@ def _plots(groups: dict[str, list[dict]], tasks: list[str], out_dir: Path, name:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], [t.removeprefix("rd_") for t in tasks])
         ax.set_ylabel("accuracy (acc_norm where defined)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        files.append(f"{name}_benchmarks.png")
-        fig.savefig(out_dir / files[-1], dpi=110)
-        plt.close(fig)
+        files.append(_save(fig, out_dir / f"{name}_benchmarks.png"))
     stores = {g: rs for g, rs in groups.items() if rs[0]["store_bytes_per_token"] is not None}
     if len({rs[0]["store_bytes_per_token"] for rs in stores.values()}) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -150,10 +144,7 @@ def _plots(groups: dict[str, list[dict]], tasks: list[str], out_dir: Path, name:
         ax.set_xlabel("teacher logits store (bytes/token)")
         ax.set_ylabel("student val LM loss (nats/token)")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        files.append(f"{name}_storage_vs_loss.png")
-        fig.savefig(out_dir / files[-1], dpi=110)
-        plt.close(fig)
+        files.append(_save(fig, out_dir / f"{name}_storage_vs_loss.png"))
     if refined is not None:
         files.append(_score_histogram(refined, out_dir, name, plt))
     return files
@@ -177,11 +168,15 @@ def _score_histogram(refined: Path, out_dir: Path, name: str, plt) -> str:
     ax.set_xlabel("difference score: NLL_ref - NLL_teacher (nats/token)")
     ax.set_ylabel("instances")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = f"{name}_scores.png"
-    fig.savefig(out_dir / out, dpi=110)
+    return _save(fig, out_dir / f"{name}_scores.png")
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110, bbox_inches="tight")   # labels and annotations kept inside the image
     plt.close(fig)
-    return out
+    return path.name
 
 
 def build(roots: list[Path], name: str, out_dir: Path, refined: Path | None = None,
