@@ -190,8 +190,11 @@ def build(roots: list[Path], name: str, out_dir: Path, refined: Path | None = No
             + [t.removeprefix("rd_") for t in tasks])
     lines = [f"# Report: {name}", "",
              f"{len(runs)} runs in {len(groups)} groups from {', '.join(str(r) for r in roots)}. Values are the mean "
-             f"over seeds (min..max in brackets when there are several). Val loss: held-out next-token loss on the "
-             f"val split at the end of training; benchmarks: lm-eval accuracy (acc_norm where defined).", "",
+             f"over seeds (min..max in brackets when there are several). Val loss: the trainer's held-out "
+             f"next-token loss (nats/token, its fixed val batches) at the end of training, the last point of the "
+             f"curves; val bits/byte: the whole val split scored by `distill.evaluate`, comparable across "
+             f"tokenizers; KL(T‖S): teacher-to-student KL on val batches (KD runs); benchmarks: lm-eval accuracy "
+             f"(acc_norm where defined) on the items in each run's eval.json.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g, rs in groups.items():
         row = [g, rs[0]["student"], ",".join(str(r["seed"]) for r in rs), f"{rs[0]['tokens']:,}",
