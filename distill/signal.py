@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from refine.hf_scorer import forward_logits
 from refine.logits_store import LogitsStore, truncate_top_p_k
 from refine.sparse_sampling import sample_sparse, seed_for
 
@@ -71,15 +72,18 @@ class OnlineTeacher:
 
         self.top_p, self.top_k = top_p, top_k
         self.rs_samples, self.rs_temperature, self.seed = rs_samples, rs_temperature, seed
+        from refine.tokenizer import bos_prefix, load_tokenizer
+
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
                                                           trust_remote_code=trust_remote_code).to(device).eval()
+        self.bos_id = bos_prefix(load_tokenizer(model_dir, trust_remote_code))   # as the refine scorers
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()  # not inference_mode: the signal enters the student's autograd graph as a constant
     def signal(self, rows: np.ndarray | None, tokens: torch.Tensor) -> TeacherSignal:
         tokens = tokens.to(self.model.device)
-        logp = torch.log_softmax(self.model(input_ids=tokens).logits[:, :-1].float(), dim=-1)
+        logp = torch.log_softmax(forward_logits(self.model, tokens, self.bos_id)[:, :-1].float(), dim=-1)
         if self.rs_samples:
             # Draws depend only on (seed, rows): a resumed run and an offline store of the same rows agree.
             if rows is None:

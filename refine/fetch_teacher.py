@@ -118,7 +118,12 @@ def convert_gguf(gguf_dir: Path, gguf_name: str, out: Path, dtype: torch.dtype, 
 @torch.inference_mode()
 def perplexity(model, tokenizer, texts: list[str], seq_len: int = 512, max_tokens: int = 16_384,
                batch_size: int = 4) -> dict:
-    """Mean next-token NLL over EOS-separated texts packed into windows of ``seq_len`` (fp32 on CPU)."""
+    """Mean next-token NLL over EOS-separated texts packed into windows of ``seq_len`` (fp32 on CPU); each window
+    is preceded by BOS where the tokenizer adds one (``refine.tokenizer.bos_prefix``), as the scorers do."""
+    from refine.hf_scorer import forward_logits
+    from refine.tokenizer import bos_prefix
+
+    bos = bos_prefix(tokenizer)
     stream: list[int] = []
     for t in texts:
         stream += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -129,7 +134,7 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 512, max_token
     total, count, t0 = 0.0, 0, time.perf_counter()
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
-        logits = model(input_ids=batch).logits.float()
+        logits = forward_logits(model, batch, bos).float()
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
                                                 batch[:, 1:].reshape(-1), reduction="sum")
         total += nll.item()

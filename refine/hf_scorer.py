@@ -13,19 +13,29 @@ import torch
 from refine.errors import InputError
 from refine.scoring import Scores
 
+
+def forward_logits(model, batch: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """Next-token logits [B, L, V] of ``batch``'s positions; with ``bos_id`` the model sees BOS first and the
+    BOS position's output is dropped, so position t still predicts token t+1 of the row."""
+    if bos_id is None:
+        return model(input_ids=batch).logits
+    bos = torch.full((batch.shape[0], 1), bos_id, dtype=batch.dtype, device=batch.device)
+    return model(input_ids=torch.cat([bos, batch], dim=1)).logits[:, 1:]
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFScorer:
     def __init__(self, model_dir: str, top_k: int = 0, dtype: str = "float32", batch_size: int = 8,
-                 device: str = "cpu", trust_remote_code: bool = False):
+                 device: str = "cpu", trust_remote_code: bool = False, bos_id: int | None = None):
         from transformers import AutoModelForCausalLM
 
         if not (Path(model_dir) / "config.json").is_file():
             raise InputError(f"not a model folder (no config.json): {model_dir}")
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.top_k, self.batch_size, self.device = top_k, batch_size, torch.device(device)
+        self.top_k, self.batch_size, self.device, self.bos_id = top_k, batch_size, torch.device(device), bos_id
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
         ).to(self.device).eval()
@@ -39,7 +49,7 @@ class HFScorer:
         for i in range(0, len(rows), self.batch_size):
             batch = torch.as_tensor(np.asarray(rows[i:i + self.batch_size], dtype=np.int64), device=self.device)
             # log_softmax in fp32 whatever the model dtype: bf16 log-probs are off by up to ~0.1 nats.
-            logp = torch.log_softmax(self.model(input_ids=batch).logits[:, :-1].float(), dim=-1)
+            logp = torch.log_softmax(forward_logits(self.model, batch, self.bos_id)[:, :-1].float(), dim=-1)
             token_lp.append(logp.gather(-1, batch[:, 1:, None]).squeeze(-1).cpu())
             if self.top_k:
                 top = torch.topk(logp, self.top_k, dim=-1)

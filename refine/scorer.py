@@ -70,7 +70,7 @@ def _model_max_len(model_dir: str) -> int | None:
 class VLLMScorer:
     def __init__(self, model_dir: str, top_k: int = 0, dtype: str = "float32", max_model_len: int | None = None,
                  seed: int = 0, tensor_parallel_size: int = 1, trust_remote_code: bool = False,
-                 max_num_batched_tokens: int | None = None, **engine_kwargs):
+                 max_num_batched_tokens: int | None = None, bos_id: int | None = None, **engine_kwargs):
         """``max_model_len``: longest prompt + 1 (vLLM counts the one generated token); default
         min(model's max_position_embeddings, 2048). ``engine_kwargs`` go to ``vllm.LLM`` (e.g. enforce_eager)."""
         if top_k < 0:
@@ -82,7 +82,7 @@ class VLLMScorer:
         _cpu_defaults()
         from vllm import LLM, SamplingParams
 
-        self.top_k, self.max_model_len = top_k, max_model_len
+        self.top_k, self.max_model_len, self.bos_id = top_k, max_model_len, bos_id
         self.last_timing: dict[str, float] = {}    # seconds of the last score(): engine call vs extraction
         self.llm = LLM(model=str(model_dir), dtype=dtype, max_logprobs=max(top_k, 1), max_model_len=max_model_len,
                        seed=seed, tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=True,
@@ -97,10 +97,12 @@ class VLLMScorer:
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[1] < 2:
             raise InputError(f"rows must be [B, L >= 2] token ids, got shape {rows.shape}")
-        if rows.shape[1] + 1 > self.max_model_len:
-            raise InputError(f"rows of {rows.shape[1]} tokens need max_model_len >= {rows.shape[1] + 1} "
+        need = rows.shape[1] + 1 + (self.bos_id is not None)
+        if need > self.max_model_len:
+            raise InputError(f"rows of {rows.shape[1]} tokens need max_model_len >= {need} "
                              f"(the scorer was started with {self.max_model_len})")
-        prompts = [{"prompt_token_ids": row} for row in rows.astype(np.int64).tolist()]
+        prefix = [] if self.bos_id is None else [self.bos_id]
+        prompts = [{"prompt_token_ids": prefix + row} for row in rows.astype(np.int64).tolist()]
         return self.llm.generate(prompts, self.params, use_tqdm=False)
 
     def score(self, rows: np.ndarray) -> Scores:
@@ -112,13 +114,15 @@ class VLLMScorer:
         width = self.top_k + 1
         lp = np.empty((n, length - 1, width), dtype=np.float32)
         ids = np.empty((n, length - 1, width), dtype=np.int32)
+        skip = (self.bos_id is not None) * width   # with a BOS prefix: its prediction of the row's token 0
         for i, out in enumerate(outs):
             flat = out.prompt_logprobs          # FlatLogprobs; position 0 is empty (no context)
-            if len(flat.logprobs) != (length - 1) * width:
+            if len(flat.logprobs) != (length - 1) * width + skip:
                 raise RuntimeError(f"vLLM returned {len(flat.logprobs)} prompt log-probs for a row of {length} "
-                                   f"tokens, expected {(length - 1) * width} (= (L-1) x (K+1))")
-            lp[i] = np.asarray(flat.logprobs, dtype=np.float32).reshape(length - 1, width)
-            ids[i] = np.asarray(flat.token_ids, dtype=np.int32).reshape(length - 1, width)
+                                   f"tokens, expected {(length - 1) * width + skip} (= (L-1) x (K+1), + K+1 "
+                                   f"with BOS)")
+            lp[i] = np.asarray(flat.logprobs[skip:], dtype=np.float32).reshape(length - 1, width)
+            ids[i] = np.asarray(flat.token_ids[skip:], dtype=np.int32).reshape(length - 1, width)
         if not np.array_equal(ids[:, :, 0], rows[:, 1:]):
             raise RuntimeError("vLLM returned prompt log-probs for other tokens than the ones sent")
         if self.top_k == 0:

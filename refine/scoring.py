@@ -16,6 +16,7 @@ and ``refine.hf_scorer`` (transformers: for tests, odd models and as a cross-che
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -49,13 +50,21 @@ class Scorer(Protocol):
 
 def make_scorer(kind: str, model_dir: str, top_k: int = 0, dtype: str = "float32", **opts) -> Scorer:
     """``kind``: "vllm" (``refine.scorer.VLLMScorer``) or "hf" (``refine.hf_scorer.HFScorer``); the backend is
-    imported here, on demand. ``opts`` go to the backend (vLLM: max_model_len, engine kwargs; HF: batch_size)."""
+    imported here, on demand. ``opts`` go to the backend (vLLM: max_model_len, engine kwargs; HF: batch_size).
+    ``bos_id`` (default: ``refine.tokenizer.bos_prefix`` of the model's tokenizer) is put in front of every row;
+    the scores stay those of the row's own tokens 1..L-1."""
+    if kind not in ("vllm", "hf"):
+        raise InputError(f"unknown scorer {kind!r} (vllm | hf)")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise InputError(f"not a model folder (no config.json): {model_dir}")
+    if "bos_id" not in opts:
+        from refine.tokenizer import bos_prefix, load_tokenizer
+
+        opts["bos_id"] = bos_prefix(load_tokenizer(model_dir, opts.get("trust_remote_code", False)))
     if kind == "vllm":
         from refine.scorer import VLLMScorer
 
         return VLLMScorer(model_dir, top_k=top_k, dtype=dtype, **opts)
-    if kind == "hf":
-        from refine.hf_scorer import HFScorer
+    from refine.hf_scorer import HFScorer
 
-        return HFScorer(model_dir, top_k=top_k, dtype=dtype, **opts)
-    raise InputError(f"unknown scorer {kind!r} (vllm | hf)")
+    return HFScorer(model_dir, top_k=top_k, dtype=dtype, **opts)

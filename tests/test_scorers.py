@@ -90,9 +90,12 @@ try:
     too_long = ""
 except InputError as e:
     too_long = str(e)
+s.bos_id = 3                                                                   # a BOS-prefixed teacher (Gemma)
+outb = s.score(rows)
 s.close()
 s.close()                                                                      # idempotent
-np.savez(sys.argv[4], token=out.token_logprobs, ids=out.topk_ids, lps=out.topk_logprobs, too_long=too_long)
+np.savez(sys.argv[4], token=out.token_logprobs, ids=out.topk_ids, lps=out.topk_logprobs, too_long=too_long,
+         token_bos=outb.token_logprobs, lps_bos=outb.topk_logprobs)
 """
 
 
@@ -123,3 +126,13 @@ def test_vllm_engine_matches_hf_scorer(tiny_model_dir, rows, tmp_path):
     separated = np.abs(np.diff(h_lps, axis=-1, append=-np.inf)) > 1e-5
     separated[..., 1:] &= separated[..., :-1]
     assert (v["ids"] == h_ids)[separated].all() and separated.mean() > 0.9
+
+    # With a BOS id the engine sees [BOS] + row and the row's own positions come back: as the HF scorer, and as
+    # a plain forward over the prefixed rows.
+    hb = make_scorer("hf", str(tiny_model_dir), top_k=K, bos_id=3).score(rows)
+    assert np.abs(v["token_bos"] - hb.token_logprobs).max() < 1e-4
+    assert np.abs(v["lps_bos"] - hb.topk_logprobs).max() < 1e-4
+    prefixed = np.concatenate([np.full((len(rows), 1), 3), rows], axis=1)
+    manual = _manual_logp(tiny_model_dir, prefixed)[:, 1:].gather(-1, torch.as_tensor(rows)[:, 1:, None]).squeeze(-1)
+    assert np.abs(hb.token_logprobs - manual.numpy()).max() < 1e-6
+    assert np.abs(hb.token_logprobs - h.token_logprobs).max() > 1e-3            # the prefix changes the scores

@@ -64,3 +64,19 @@ def test_real_teacher_conversion(name, model_type, vocab, tmp_path):
         assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4)
     ppl = perplexity(model, tok, [AUSTEN], seq_len=ids.shape[1], max_tokens=ids.shape[1])["ppl"]
     assert 5 < ppl < 40, ppl
+
+
+def test_bos_prefix_only_where_the_tokenizer_adds_bos(tiny_tokenizer_dir, tmp_path):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from refine.tokenizer import bos_prefix
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    assert bos_prefix(tok) is None                                   # BOS == EOS: documents separated by EOS only
+    backend = tok.backend_tokenizer
+    backend.add_special_tokens(["<bos>"])
+    bos = backend.token_to_id("<bos>")
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    gemma_like = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<|endoftext|>")
+    assert gemma_like("a")["input_ids"][0] == bos and bos_prefix(gemma_like) == bos
