@@ -10,15 +10,17 @@ Run::
 
 The tasks are the YAMLs in ``conf/eval/tasks/`` (``rd_core`` = all of them), which read the local benchmark
 data; the same folder works with the lm-eval CLI: ``lm_eval --model hf --model_args pretrained=CKPT
---include_path conf/eval/tasks --tasks rd_core``. Results go to ``<CKPT>/eval.json`` (and are printed).
-The val loss is the trainer's (``distill.train.evaluate``: token-weighted next-token cross entropy over
-packed ``seq_len`` rows of the val split), so it is comparable with the runs' ``metrics.jsonl``.
+--include_path conf/eval/tasks --tasks rd_core``. Results are merged into ``<CKPT>/eval.json`` (and printed):
+``--tasks ''`` redoes only the val numbers and keeps the benchmark results already there. The val loss is the
+trainer's measure (token-weighted next-token cross entropy over packed ``seq_len`` rows) over the *whole* val
+split, also per corpus source and in bits per byte.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import time
 from pathlib import Path
@@ -33,22 +35,42 @@ TASKS_DIR = REPO / "conf" / "eval" / "tasks"
 
 
 def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 4, max_batches: int = 0) -> dict:
-    """Held-out LM loss of ``model`` on the corpus or packed instances at ``val`` (all rows unless capped).
+    """Held-out LM loss of ``model`` on the corpus or packed instances at ``val`` (all rows unless capped),
+    overall and per corpus source (e.g. wiki / austen: a row counts for its documents' source, "mixed" if it
+    spans two), which shows what a data selection traded away.
 
     Also bits per byte: the summed loss over the UTF-8 bytes of the predicted tokens' text (special tokens,
     i.e. document separators, count no bytes), which compares students with different tokenizers.
     """
     from distill.data import open_instances, val_batches
-    from distill.train import evaluate
+    from distill.losses import lm_loss
+    from refine.report import source_of
 
     inst = open_instances(val, tokenizer, seq_len, cache_dir(), quiet=True)
     batches = val_batches(inst, batch_size, max_batches or len(inst))
-    loss = evaluate(model, batches, next(model.parameters()).device, None)
-    tokens = sum(b[:, 1:].numel() for b in batches)
-    n_bytes = sum(len(tokenizer.decode(row[1:].tolist(), skip_special_tokens=True).encode("utf-8"))
-                  for b in batches for row in b)
-    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": tokens,
-            "val_bpb": loss * tokens / math.log(2) / max(n_bytes, 1)}
+    device = next(model.parameters()).device
+    doc_source = {d["id"]: d.get("source", "?") for d in inst.docs} if "subset_of" not in inst.index else {}
+    sums: dict[str, list[float]] = {}     # source -> [nats, tokens, bytes]
+    row = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch.to(device)).logits
+            for b in range(len(batch)):
+                nats = lm_loss(logits[b:b + 1], batch[b:b + 1].to(device)).item() * (batch.shape[1] - 1)
+                n_bytes = len(tokenizer.decode(batch[b, 1:].tolist(), skip_special_tokens=True).encode("utf-8"))
+                acc = sums.setdefault(source_of(inst, row, doc_source) if doc_source else "all", [0.0, 0, 0])
+                acc[0] += nats
+                acc[1] += batch.shape[1] - 1
+                acc[2] += n_bytes
+                row += 1
+    model.train(was_training)
+    nats, tokens, n_bytes = (sum(v[i] for v in sums.values()) for i in range(3))
+    return {"val_loss": nats / tokens, "val_ppl": math.exp(nats / tokens), "val_tokens": tokens,
+            "val_bpb": nats / math.log(2) / max(n_bytes, 1),
+            "val_by_source": {k: {"loss": v[0] / v[1], "bpb": v[0] / math.log(2) / max(v[2], 1), "tokens": v[1]}
+                              for k, v in sorted(sums.items())}}
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,
@@ -111,8 +133,14 @@ def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], limit: int | None = 
 
     report["lm_eval"] = lm_eval.__version__
     report["seconds"] = time.perf_counter() - t0
-    write_json_atomic(path / "eval.json", report)
-    return report
+    # Merge with what an earlier evaluation wrote (e.g. the tasks of the run's own eval when only the val loss
+    # is redone), so nothing measured is lost; what was measured now wins.
+    old = json.loads((path / "eval.json").read_text()) if (path / "eval.json").is_file() else {}
+    merged = {**old, **report, "tasks": {**old.get("tasks", {}), **report.get("tasks", {})}}
+    if not merged["tasks"]:
+        del merged["tasks"]
+    write_json_atomic(path / "eval.json", merged)
+    return merged
 
 
 @exit_on_input_error

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -83,7 +84,9 @@ def read_run(folder: Path) -> dict:
     ev = json.loads((ckpt / "eval.json").read_text()) if (ckpt / "eval.json").is_file() else {}
     return {"folder": str(folder), "name": cfg["run_name"], "label": _label(folder, cfg["run_name"]),
             "seed": cfg["seed"], "tokens": summary["tokens"], "val_loss": summary["val_loss"],
-            "val_bpb": ev.get("val_bpb"), "kl_teacher": val[-1].get("kl_teacher") if val else None,
+            "val_bpb": ev.get("val_bpb"),
+            "val_bpb_by_source": {k: v["bpb"] for k, v in ev.get("val_by_source", {}).items()},
+            "kl_teacher": val[-1].get("kl_teacher") if val else None,
             "curve": [(r["tokens"], r["loss"]) for r in val], "kd": cfg["kd"]["signal"],
             "store_bytes_per_token": _store_bytes(cfg["kd"]), "student": cfg.get("model", {}).get("name", "?"),
             "train": cfg["data"]["train"], "params": run.get("parameters"),
@@ -146,29 +149,17 @@ def _plots(groups: dict[str, list[dict]], tasks: list[str], out_dir: Path, name:
         ax.grid(alpha=0.3)
         files.append(_save(fig, out_dir / f"{name}_storage_vs_loss.png"))
     if refined is not None:
-        files.append(_score_histogram(refined, out_dir, name, plt))
+        files.append(_score_histogram(refined, out_dir, name))
     return files
 
 
-def _score_histogram(refined: Path, out_dir: Path, name: str, plt) -> str:
-    """Difference scores (NLL_ref - NLL_teacher) of the scored instances, kept vs dropped by the selection."""
-    import numpy as np
-
-    path = refined / "scores.npz"
-    if not path.is_file():
-        raise InputError(f"no refine scores at {path} (run `make refine`)")
-    with np.load(path, allow_pickle=False) as z:
-        score, kept = z["score"], z["kept"]
-    mask = np.zeros(len(score), dtype=bool)
-    mask[kept] = True
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = np.linspace(score.min(), score.max(), 40)
-    ax.hist(score[mask], bins, alpha=0.7, label=f"kept ({mask.sum():,})")
-    ax.hist(score[~mask], bins, alpha=0.7, label=f"dropped ({(~mask).sum():,})")
-    ax.set_xlabel("difference score: NLL_ref - NLL_teacher (nats/token)")
-    ax.set_ylabel("instances")
-    ax.legend(fontsize=8)
-    return _save(fig, out_dir / f"{name}_scores.png")
+def _score_histogram(refined: Path, out_dir: Path, name: str) -> str:
+    """The refine stage's own difference-score histogram (kept vs dropped), copied beside the report."""
+    src = refined / "score_hist.png"
+    if not src.is_file():
+        raise InputError(f"no score histogram at {src} (run `make refine`)")
+    shutil.copyfile(src, out_dir / f"{name}_scores.png")
+    return f"{name}_scores.png"
 
 
 def _save(fig, path: Path) -> str:
@@ -186,20 +177,24 @@ def build(roots: list[Path], name: str, out_dir: Path, refined: Path | None = No
     tasks = sorted({t for r in runs for t in r["tasks"]})
     out_dir.mkdir(parents=True, exist_ok=True)
     files = _plots(groups, tasks, out_dir, name, refined)
-    head = (["run", "student", "seeds", "tokens", "data", "KD", "val loss", "val bits/byte", "KL(T‖S)"]
-            + [t.removeprefix("rd_") for t in tasks])
+    sources = sorted({k for r in runs for k in r["val_bpb_by_source"]} - {"all", "mixed"})
+    head = (["run", "student", "seeds", "tokens", "data", "KD", "val loss", "val bits/byte"]
+            + [f"{s} bits/byte" for s in sources] + ["KL(T‖S)"] + [t.removeprefix("rd_") for t in tasks])
     lines = [f"# Report: {name}", "",
              f"{len(runs)} runs in {len(groups)} groups from {', '.join(str(r) for r in roots)}. Values are the mean "
              f"over seeds (min..max in brackets when there are several). Val loss: the trainer's held-out "
              f"next-token loss (nats/token, its fixed val batches) at the end of training, the last point of the "
              f"curves; val bits/byte: the whole val split scored by `distill.evaluate`, comparable across "
-             f"tokenizers; KL(T‖S): teacher-to-student KL on val batches (KD runs); benchmarks: lm-eval accuracy "
-             f"(acc_norm where defined) on the items in each run's eval.json.", "",
+             f"tokenizers, overall and per corpus source; KL(T‖S): teacher-to-student KL on val batches (KD "
+             f"runs); benchmarks: lm-eval accuracy (acc_norm where defined) on the items in each run's eval.json.",
+             "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g, rs in groups.items():
         row = [g, rs[0]["student"], ",".join(str(r["seed"]) for r in rs), f"{rs[0]['tokens']:,}",
                Path(rs[0]["train"]).name, rs[0]["kd"], _fmt([r["val_loss"] for r in rs]),
-               _fmt([r["val_bpb"] for r in rs]), _fmt([r["kl_teacher"] for r in rs], 3)]
+               _fmt([r["val_bpb"] for r in rs])]
+        row += [_fmt([r["val_bpb_by_source"].get(src) for r in rs]) for src in sources]
+        row += [_fmt([r["kl_teacher"] for r in rs], 3)]
         row += [_fmt([r["tasks"].get(t) for r in rs], 3) for t in tasks]
         lines.append("| " + " | ".join(row) + " |")
     if notes is not None:

@@ -11,7 +11,8 @@ from refine.instances import Instances
 from refine.logits_store import LogitsStore
 
 
-def _source_of(inst: Instances, i: int, doc_source: dict[str, str]) -> str:
+def source_of(inst: Instances, i: int, doc_source: dict[str, str]) -> str:
+    """The corpus source of instance ``i``'s documents, or "mixed"."""
     sources = {doc_source.get(d, "?") for d in inst.doc_ids(i)}
     return sources.pop() if len(sources) == 1 else "mixed"
 
@@ -46,7 +47,7 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
     per_source: dict[str, Counter] = {}
     kept_set = set(kept.tolist())
     for i in range(len(inst)):
-        c = per_source.setdefault(_source_of(inst, i, doc_source), Counter())
+        c = per_source.setdefault(source_of(inst, i, doc_source), Counter())
         c["total"] += 1
         c["kept"] += i in kept_set
     _histogram(scores, kept, out / "score_hist.png")

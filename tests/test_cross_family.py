@@ -90,6 +90,10 @@ def test_cross_family_run_on_text_with_another_tokenizer_is_evaluated(gpt2_style
     assert ev["tasks"]["rd_piqa"]["samples"] == 20 and 0 <= ev["tasks"]["rd_piqa"]["acc"] <= 1
     # The full val split (all rows), not the trainer's capped batches; bits/byte from the same summed loss.
     assert ev["val_tokens"] >= 2 * 4 * 63 and 0 < ev["val_bpb"] < ev["val_loss"] / math.log(2)
+    by_source = ev["val_by_source"]                                 # the tiny val split has one source, "val"
+    assert list(by_source) == ["val"] and by_source["val"]["tokens"] == ev["val_tokens"]
+    assert by_source["val"]["loss"] == pytest.approx(ev["val_loss"])
+    assert by_source["val"]["bpb"] == pytest.approx(ev["val_bpb"])
     assert summary["val_loss"] == pytest.approx(ev["val_loss"], rel=0.2)
     text = build([tmp_path / "runs"], "xf", tmp_path / "reports").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| lm_baseline"))
