@@ -91,7 +91,8 @@ sweep: benchmarks ## the papers in miniature: experiments x seeds at equal token
 	  hydra.sweep.dir=runs/sweeps/$(SWEEP) +experiment=$(SWEEP_EXPERIMENTS) seed=$(SWEEP_SEEDS) \
 	  trainer.max_steps=$(SWEEP_STEPS) trainer.threads=$$(( $$(nproc) / $(SWEEP_JOBS) > 0 ? $$(nproc) / $(SWEEP_JOBS) : 1 )) \
 	  trainer.progress=false eval.tasks=[$(SWEEP_TASKS)] eval.limit=$(SWEEP_LIMIT) $(SWEEP_ARGS)
-	$(PY) -m distill.report runs/sweeps/$(SWEEP) --name $(SWEEP) --refined $(CACHE)/refined/default
+	$(PY) -m distill.report runs/sweeps/$(SWEEP) --name $(SWEEP) --refined $(CACHE)/refined/default \
+	  $(if $(wildcard reports/notes/$(SWEEP).md),--notes reports/notes/$(SWEEP).md)
 
 DEMO_STEPS ?= 150
 DEMO_INSTANCES ?= 256
