@@ -25,6 +25,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from refine.errors import InputError, exit_on_input_error
@@ -43,34 +44,33 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
     i.e. document separators, count no bytes), which compares students with different tokenizers.
     """
     from distill.data import open_instances, val_batches
-    from distill.losses import lm_loss
     from refine.report import source_of
 
     inst = open_instances(val, tokenizer, seq_len, cache_dir(), quiet=True)
     batches = val_batches(inst, batch_size, max_batches or len(inst))
     device = next(model.parameters()).device
     doc_source = {d["id"]: d.get("source", "?") for d in inst.docs} if "subset_of" not in inst.index else {}
-    sums: dict[str, list[float]] = {}     # source -> [nats, tokens, bytes]
-    row = 0
+    nats, n_bytes = [], []                       # per row: summed loss, UTF-8 bytes of the predicted text
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            logits = model(input_ids=batch.to(device)).logits
-            for b in range(len(batch)):
-                nats = lm_loss(logits[b:b + 1], batch[b:b + 1].to(device)).item() * (batch.shape[1] - 1)
-                n_bytes = len(tokenizer.decode(batch[b, 1:].tolist(), skip_special_tokens=True).encode("utf-8"))
-                acc = sums.setdefault(source_of(inst, row, doc_source) if doc_source else "all", [0.0, 0, 0])
-                acc[0] += nats
-                acc[1] += batch.shape[1] - 1
-                acc[2] += n_bytes
-                row += 1
+            logits = model(input_ids=batch.to(device)).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:].to(device), reduction="none")
+            nats += nll.sum(1).tolist()
+            n_bytes += [len(tokenizer.decode(row[1:].tolist(), skip_special_tokens=True).encode("utf-8"))
+                        for row in batch]
     model.train(was_training)
-    nats, tokens, n_bytes = (sum(v[i] for v in sums.values()) for i in range(3))
-    return {"val_loss": nats / tokens, "val_ppl": math.exp(nats / tokens), "val_tokens": tokens,
-            "val_bpb": nats / math.log(2) / max(n_bytes, 1),
-            "val_by_source": {k: {"loss": v[0] / v[1], "bpb": v[0] / math.log(2) / max(v[2], 1), "tokens": v[1]}
-                              for k, v in sorted(sums.items())}}
+    nats, n_bytes = np.asarray(nats), np.asarray(n_bytes)
+    sources = np.asarray([source_of(inst, i, doc_source) if doc_source else "all" for i in range(len(nats))])
+
+    def summary(rows: np.ndarray) -> dict:
+        loss, tokens = nats[rows].sum(), (seq_len - 1) * int(rows.sum())
+        return {"loss": loss / tokens, "bpb": loss / math.log(2) / max(int(n_bytes[rows].sum()), 1), "tokens": tokens}
+
+    overall = summary(np.ones(len(nats), dtype=bool))
+    return {"val_loss": overall["loss"], "val_ppl": math.exp(overall["loss"]), "val_tokens": overall["tokens"],
+            "val_bpb": overall["bpb"], "val_by_source": {s: summary(sources == s) for s in sorted(set(sources))}}
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,

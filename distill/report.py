@@ -109,8 +109,7 @@ def _fmt(values: list[float | None], digits: int = 4) -> str:
     return f"{mean(vals):.{digits}f} ({min(vals):.{digits}f}..{max(vals):.{digits}f})"
 
 
-def _plots(groups: dict[str, list[dict]], tasks: list[str], out_dir: Path, name: str,
-           refined: Path | None = None) -> list[str]:
+def _plots(groups: dict[str, list[dict]], tasks: list[str], out_dir: Path, name: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,8 +147,6 @@ def _plots(groups: dict[str, list[dict]], tasks: list[str], out_dir: Path, name:
         ax.set_ylabel("student val LM loss (nats/token)")
         ax.grid(alpha=0.3)
         files.append(_save(fig, out_dir / f"{name}_storage_vs_loss.png"))
-    if refined is not None:
-        files.append(_score_histogram(refined, out_dir, name))
     return files
 
 
@@ -176,7 +173,9 @@ def build(roots: list[Path], name: str, out_dir: Path, refined: Path | None = No
     groups = group(runs)
     tasks = sorted({t for r in runs for t in r["tasks"]})
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = _plots(groups, tasks, out_dir, name, refined)
+    files = _plots(groups, tasks, out_dir, name)
+    if refined is not None:
+        files.append(_score_histogram(refined, out_dir, name))
     sources = sorted({k for r in runs for k in r["val_bpb_by_source"]} - {"all", "mixed"})
     head = (["run", "student", "seeds", "tokens", "data", "KD", "val loss", "val bits/byte"]
             + [f"{s} bits/byte" for s in sources] + ["KL(T‖S)"] + [t.removeprefix("rd_") for t in tasks])

