@@ -1,14 +1,25 @@
-"""Training-step cost: LM-only vs offline KD vs online KD, same student, same batch, side by side.
+"""Training-step cost and memory: LM-only vs offline KD vs online KD, fused loss vs plain, side by side.
 
 Run (needs `make refine`, or pass --refined)::
 
-    python bench/train_bench.py [--refined .cache/refined/default] [--steps 6] [--rounds 2]
+    python bench/train_bench.py [--refined .cache/refined/default] [--steps 6] [--rounds 2] [--vocabs 49152,151552]
 
-Each variant runs in its own process (so peak memory is its own), alternating lm, kd_offline, kd_online for
-``--rounds`` rounds; a variant's step time is the median over its timed steps (after one warm-up step) and
-its peak memory the process's peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA). The step is
-what the trainer does: forward, loss (``distill.kd.Distiller``), backward, AdamW step. Student llama_small
-(49k vocabulary), batch 4 x 256, SmolLM2-135M teacher. Writes ``bench/results/train_cpu.json``.
+A step is what the trainer does: forward, loss, backward, AdamW step, on the same batch of 4 x 256 tokens, for
+the llama_small student (4 layers, width 256). Variants:
+
+* ``lm_plain``   ``model(...).logits`` + ``F.cross_entropy``: the plain transformers step, the reference;
+* ``kd_naive``   the same logits + the reference ``lm_loss`` + ``kd_loss`` (a second log-softmax): the old path;
+* ``lm``         the trainer's LM-only step (``distill.kd.Distiller`` without a teacher: fused loss);
+* ``kd_offline`` the trainer's offline KD step (stored top-0.95-50 logits, fused loss), store read included;
+* ``kd_online``  the trainer's online KD step (live SmolLM2-135M teacher, top-k from its hidden states).
+
+Each variant runs in its own process (peak memory is its own), all alternating for ``--rounds`` rounds; a
+variant's step time is the median of its timed steps (after one warm-up step) and its memory the process's
+peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA), also shown above the RSS before the first step.
+At the 152k vocabulary (the PD paper's GLM-4 size) the student is built with 151,552 ids, and batch tokens and
+stored teacher ids are mapped into it (id -> 3 id), so the KD signal keeps the real store's sizes; there is
+no 152k teacher here, so no online variant. Writes ``bench/results/train_cpu.json`` (``train_cuda.json`` on
+a GPU).
 """
 
 from __future__ import annotations
@@ -26,50 +37,118 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+TEACHER_VOCAB = 49152
 
 
-def run_variant(variant: str, refined: str, steps: int) -> dict:
+def _peak_mb(device) -> float:
     import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Spread:
+    """A teacher whose stored ids are mapped into a larger student vocabulary (id -> 3 id)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def signal(self, rows, tokens):
+        s = self.inner.signal(rows, tokens)
+        s.ids = s.ids * 3
+        return s
+
+
+def run_variant(variant: str, refined: str, steps: int, vocab: int) -> dict:
+    import torch
+    import torch.nn.functional as F
     from hydra import compose, initialize_config_dir
 
     from distill.config import to_config
     from distill.data import BatchStream, open_instances
     from distill.kd import Distiller
-    from distill.models import build_student
-    from distill.train import CONF_DIR, pick_device
+    from distill.losses import kd_loss, lm_loss
+    from distill.models import hf_config
+    from distill.train import CONF_DIR, autocast_dtype, pick_device
     from refine.tokenizer import load_tokenizer, tokenizer_hash
 
-    exp = {"lm": "lm_baseline", "kd_offline": "kd_offline", "kd_online": "kd_online"}[variant]
+    exp = {"lm_plain": "lm_baseline", "lm": "lm_baseline", "kd_naive": "kd_offline", "kd_offline": "kd_offline",
+           "kd_online": "kd_online"}[variant]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = to_config(compose("train", overrides=[f"+experiment={exp}", "run_dir=/tmp/unused",
                                                      f"paths.refined={refined}",
                                                      f"data.train={refined}/instances_scored"]))
     device = pick_device("auto")
+    amp = autocast_dtype("auto", device)
     tok = load_tokenizer(cfg.model.tokenizer)
     train_set = open_instances(cfg.data.train, tok, cfg.data.seq_len, cfg.paths.cache, quiet=True)
-    model = build_student(cfg.model, tok, 0).to(device).train()
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(cfg.model, vocab, tok.bos_token_id, tok.eos_token_id))
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tok), device, 1000)
+    if vocab != TEACHER_VOCAB and distiller.teacher is not None:
+        distiller.teacher = _Spread(distiller.teacher)
     stream = BatchStream(train_set, cfg.data.batch_size, seed=0)
     rows = stream.next_rows()
-    batch = stream.fetch(rows).to(device)
-    times = []
-    for i in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        logits = model(input_ids=batch).logits
-        loss, _ = distiller.loss(logits, batch, rows, 100)
+    batch = stream.fetch(rows).to(device) * (3 if vocab != TEACHER_VOCAB else 1)
+
+    def loss_fn():
+        if variant == "lm_plain":
+            logits = model(input_ids=batch).logits
+            return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), batch[:, 1:].reshape(-1))
+        if variant == "kd_naive":
+            logits = model(input_ids=batch).logits
+            signal = distiller.teacher.signal(rows, batch).to(device)
+            return 0.1 * lm_loss(logits, batch) + 0.9 * kd_loss(logits[:, :-1], signal)
+        return distiller.loss(model, batch, rows, 100)[0]
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, rss_before = [], None
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        return loss.detach()
+
+    for i in range(steps + 1):
+        sync()
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
         if i:                                   # step 0 warms up allocators and kernels
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_s": float(np.median(times)), "peak_mb": peak, "device": str(device)}
+        else:
+            rss_before = _peak_mb(device)       # after AdamW's state exists: what a step adds comes after
+    peak = _peak_mb(device)
+    return {"step_s": float(np.median(times)), "peak_mb": peak, "step_peak_mb": peak - rss_before,
+            "tensor_peak_mb": _tensor_peak_mb(step, device), "loss": float(loss), "device": str(device)}
+
+
+def _tensor_peak_mb(step, device) -> float:
+    """Peak bytes of live tensors during one more step, from the profiler's memory timeline: the CPU analogue of
+    ``torch.cuda.max_memory_allocated``, unlike peak RSS blind to what glibc keeps cached between steps."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)      # deprecated for CUDA, the only CPU timeline
+            prof.export_memory_timeline(f"{tmp}/t.json", device="cpu" if device.type == "cpu" else "cuda:0")
+        _, sizes = json.loads(Path(f"{tmp}/t.json").read_text())
+    return float(np.asarray(sizes).sum(1).max() / 2**20)
 
 
 def main() -> None:
@@ -77,36 +156,57 @@ def main() -> None:
     ap.add_argument("--refined", default=str(REPO / ".cache" / "refined" / "default"))
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--vocabs", default=f"{TEACHER_VOCAB},151552")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, default=TEACHER_VOCAB, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.variant:
-        print(json.dumps(run_variant(a.variant, a.refined, a.steps)))
+        print(json.dumps(run_variant(a.variant, a.refined, a.steps, a.vocab)))
         return
-    results: dict[str, list[dict]] = {"lm": [], "kd_offline": [], "kd_online": []}
+    names = ["lm_plain", "kd_naive", "lm", "kd_offline", "kd_online"]
+    jobs = [(v, int(voc)) for voc in a.vocabs.split(",") for v in names
+            if not (v == "kd_online" and int(voc) != TEACHER_VOCAB)]
+    results: dict[str, list[dict]] = {}
     for _ in range(a.rounds):
-        for v in results:
-            out = subprocess.run([sys.executable, __file__, "--variant", v, "--refined", a.refined, "--steps",
-                                  str(a.steps)], capture_output=True, text=True, cwd=REPO, check=True)
-            results[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for v, voc in jobs:
+            out = subprocess.run([sys.executable, __file__, "--variant", v, "--vocab", str(voc), "--refined",
+                                  a.refined, "--steps", str(a.steps)], capture_output=True, text=True, cwd=REPO)
+            if out.returncode:
+                sys.exit(f"variant {v} (vocab {voc}) failed:\n{out.stderr[-3000:]}")
+            results.setdefault(_key(v, voc), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     res = {}
-    for v, runs in results.items():
-        res[f"{v}_step_s"] = float(np.median([r["step_s"] for r in runs]))
-        res[f"{v}_peak_mb"] = float(max(r["peak_mb"] for r in runs))
-    res["kd_offline_over_lm"] = res["kd_offline_step_s"] / res["lm_step_s"]
-    res["kd_online_over_lm"] = res["kd_online_step_s"] / res["lm_step_s"]
+    for key, runs in results.items():
+        res[f"{key}_step_s"] = float(np.median([r["step_s"] for r in runs]))
+        res[f"{key}_peak_mb"] = float(max(r["peak_mb"] for r in runs))
+        res[f"{key}_step_peak_mb"] = float(max(r["step_peak_mb"] for r in runs))
+    for voc in a.vocabs.split(","):
+        base = _key("lm", int(voc))
+        for v in names:
+            key = _key(v, int(voc))
+            if f"{key}_step_s" in res and v != "lm":
+                res[f"{key}_over_lm"] = res[f"{key}_step_s"] / res[f"{base}_step_s"]
     res["rounds"] = results
     from bench.refine_bench import machine
 
-    res["setup"] = {"student": "llama_small (16M, vocab 49,152)", "batch": "4 x 256", "teacher": "SmolLM2-135M",
-                    "steps_timed": a.steps, "device": results["lm"][0]["device"]}
+    dev = next(iter(results.values()))[0]["device"]
+    res["setup"] = {"student": "llama_small (4 x 256; 16M params at vocab 49,152)", "batch": "4 x 256",
+                    "teacher": "SmolLM2-135M", "store": "top-0.95-50", "steps_timed": a.steps, "device": dev}
     res["machine"] = machine()
-    print(f"{'variant':<12}{'step s':>9}{'x LM':>7}{'peak MB':>10}")
-    for v in results:
-        step, peak = res[f"{v}_step_s"], res[f"{v}_peak_mb"]
-        print(f"{v:<12}{step:>9.3f}{step / res['lm_step_s']:>7.2f}{peak:>10.0f}")
-    out = REPO / "bench" / "results" / "train_cpu.json"
+    print(f"{'variant':<22}{'step s':>9}{'x LM':>7}{'x plain':>9}{'peak MB':>10}{'step MB':>9}")
+    for key in results:
+        voc = key.rsplit("_v", 1)[1] if "_v" in key else str(TEACHER_VOCAB)
+        lm, plain = res[f"{_key('lm', int(voc))}_step_s"], res[f"{_key('lm_plain', int(voc))}_step_s"]
+        step = res[f"{key}_step_s"]
+        print(f"{key:<22}{step:>9.3f}{step / lm:>7.2f}{step / plain:>9.2f}{res[f'{key}_peak_mb']:>10.0f}"
+              f"{res[f'{key}_step_peak_mb']:>9.0f}")
+    out = REPO / "bench" / "results" / ("train_cpu.json" if dev == "cpu" else "train_cuda.json")
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"-> {out}")
+
+
+def _key(variant: str, vocab: int) -> str:
+    """``lm``, ``kd_offline``... at the teacher's vocabulary (the keys earlier results used); ``..._v151552``."""
+    return variant if vocab == TEACHER_VOCAB else f"{variant}_v{vocab}"
 
 
 if __name__ == "__main__":

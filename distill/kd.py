@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from distill.config import KDConfig
+from distill.fused_loss import fused_lm_kd, last_hidden, lm_head_weight
 from distill.losses import adaptive_temperature, kd_loss, lm_loss
 from distill.schedules import alpha_at
 from refine.errors import InputError
@@ -69,20 +70,35 @@ class Distiller:
     def enabled(self) -> bool:
         return self.teacher is not None
 
-    def loss(self, logits: torch.Tensor, batch: torch.Tensor, rows, step: int) -> tuple[torch.Tensor, dict]:
-        lm = lm_loss(logits, batch)
-        if self.teacher is None:
-            return lm, {"lm_loss": lm.item()}
-        cfg = self.cfg
-        signal = self.teacher.signal(rows, batch).to(logits.device)
-        tau = adaptive_temperature(signal, cfg.temperature, cfg.adaptive_beta) if cfg.adaptive_temperature \
-            else torch.tensor(cfg.temperature)
-        kd = kd_loss(logits[:, :-1], signal, cfg.loss, tau, cfg.missing_mass)
-        if cfg.tau_squared:
-            kd = kd * tau.float().pow(2).mean()
-        alpha = alpha_at(step, self.max_steps, cfg.alpha)
-        return (1 - alpha) * lm + alpha * kd, {"lm_loss": lm.item(), "kd_loss": kd.item(), "alpha": alpha,
-                                               "tau": tau.float().mean().item()}
+    def loss(self, model, batch: torch.Tensor, rows, step: int) -> tuple[torch.Tensor, dict]:
+        """The step's loss for ``model`` on ``batch`` (call under the trainer's autocast) and its parts for
+        logging. Through ``distill.fused_loss`` (no [tokens, vocab] tensor) when the model's logits are a plain
+        ``hidden @ W^T``; otherwise through the full logits and the reference losses."""
+        cfg, signal = self.cfg, None
+        alpha, kd_weight, tau = 0.0, 0.0, torch.tensor(1.0)
+        if self.teacher is not None:
+            signal = self.teacher.signal(rows, batch).to(batch.device)
+            tau = adaptive_temperature(signal, cfg.temperature, cfg.adaptive_beta) if cfg.adaptive_temperature \
+                else torch.tensor(cfg.temperature)
+            alpha = alpha_at(step, self.max_steps, cfg.alpha)
+            # tau^2 (Hinton) rescales the KD gradient; it multiplies the KD term like a weight
+            kd_scale = tau.float().pow(2).mean().item() if cfg.tau_squared else 1.0
+            kd_weight = alpha * kd_scale
+        weight = lm_head_weight(model)
+        if weight is not None:
+            hidden = last_hidden(model, batch)[:, :-1]
+            total, lm, kd = fused_lm_kd(hidden, weight, batch[:, 1:], signal, lm_weight=1 - alpha,
+                                        kd_weight=kd_weight, loss=cfg.loss, temperature=tau,
+                                        missing_mass=cfg.missing_mass)
+        else:
+            logits = model(input_ids=batch).logits
+            lm = lm_loss(logits, batch)
+            kd = kd_loss(logits[:, :-1], signal, cfg.loss, tau, cfg.missing_mass) if signal is not None else lm * 0
+            total = (1 - alpha) * lm + kd_weight * kd
+        if signal is None:
+            return total, {"lm_loss": lm.item()}
+        return total, {"lm_loss": lm.item(), "kd_loss": kd.item() * kd_scale, "alpha": alpha,
+                       "tau": tau.float().mean().item()}
 
     @torch.no_grad()
     def val_kl(self, model, batches: list[torch.Tensor], amp) -> float:

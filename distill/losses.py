@@ -35,41 +35,56 @@ def _masked_softmax(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def kd_loss(student_logits: torch.Tensor, signal, loss: str = "kld", temperature: float | torch.Tensor = 1.0,
             missing_mass: str = "renorm") -> torch.Tensor:
-    """Mean per-position KD loss. ``student_logits``: [B, T, V] for the T predicted positions.
+    """Mean per-position KD loss from full student logits ``[B, T, V]`` for the T predicted positions.
 
-    ``temperature``: a float or a [B, T] tensor (adaptive temperature). Losses:
+    The reference path (tests, small batches): it materialises ``log_softmax`` over the vocabulary. The trainer
+    uses ``distill.fused_loss``, which gets the same ``log_q`` at the kept ids chunk by chunk from hidden states.
+    ``temperature``: a float or a [B, T] tensor (adaptive temperature).
+    """
+    tau = _tau_tensor(temperature, student_logits.device)
+    log_q = torch.log_softmax(student_logits.float() / tau, dim=-1).gather(-1, signal.ids)
+    return kd_from_log_q(log_q, signal.logprobs, signal.mask, loss, tau, missing_mass).mean()
+
+
+def _tau_tensor(temperature: float | torch.Tensor, device) -> torch.Tensor:
+    """tau as a float32 tensor that broadcasts against [..., K]: a scalar, or [..., 1] from a per-position tau."""
+    tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature))
+    tau = tau.to(device, torch.float32)
+    return tau[..., None] if tau.dim() >= 1 else tau
+
+
+def kd_from_log_q(log_q: torch.Tensor, t_lp: torch.Tensor, mask: torch.Tensor, loss: str = "kld",
+                  tau: torch.Tensor | float = 1.0, missing_mass: str = "renorm") -> torch.Tensor:
+    """Per-position KD loss [...] from the student's log-probs at the kept ids, ``log_q`` [..., K]
+    (= log_softmax(z / tau) gathered at ``signal.ids``; any value where ``mask`` is False).
+
     kld = KL(p || q) (PD paper's best), nll = soft cross entropy -sum p log q, rkl = KL(q_S || p) with the
     student renormalised over S, mse = squared error between student logits and teacher log-probs at S, each
-    centred over S (logits are shift-invariant; the PD paper's weak baseline).
+    centred over S (logits are shift-invariant, so centred ``tau * log_q`` are the centred logits; the PD
+    paper's weak baseline, tau not applied).
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown KD loss {loss!r} ({' | '.join(LOSSES)})")
-    tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature))
-    tau = tau.to(student_logits.device, torch.float32)
-    tau = tau[..., None] if tau.dim() == 2 else tau
-    mask, t_lp = signal.mask, signal.logprobs.float()
-    z = student_logits.float()
+    t_lp = t_lp.float()
     if loss == "mse":
-        zs = z.gather(-1, signal.ids)
         n = mask.sum(-1, keepdim=True).clamp_min(1)
-        zs_c = zs - (zs.masked_fill(~mask, 0).sum(-1, keepdim=True) / n)
+        zs = (tau * log_q).masked_fill(~mask, 0)
+        zs_c = zs - zs.sum(-1, keepdim=True) / n
         t_c = t_lp.masked_fill(~mask, 0) - (t_lp.masked_fill(~mask, 0).sum(-1, keepdim=True) / n)
-        return ((zs_c - t_c).pow(2).masked_fill(~mask, 0).sum(-1) / n.squeeze(-1)).mean()
-    log_q = torch.log_softmax(z / tau, dim=-1).gather(-1, signal.ids).masked_fill(~mask, 0.0)
+        return (zs_c - t_c).pow(2).masked_fill(~mask, 0).sum(-1) / n.squeeze(-1)
+    log_q = log_q.masked_fill(~mask, 0.0)
     if missing_mass == "renorm":
         p = _masked_softmax(t_lp / tau, mask)
         log_p = torch.log(p.clamp_min(_EPS))
         if loss == "kld":
-            per_pos = (p * (log_p - log_q)).sum(-1)
-        elif loss == "nll":
-            per_pos = -(p * log_q).sum(-1)
-        else:  # rkl over the kept support, student renormalised there
-            q_s = _masked_softmax(log_q, mask)
-            per_pos = (q_s * (torch.log(q_s.clamp_min(_EPS)) - log_p)).masked_fill(~mask, 0).sum(-1)
-        return per_pos.mean()
+            return (p * (log_p - log_q)).sum(-1)
+        if loss == "nll":
+            return -(p * log_q).sum(-1)
+        q_s = _masked_softmax(log_q, mask)          # rkl over the kept support, student renormalised there
+        return (q_s * (torch.log(q_s.clamp_min(_EPS)) - log_p)).masked_fill(~mask, 0).sum(-1)
     if missing_mass != "tail":
         raise ValueError(f"unknown missing_mass policy {missing_mass!r} (renorm | tail)")
-    if not bool((tau == 1).all()):
+    if not bool((torch.as_tensor(tau) == 1).all()):
         raise ValueError("missing_mass=tail needs temperature 1 (the dropped mass is known at tau = 1 only)")
     p = t_lp.exp().masked_fill(~mask, 0.0)
     q = log_q.exp().masked_fill(~mask, 0.0)
@@ -77,12 +92,10 @@ def kd_loss(student_logits: torch.Tensor, signal, loss: str = "kld", temperature
     m_s = (1 - q.sum(-1)).clamp_min(_EPS)
     log_p = t_lp.masked_fill(~mask, 0.0)
     if loss == "kld":
-        per_pos = (p * (log_p - log_q)).sum(-1) + m_t * (m_t.log() - m_s.log())
-    elif loss == "nll":
-        per_pos = -(p * log_q).sum(-1) - m_t * m_s.log()
-    else:
-        per_pos = (q * (log_q - log_p)).sum(-1) + m_s * (m_s.log() - m_t.log())
-    return per_pos.mean()
+        return (p * (log_p - log_q)).sum(-1) + m_t * (m_t.log() - m_s.log())
+    if loss == "nll":
+        return -(p * log_q).sum(-1) - m_t * m_s.log()
+    return (q * (log_q - log_p)).sum(-1) + m_s * (m_s.log() - m_t.log())
 
 
 def adaptive_temperature(signal, base: float, beta: float = 1.0, low: float = 0.5, high: float = 4.0

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distill.fused_loss import lm_head_weight, topk_logprobs
 from refine.hf_scorer import forward_logits
 from refine.logits_store import LogitsStore, truncate_top_p_k
 from refine.sparse_sampling import sample_sparse, seed_for
@@ -83,6 +84,11 @@ class OnlineTeacher:
     @torch.no_grad()  # not inference_mode: the signal enters the student's autograd graph as a constant
     def signal(self, rows: np.ndarray | None, tokens: torch.Tensor) -> TeacherSignal:
         tokens = tokens.to(self.model.device)
+        head = lm_head_weight(self.model)
+        if not self.rs_samples and self.top_k > 0 and head is not None:
+            # The usual case, without the teacher's [tokens, vocab] log-softmax: top-k from hidden states
+            hidden = forward_logits(self.model, tokens, self.bos_id, hidden=True)[:, :-1]
+            return from_sorted_topk(*topk_logprobs(hidden, head, self.top_k), self.top_p, self.top_k)
         logp = torch.log_softmax(forward_logits(self.model, tokens, self.bos_id)[:, :-1].float(), dim=-1)
         if self.rs_samples:
             # Draws depend only on (seed, rows): a resumed run and an offline store of the same rows agree.
@@ -94,7 +100,8 @@ class OnlineTeacher:
                                               with_tail=False)
             mask = torch.arange(self.rs_samples, device=ids.device) < counts[..., None]
             return TeacherSignal(ids, logw, mask)
-        if self.top_k <= 0:                                  # full vocabulary
+        # full vocabulary (top_k = 0), or a head that is not a plain matmul
+        if self.top_k <= 0:
             ids = torch.arange(logp.shape[-1], device=logp.device).expand_as(logp)
             return TeacherSignal(ids.clone(), logp.clone(), torch.ones_like(logp, dtype=torch.bool))
         top = torch.topk(logp, self.top_k, dim=-1)

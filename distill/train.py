@@ -190,8 +190,7 @@ def train(cfg: TrainConfig) -> dict:
             rows = stream.next_rows()
             batch = stream.fetch(rows).to(device)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model(input_ids=batch).logits
-            loss, parts = distiller.loss(logits, batch, rows, step)
+                loss, parts = distiller.loss(model, batch, rows, step)
             (loss / dc.grad_accum).backward()
             loss_sum += loss.item()
             for k, v in parts.items():
