@@ -35,7 +35,7 @@ from refine.config import LogitsConfig, ModelPassConfig, RefineConfig, to_refine
 from refine.errors import InputError, exit_on_input_error
 from refine.hydra_cli import precheck_overrides
 from refine.instances import Instances, write_subset
-from refine.logits_store import LogitsStore, LogitsWriter
+from refine.logits_store import LogitsStore, LogitsWriter, convert
 from refine.manifest import atomic_path, code_version, read_manifest, sha256_file, write_json_atomic, write_manifest
 from refine.pack import corpus_fingerprint, pack
 from refine.paths import resolve_model
@@ -59,7 +59,14 @@ def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, lo
     key = {"model": _model_fingerprint(model), "instances": inst.index["tokens_sha256"], **asdict(logits),
            "dtype": pass_cfg.dtype, "backend": pass_cfg.backend, "shard_size": shard_size}
     key_file = out / "key.json"
-    if key_file.is_file() and json.loads(key_file.read_text()) != key:
+    old = json.loads(key_file.read_text()) if key_file.is_file() else key
+    if old != key and (out / "pass.json").is_file() and {**old, "codec": logits.codec} == key:
+        for name in ("logits", "logits_rs"):  # only the codec changed (or a pre-codec cache): no rescoring
+            if (out / name / "store.json").is_file() and LogitsStore(out / name).header.codec != logits.codec:
+                print(f"converting {out / name} to the {logits.codec} codec (no rescoring)", flush=True)
+                convert(out / name, out / name, logits.codec)
+        write_json_atomic(key_file, key)
+    elif old != key:
         shutil.rmtree(out)                    # another model/config/data: its shards must not be mixed in
     if (out / "pass.json").is_file() and key_file.is_file():
         return json.loads((out / "pass.json").read_text())
@@ -68,7 +75,7 @@ def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, lo
     cmd = [sys.executable, "-m", "refine.score_pass", "--model", str(model), "--instances", str(inst.folder),
            "--out", str(out), "--backend", pass_cfg.backend, "--dtype", pass_cfg.dtype, "--top-k", str(top_k),
            "--top-p", str(top_p), "--candidates", str(logits.candidates), "--rs-samples", str(logits.rs_samples),
-           "--rs-temperature", str(logits.rs_temperature), "--seed", str(logits.seed),
+           "--rs-temperature", str(logits.rs_temperature), "--seed", str(logits.seed), "--codec", logits.codec,
            "--shard-size", str(shard_size), "--batch-rows", str(pass_cfg.batch_rows),
            "--engine-opts", json.dumps(pass_cfg.engine)]
     print(f"scoring {len(inst)} instances with {model} ({pass_cfg.backend}, {pass_cfg.dtype}"

@@ -15,20 +15,31 @@ capture temperature 1, so
 weight of draws that fell outside the candidates the engine returned. Its temperature is fixed at capture.
 
 Layout: a folder with ``store.json`` (format, version, vocab size, tokenizer hash, p, k, capture tau, dtypes,
-positions per instance, shards with sha256) and one binary file per shard::
+positions per instance, codec, shards with sha256) and one binary file per shard, in one of two codecs:
+
+``raw`` (a store.json without ``codec`` is raw: version-1 stores read unchanged), 4 + 1/position bytes per pair::
 
     counts   uint8  [n, L-1]        c_t per position
     offsets  int64  [n + 1]         first pair of each instance (cumulative counts)
     ids      uint16|uint32 [pairs]  token ids
     logprobs float16 [pairs]        full-softmax log-probs
 
-Shards are written atomically; reads are memory-mapped by instance index; a truncated or corrupt shard is
-one clear error.
+``zstd`` (``refine.logits_codec``, the default for new stores): ids exact, ``sqrt(p)`` quantised to 48 levels,
+zstd frames per instance; about 1/3 of raw (146.6 -> ~46 B/token on the SmolLM2 top-0.95-50 store, with
+KL(raw || compact) ~0.004 nats/token; ``bench/logits_store_bench.py``). Its reader returns each position's
+pairs most likely first (ties by id) with float32 log-probs of the quantised values. A copy into another
+compact store (the refine stage's kept subset) keeps every id and level; a value can move inside its level
+(each shard decodes a level to its own mean). ``convert`` changes a store's codec; ``retruncate --codec``
+cuts and converts in one go.
+
+Shards are written atomically; reads are by instance index (memory-mapped raw arrays, or one instance's zstd
+frames); a truncated or corrupt shard is one clear error.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,11 +47,13 @@ import numpy as np
 
 from refine.errors import InputError
 from refine.instances import dtype_for
+from refine.logits_codec import CorruptShard, ShardDecoder, encode_shard
 from refine.manifest import atomic_path, sha256_file, write_json_atomic
 
-FORMAT, VERSION = "rd-logits", 1
-LOGPROB_DTYPE = np.dtype(np.float16)
+FORMAT, VERSION = "rd-logits", 2      # version 2 added ``codec``; version-1 stores are raw and still read
+LOGPROB_DTYPE = np.dtype(np.float16)  # the raw codec's; compact stores decode to float32
 MAX_K = 255  # counts are uint8
+CODECS = ("raw", "zstd")
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class StoreHeader:
     kind: str = "top_p_k"           # top_p_k | sampled (RS-KD, refine.sparse_sampling)
     samples: int = 0                # sampled: draws per position
     sample_temperature: float = 1.0  # sampled: proposal q ∝ p^(1/t)
+    codec: str = "raw"              # raw | zstd (refine.logits_codec)
 
 
 def truncate_top_p_k(topk_logprobs: np.ndarray, top_p: float, top_k: int) -> np.ndarray:
@@ -105,8 +119,12 @@ class LogitsWriter:
             raise InputError(f"logits top_k must be in 1..{MAX_K}, got {header.top_k}")
         if not 0 < header.top_p <= 1:
             raise InputError(f"logits top_p must be in (0, 1], got {header.top_p}")
+        if header.codec not in CODECS:
+            raise InputError(f"unknown logits codec {header.codec!r} ({' | '.join(CODECS)})")
         self.folder = Path(folder)
-        self.header = StoreHeader(**{**asdict(header), "id_dtype": dtype_for(header.vocab_size).name})
+        lp_dtype = LOGPROB_DTYPE.name if header.codec == "raw" else "float32"     # what the reader returns
+        self.header = StoreHeader(**{**asdict(header), "id_dtype": dtype_for(header.vocab_size).name,
+                                     "logprob_dtype": lp_dtype, "version": VERSION})
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def shard_path(self, shard: int) -> Path:
@@ -134,9 +152,12 @@ class LogitsWriter:
         offsets = np.concatenate([[0], np.cumsum(counts.reshape(n, -1).sum(1, dtype=np.int64))]).astype(np.int64)
         path = self.shard_path(shard)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            for arr, dt in ((counts, np.uint8), (offsets, np.int64), (ids, self.header.id_dtype),
-                            (lps, LOGPROB_DTYPE)):
-                f.write(np.ascontiguousarray(arr, dtype=dt).tobytes())
+            if self.header.codec == "zstd":
+                f.write(encode_shard(counts.reshape(n, -1), ids, lps, self.header.vocab_size))
+            else:
+                for arr, dt in ((counts, np.uint8), (offsets, np.int64), (ids, self.header.id_dtype),
+                                (lps, LOGPROB_DTYPE)):
+                    f.write(np.ascontiguousarray(arr, dtype=dt).tobytes())
         return {"file": path.name, "instances": n, "pairs": int(offsets[-1]), "bytes": path.stat().st_size,
                 "sha256": sha256_file(path)}
 
@@ -145,6 +166,14 @@ class LogitsWriter:
                  "count": sum(s["instances"] for s in shards), **(extra or {})}
         write_json_atomic(self.folder / "store.json", index)
         return index
+
+
+@contextmanager
+def _corrupt_is_input_error(path: Path):
+    try:
+        yield
+    except CorruptShard as e:
+        raise InputError(f"{path}: corrupt logits shard ({e})") from None
 
 
 class LogitsStore:
@@ -160,8 +189,9 @@ class LogitsStore:
             self.header = StoreHeader(**index["header"])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise InputError(f"corrupt store.json in {self.folder}") from None
-        if (self.header.format, self.header.version) != (FORMAT, VERSION):
-            raise InputError(f"{self.folder}: unsupported logits format {self.header.format} v{self.header.version}")
+        if self.header.format != FORMAT or self.header.version not in (1, VERSION) or self.header.codec not in CODECS:
+            raise InputError(f"{self.folder}: unsupported logits format {self.header.format} v{self.header.version} "
+                             f"codec {self.header.codec}")
         self.index, self.count = index, int(index["count"])
         self._shards = [self._open(s, verify) for s in index["shards"]]
         self._starts = np.cumsum([0] + [s["instances"] for s in index["shards"]])
@@ -171,11 +201,15 @@ class LogitsStore:
         n, pos = entry["instances"], self.header.positions
         id_dt, lp_dt = np.dtype(self.header.id_dtype), np.dtype(self.header.logprob_dtype)
         sizes = [n * pos, (n + 1) * 8, entry["pairs"] * id_dt.itemsize, entry["pairs"] * lp_dt.itemsize]
+        expected = sum(sizes) if self.header.codec == "raw" else entry["bytes"]
         actual = path.stat().st_size if path.is_file() else -1
-        if actual != sum(sizes):
-            raise InputError(f"{path}: truncated or missing logits shard ({actual} bytes, expected {sum(sizes)})")
+        if actual != expected:
+            raise InputError(f"{path}: truncated or missing logits shard ({actual} bytes, expected {expected})")
         if verify and sha256_file(path) != entry["sha256"]:
             raise InputError(f"{path}: checksum mismatch (corrupt logits shard)")
+        if self.header.codec == "zstd":
+            with _corrupt_is_input_error(path):
+                return ShardDecoder(np.memmap(path, dtype=np.uint8, mode="r"), n, pos, self.header.vocab_size)
         starts = np.cumsum([0] + sizes)
         mm = lambda i, dt, count: np.memmap(path, dtype=dt, mode="r", offset=int(starts[i]), shape=(count,))
         return (mm(0, np.uint8, n * pos).reshape(n, pos), mm(1, np.int64, n + 1), mm(2, id_dt, entry["pairs"]),
@@ -193,8 +227,11 @@ class LogitsStore:
         if not 0 <= i < self.count:
             raise IndexError(i)
         s = int(np.searchsorted(self._starts, i, side="right") - 1)
+        j = int(i - self._starts[s])
+        if self.header.codec == "zstd":
+            with _corrupt_is_input_error(self.folder / self.index["shards"][s]["file"]):
+                return SparseRows(*self._shards[s].decode(j))
         counts, offsets, ids, lps = self._shards[s]
-        j = i - self._starts[s]
         a, b = int(offsets[j]), int(offsets[j + 1])
         return SparseRows(np.asarray(counts[j]), np.asarray(ids[a:b]), np.asarray(lps[a:b]))
 
@@ -232,29 +269,51 @@ class LogitsStore:
         return ids, lps, mask
 
 
-def retruncate(src: str | Path, dst: str | Path, top_p: float, top_k: int, shard_size: int = 256) -> LogitsStore:
+def retruncate(src: str | Path, dst: str | Path, top_p: float, top_k: int, shard_size: int = 256,
+               codec: str | None = None) -> LogitsStore:
     """A smaller top-p-k store from a larger one, without the teacher: the stored pairs are sorted full-softmax
     log-probs, so applying top-p' then top-k' (p' <= p, k' <= k) to them gives exactly what a teacher pass
-    with (p', k') would have stored. Storage-vs-quality sweeps use it."""
+    with (p', k') would have stored (from a compact source: to within its quantisation). Storage-vs-quality
+    sweeps use it. ``codec``: the new store's (default: the source's)."""
     store = LogitsStore(src)
     h = store.header
     if h.kind != "top_p_k":
         raise InputError(f"{src}: a {h.kind} store cannot be re-truncated with top-p-k")
     if top_p > h.top_p or top_k > h.top_k:
         raise InputError(f"{src} holds top-{h.top_p}-{h.top_k}; it cannot give top-{top_p}-{top_k}")
-    writer = LogitsWriter(dst, StoreHeader(**{**asdict(h), "top_p": top_p, "top_k": top_k}))
+    writer = LogitsWriter(dst, StoreHeader(**{**asdict(h), "top_p": top_p, "top_k": top_k,
+                                              "codec": codec or h.codec}))
     shards = []
     for s, start in enumerate(range(0, len(store), shard_size)):
         ids, lps, mask = store.padded(range(start, min(start + shard_size, len(store))))
         # padding has probability 0, so top-p could count it where the stored mass is below p': cap by the mask
         counts = np.minimum(truncate_top_p_k(lps, top_p, top_k), mask.sum(-1))
         shards.append(writer.write_shard(s, ids, lps, counts.astype(np.uint8)))
-    writer.finish(shards, extra={k: v for k, v in store.index.items() if k not in ("header", "shards", "count")})
+    writer.finish(shards, extra=_extra(store))
+    return LogitsStore(dst)
+
+
+def _extra(store: LogitsStore) -> dict:
+    return {k: v for k, v in store.index.items() if k not in ("header", "shards", "count")}
+
+
+def convert(src: str | Path, dst: str | Path, codec: str) -> LogitsStore:
+    """The same store (any kind, same shards) in another codec, e.g. an existing raw store made compact.
+    Written next to ``dst`` and renamed over it, so ``dst`` may be ``src``."""
+    store = LogitsStore(src)
+    with atomic_path(dst) as tmp:
+        writer = LogitsWriter(tmp, StoreHeader(**{**asdict(store.header), "codec": codec}))
+        shards = []
+        for s, start in enumerate(store._starts[:-1]):
+            stop = start + store.index["shards"][s]["instances"]
+            shards.append(writer.write_rows(s, [store[int(i)] for i in range(start, stop)]))
+        writer.finish(shards, extra=_extra(store))
     return LogitsStore(dst)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m refine.logits_store info STORE`` | ``retruncate SRC DST --top-p P --top-k K``."""
+    """``python -m refine.logits_store info STORE`` | ``retruncate SRC DST --top-p P --top-k K [--codec C]``
+    | ``convert SRC DST --codec C``."""
     import argparse
 
     from refine.errors import exit_on_input_error
@@ -268,11 +327,21 @@ def main(argv: list[str] | None = None) -> None:
     rt.add_argument("dst")
     rt.add_argument("--top-p", type=float, required=True)
     rt.add_argument("--top-k", type=int, required=True)
+    rt.add_argument("--codec", choices=CODECS, help="the new store's codec (default: the source's)")
+    cv = sub.add_parser("convert", help="the same store in another codec (e.g. raw -> zstd)")
+    cv.add_argument("src")
+    cv.add_argument("dst")
+    cv.add_argument("--codec", choices=CODECS, required=True)
     a = ap.parse_args(argv)
 
     @exit_on_input_error
     def run() -> None:
-        store = LogitsStore(a.store, verify=True) if a.cmd == "info" else retruncate(a.src, a.dst, a.top_p, a.top_k)
+        if a.cmd == "info":
+            store = LogitsStore(a.store, verify=True)
+        elif a.cmd == "convert":
+            store = convert(a.src, a.dst, a.codec)
+        else:
+            store = retruncate(a.src, a.dst, a.top_p, a.top_k, codec=a.codec)
         print(json.dumps({"folder": str(store.folder), **asdict(store.header), "instances": len(store),
                           **store.stats()}, indent=1))
 

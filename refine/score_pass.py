@@ -3,7 +3,7 @@
 Run by ``python -m refine`` in its own process per model (vLLM is faster without transformers beside it, and
 each engine's memory goes back to the OS when the pass ends)::
 
-    python -m refine.score_pass --model DIR --instances DIR --out DIR [--top-k 50 --top-p 0.95]
+    python -m refine.score_pass --model DIR --instances DIR --out DIR [--top-k 50 --top-p 0.95 --codec zstd]
 
 For each shard of ``--shard-size`` instances it writes ``nll-XXXXX.npy`` (mean per-token NLL per instance) and,
 when ``--top-k > 0``, the top-p-k truncated logits shard of ``refine.logits_store``; then ``shard-XXXXX.json``
@@ -24,7 +24,7 @@ import numpy as np
 
 from refine.errors import InputError, exit_on_input_error
 from refine.instances import Instances
-from refine.logits_store import LogitsWriter, StoreHeader
+from refine.logits_store import CODECS, LogitsWriter, StoreHeader
 from refine.manifest import atomic_path, write_json_atomic
 
 
@@ -36,12 +36,13 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dtype: str = "float32",
              top_k: int = 0, top_p: float = 1.0, shard_size: int = 128, batch_rows: int = 32,
              quiet: bool = False, scorer=None, candidates: int = 0, rs_samples: int = 0,
-             rs_temperature: float = 1.0, seed: int = 0, **engine_opts) -> dict:
+             rs_temperature: float = 1.0, seed: int = 0, codec: str = "zstd", **engine_opts) -> dict:
     """Score every unfinished shard. ``scorer``: an already started one (benchmarks), else one is made here.
 
     The engine returns the top ``max(top_k, candidates)`` per position; the top-p-k store keeps a prefix of
     them, and with ``rs_samples`` > 0 the same candidates (plus their remaining mass) also give an RS-KD
     sampled store in ``logits_rs/`` (draws seeded by ``seed`` and the shard: a rerun writes the same bytes).
+    ``codec``: both stores' (``refine.logits_store``: zstd | raw).
     """
     from refine.scoring import make_scorer
 
@@ -51,7 +52,8 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
     n_shards = (len(inst) + shard_size - 1) // shard_size
     todo = [s for s in range(n_shards) if not (out_dir / f"shard-{s:05d}.json").is_file()]
     writer = rs_writer = None
-    header = StoreHeader(inst.tokenizer.vocab_size, inst.tokenizer.hash, top_p, top_k, inst.seq_len - 1)
+    header = StoreHeader(inst.tokenizer.vocab_size, inst.tokenizer.hash, top_p, top_k, inst.seq_len - 1,
+                         codec=codec)
     if top_k:
         writer = LogitsWriter(out_dir / "logits", header)
     if rs_samples:
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rs-samples", type=int, default=0, help="also write an RS-KD sampled store (draws/position)")
     ap.add_argument("--rs-temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--codec", choices=CODECS, default="zstd", help="logits store codec")
     ap.add_argument("--shard-size", type=int, default=128)
     ap.add_argument("--batch-rows", type=int, default=32)
     ap.add_argument("--engine-opts", default="{}", help="JSON dict passed to the engine (e.g. tensor_parallel_size)")
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"model folder not found: {a.model}")
     summary = run_pass(a.model, a.instances, a.out, a.backend, a.dtype, a.top_k, a.top_p, a.shard_size,
                        a.batch_rows, candidates=a.candidates, rs_samples=a.rs_samples,
-                       rs_temperature=a.rs_temperature, seed=a.seed, **json.loads(a.engine_opts))
+                       rs_temperature=a.rs_temperature, seed=a.seed, codec=a.codec, **json.loads(a.engine_opts))
     print(json.dumps(summary))
 
 

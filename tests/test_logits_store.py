@@ -103,3 +103,137 @@ def test_positions_without_pairs_have_zero_mass_and_no_target(tmp_path):
     assert np.allclose(rows.kept_mass(), [0.75, 0.0, 0.9])
     dense = rows.dense(V)
     assert np.allclose(dense.sum(-1), [1.0, 0.0, 1.0]) and dense[0, 3] == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------------------------------------- the zstd codec
+
+def _compact(tmp_path, ids, lps, top_p, top_k, shard_sizes, name="z", kind="top_p_k", counts=None):
+    h = StoreHeader(V, "tokhash", top_p, top_k, L - 1, kind=kind, codec="zstd")
+    w = LogitsWriter(tmp_path / name, h)
+    shards, start = [], 0
+    for i, size in enumerate(shard_sizes):
+        part = None if counts is None else counts[start:start + size]
+        shards.append(w.write_shard(i, ids[start:start + size], lps[start:start + size], part))
+        start += size
+    w.finish(shards)
+    return LogitsStore(tmp_path / name, verify=True)
+
+
+def _assert_same_pairs(rows, ids, lps, counts, scale=1.0):
+    """Same counts and id sets; most likely first (ties by id); sqrt(p) within the codec's bound."""
+    from refine.logits_codec import CodecParams
+
+    levels = CodecParams().levels
+    assert rows.counts.tolist() == counts.tolist()
+    pos = np.repeat(np.arange(len(counts)), counts)
+    assert sorted(zip(pos.tolist(), rows.ids.tolist())) == sorted(zip(pos.tolist(), ids.tolist()))
+    got = dict(zip(zip(pos.tolist(), rows.ids.tolist()), np.exp(rows.logprobs.astype(np.float64))))
+    want = dict(zip(zip(pos.tolist(), ids.tolist()), np.exp(lps.astype(np.float64))))
+    err = max(abs(np.sqrt(got[key] / scale) - np.sqrt(want[key] / scale)) for key in want) if want else 0
+    assert err <= 1.5 / levels + 1e-6            # both in one level; level 1 spans [0, 1.5 / levels)
+    key = np.lexsort((rows.ids, -rows.logprobs, pos))
+    assert np.array_equal(key, np.arange(len(pos)))
+
+
+def test_compact_round_trip_random_access_and_padded(tmp_path):
+    ids, lps, _ = _candidates(9, 20, seed=3)
+    store = _compact(tmp_path, ids, lps, 0.95, 20, [4, 5])
+    raw = _store(tmp_path, ids, lps, 0.95, 20, [4, 5])
+    assert store.header.codec == "zstd" and raw.header.codec == "raw" and len(store) == 9
+    sequential = [store[i] for i in range(9)]
+    for i in (7, 0, 4, 8, 3):                                      # random access == sequential
+        assert np.array_equal(store[i].ids, sequential[i].ids)
+        assert np.array_equal(store[i].logprobs, sequential[i].logprobs)
+    for i in range(9):
+        _assert_same_pairs(sequential[i], raw[i].ids, raw[i].logprobs, raw[i].counts)
+    pid, plp, mask = store.padded([8, 2])
+    assert mask.sum() == sequential[8].counts.sum() + sequential[2].counts.sum()
+    assert np.array_equal(pid[0][mask[0]], sequential[8].ids)
+    assert np.allclose(store[1].kept_mass(), raw[1].kept_mass(), atol=0.05)
+
+
+def test_compact_sampled_store_keeps_weights_above_one_and_empty_positions(tmp_path):
+    """RS-KD weights exceed 1 at a sampling temperature != 1: the shard scales them (no clipping)."""
+    rng = np.random.default_rng(0)
+    n, k = 3, 6
+    counts = rng.integers(0, k + 1, (n, L - 1)).astype(np.uint8)
+    counts[0, 0] = 0
+    ids = np.stack([np.stack([rng.permutation(V)[:k] for _ in range(L - 1)]) for _ in range(n)])
+    lps = np.log(rng.uniform(0.01, 2.5, (n, L - 1, k))).astype(np.float32)
+    store = _compact(tmp_path, ids, lps, 1.0, k, [n], kind="sampled", counts=counts)
+    keep = np.arange(k) < counts[..., None]
+    scale = float(np.exp(lps[keep].astype(np.float64)).max())
+    assert scale > 1
+    for i in range(n):
+        _assert_same_pairs(store[i], ids[i][keep[i]], lps[i][keep[i]], counts[i], scale)
+    assert store[0].kept_mass()[0] == 0
+
+
+def test_compact_large_vocabulary(tmp_path):
+    """uint32 ids (vocabularies above 65,536, e.g. Gemma's 262k)."""
+    from refine.logits_codec import ShardDecoder, encode_shard
+
+    rng = np.random.default_rng(1)
+    counts = rng.integers(1, 5, (2, L - 1))
+    ids = rng.choice(300_000, counts.sum(), replace=False)
+    lps = np.log(rng.uniform(0.001, 0.3, counts.sum()))
+    dec = ShardDecoder(encode_shard(counts, ids, lps, 300_000), 2, L - 1, 300_000)
+    got = np.concatenate([dec.decode(i)[1] for i in range(2)])
+    assert sorted(got.tolist()) == sorted(ids.tolist())
+
+
+def test_compact_damage_is_one_clear_error_never_wrong_values(tmp_path):
+    ids, lps, _ = _candidates(2, 6, seed=4)
+    good = [(r.counts.copy(), r.ids.copy(), r.logprobs.copy()) for r in _compact(tmp_path, ids, lps, 0.9, 6, [2])]
+    shard = tmp_path / "z" / "shard-00000.bin"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-3])
+    with pytest.raises(InputError, match="truncated or missing logits shard"):
+        LogitsStore(tmp_path / "z")
+    # Every single flipped byte: an InputError (at open or on read) or, where zstd ignores the byte, the same values.
+    for at in range(len(data)):
+        flipped = bytearray(data)
+        flipped[at] ^= 0x21
+        shard.write_bytes(bytes(flipped))
+        try:
+            store = LogitsStore(tmp_path / "z")
+            rows = [store[i] for i in range(2)]
+        except InputError as e:
+            assert "corrupt logits shard" in str(e) and "\n" not in str(e)
+            continue
+        for r, (c, i, lp) in zip(rows, good):
+            assert np.array_equal(r.counts, c) and np.array_equal(r.ids, i) and np.array_equal(r.logprobs, lp), at
+
+
+def test_old_raw_stores_read_and_convert_to_compact(tmp_path):
+    import json
+
+    from refine.logits_store import convert, retruncate
+
+    ids, lps, _ = _candidates(5, 12, seed=5)
+    raw = _store(tmp_path, ids, lps, 0.95, 12, [2, 3])
+    meta = json.loads((tmp_path / "s" / "store.json").read_text())
+    del meta["header"]["codec"]                                     # a version-1 store.json, before codecs
+    meta["header"]["version"] = 1
+    (tmp_path / "s" / "store.json").write_text(json.dumps(meta))
+    old = LogitsStore(tmp_path / "s", verify=True)
+    assert old.header.codec == "raw" and np.array_equal(old[3].logprobs, raw[3].logprobs)
+
+    small = retruncate(tmp_path / "s", tmp_path / "cut", 0.9, 8, shard_size=2, codec="zstd")
+    small_raw = retruncate(tmp_path / "s", tmp_path / "cut_raw", 0.9, 8)           # the source's codec
+    assert small.header.codec == "zstd" and small_raw.header.codec == "raw" and small.header.top_k == 8
+    for i in range(5):
+        _assert_same_pairs(small[i], small_raw[i].ids, small_raw[i].logprobs, small_raw[i].counts)
+
+    compact = convert(tmp_path / "s", tmp_path / "c", "zstd")
+    assert [s["instances"] for s in compact.index["shards"]] == [2, 3]
+    back = convert(tmp_path / "c", tmp_path / "c", "raw")               # in place, back to raw
+    assert back.header.codec == "raw" and back.header.logprob_dtype == "float16"
+    for i in range(5):
+        _assert_same_pairs(back[i], raw[i].ids, raw[i].logprobs, raw[i].counts)
+    assert compact.bytes_per_token() > 0
+
+
+def test_unknown_codec_is_refused(tmp_path):
+    with pytest.raises(InputError, match="unknown logits codec"):
+        LogitsWriter(tmp_path / "x", StoreHeader(V, "h", 0.9, 4, L - 1, codec="lzma"))

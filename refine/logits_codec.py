@@ -1,0 +1,237 @@
+"""The compact ("zstd") encoding of one logits-store shard: pure encode/decode functions.
+
+``refine.logits_store`` owns the store format and is the only caller. A shard is self-contained (no table
+shared with other shards: shards may be written on different machines), and one instance decodes alone.
+
+Values. ``v = exp(logprob) / scale`` (``scale``: the shard's largest ``v``, at least 1, because RS-KD
+importance weights can exceed 1 at a sampling temperature != 1) is stored as a *level*
+``clip(round(sqrt(v) * L), 1, L)``. Uniform steps in ``sqrt(p)`` make every kept token's share of
+KL(teacher || stored) about ``1 / (6 L^2)`` nats whatever its p (a log-p grid spends its bits on the head);
+a kept id never falls to level 0. A level decodes to the mean ``v`` of that level in the shard (its
+centroid, stored per shard), so the kept mass is unbiased.
+
+Ids. A position's ids are a set out of the vocabulary whose make-up depends on the kind of context (after a
+full stop, inside a word, ...). The writer clusters the shard's positions by their id sets (hard EM on a
+mixture of independent Bernoullis) and stores, per cluster, every id seen in it, ordered by frequency class
+(``floor(log2(count))``, most frequent first) and by id within a class (so a table is cheap: sorted gaps).
+An id's *rank* is its index in its position's cluster table; each position's ranks are sorted and stored
+as gaps (LEB128 varints), its levels in the same order. On the SmolLM2 top-0.95-50 store 16 clusters cut the
+ids from 35 B to 30 B per position, tables included (``bench/logits_store_bench.py``).
+
+Layout (little-endian)::
+
+    b"RDLZ" | u32 index length | index: one zstd frame of
+        u32 [n, positions, vocab, clusters, levels] | f64 scale | f32 centroids [levels + 1]
+        | u32 table sizes [clusters, 32 classes] | u32 frame sizes [n, 4] | varint table gaps
+    | per instance four zstd frames: u8 cluster [positions] | u8 count [positions] | varint gaps | u8 levels
+
+Separate frames (not one frame with four blocks) measured 1 B/position smaller: each gets its own entropy
+tables. Every frame carries zstd's checksum and its sizes are in the checksummed index, so a flipped or
+missing byte is an error on read, never wrong values. Decoding is numpy over whole arrays.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+MAGIC = b"RDLZ"
+MAX_COUNT = 255      # counts are uint8, like the raw layout's
+CLASSES = 32         # frequency classes floor(log2(count)) of a table entry (counts < 2^32)
+STREAMS = 4          # cluster, count, gaps, levels
+
+
+class CorruptShard(ValueError):
+    """The bytes are not a valid compact shard (truncated, flipped, or not this codec)."""
+
+
+@dataclass(frozen=True)
+class CodecParams:
+    clusters: int = 16     # 16 vs 32: better on one shard, worse on another; 1.2 s of EM per 128 instances
+    levels: int = 48       # KL(raw || compact) ~ 0.004 nats/token, 15 B/position of levels on this store
+    zstd_level: int = 15   # as small as 19 here and faster to write; decoding speed does not depend on it
+    em_iterations: int = 10
+
+
+def _varint_encode(values: np.ndarray) -> np.ndarray:
+    """LEB128 bytes of non-negative integers (< 2^35), vectorised."""
+    v = values.astype(np.int64)
+    nbytes = 1 + sum((v >= (1 << (7 * k))).astype(np.int64) for k in range(1, 5))
+    starts = np.cumsum(nbytes) - nbytes
+    out = np.empty(int(nbytes.sum()), dtype=np.uint8)
+    for k in range(5):
+        has = nbytes > k
+        out[starts[has] + k] = ((v[has] >> (7 * k)) & 127) | ((nbytes[has] > k + 1) << 7)
+    return out
+
+
+def _varint_decode(buf: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of ``_varint_encode`` for exactly ``count`` values filling ``buf``."""
+    ends = buf < 128
+    if int(ends.sum()) != count or (len(buf) and not ends[-1]):
+        raise CorruptShard("a varint stream does not hold the stored number of values")
+    group = np.cumsum(ends) - ends                                   # value index of every byte
+    first = np.flatnonzero(np.concatenate([[True], ends[:-1]]))      # first byte of every value
+    shift = np.arange(len(buf)) - first[group]
+    if len(buf) and shift.max() > 4:
+        raise CorruptShard("varint longer than 5 bytes")
+    # float64 sums are exact below 2^53; values are < 2^35
+    return np.bincount(group, weights=(buf & 127) * np.exp2(7.0 * shift), minlength=count).astype(np.int64)
+
+
+def _segments(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For flat items grouped by ``counts``: each item's group and the index of its group's first item."""
+    group = np.repeat(np.arange(len(counts)), counts)
+    return group, np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _cumsum_within(gaps: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Undo per-group gap coding (each group's first value is absolute)."""
+    _, first = _segments(counts)
+    cum = np.cumsum(gaps)
+    return cum - (cum[first] - gaps[first])
+
+
+def _gaps_within(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    _, first = _segments(counts)
+    prev = np.concatenate([[0], values[:-1]])
+    return values - np.where(np.arange(len(values)) == first, 0, prev)
+
+
+def _cluster(pos: np.ndarray, ids: np.ndarray, n_pos: int, vocab: int, k: int, iterations: int) -> np.ndarray:
+    """Hard-EM clusters of positions by their id sets (a mixture of independent Bernoullis per id)."""
+    if k == 1 or n_pos == 0:
+        return np.zeros(n_pos, dtype=np.int64)
+    prior = (np.bincount(ids, minlength=vocab) + 0.5) / (n_pos + 1.0)     # shrink each cluster towards this
+    z = np.random.default_rng(0).integers(0, k, n_pos)                      # seeded: reruns write the same bytes
+    for _ in range(iterations):
+        hits = np.bincount(z[pos] * vocab + ids, minlength=k * vocab).reshape(k, vocab)
+        pi = (hits + prior) / (np.bincount(z, minlength=k)[:, None] + 1.0)
+        log_in, log_out = np.log(pi), np.log1p(-pi)
+        ll = np.stack([np.bincount(pos, weights=(log_in[c] - log_out[c])[ids], minlength=n_pos)
+                       for c in range(k)], axis=1) + log_out.sum(1)
+        z_new = ll.argmax(1)
+        if np.array_equal(z_new, z):
+            break
+        z = z_new
+    return z
+
+
+def encode_shard(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, vocab_size: int,
+                 params: CodecParams = CodecParams()) -> bytes:
+    """``counts`` [n, positions] and the flat pairs (any order within a position) -> the shard's bytes."""
+    n, t = counts.shape
+    flat = counts.reshape(-1).astype(np.int64)
+    if flat.max(initial=0) > MAX_COUNT:
+        raise ValueError(f"at most {MAX_COUNT} pairs per position")
+    ids = ids.astype(np.int64)
+    pos, _ = _segments(flat)
+
+    v = np.exp(logprobs.astype(np.float64))
+    scale = max(1.0, float(v.max(initial=0.0)))
+    v /= scale
+    levels = np.clip(np.rint(np.sqrt(v) * params.levels), 1, params.levels).astype(np.int64)
+    used = np.bincount(levels, minlength=params.levels + 1)
+    centroids = np.where(used > 0, np.bincount(levels, weights=v, minlength=params.levels + 1) / np.maximum(used, 1),
+                         (np.arange(params.levels + 1) / params.levels) ** 2)      # unused levels: the midpoint
+
+    k = params.clusters
+    z = _cluster(pos, ids, len(flat), vocab_size, k, params.em_iterations)
+    hits = np.bincount(z[pos] * vocab_size + ids, minlength=k * vocab_size).reshape(k, vocab_size)
+    cls = np.where(hits > 0, np.floor(np.log2(np.maximum(hits, 1))).astype(np.int64), -1)
+    rank_of = np.zeros((k, vocab_size), dtype=np.int64)
+    tables, sizes = [], np.zeros((k, CLASSES), dtype=np.int64)
+    for c in range(k):
+        seen = np.flatnonzero(hits[c])
+        table = seen[np.argsort(-cls[c, seen], kind="stable")]          # by class, by id within a class
+        rank_of[c, table] = np.arange(len(table))
+        sizes[c] = np.bincount(CLASSES - 1 - cls[c, seen], minlength=CLASSES)
+        tables.append(table)
+
+    ranks = rank_of[z[pos], ids]
+    order = np.lexsort((ranks, pos))
+    gaps = _gaps_within(ranks[order], flat)
+    levels = levels[order]
+
+    cctx = zstandard.ZstdCompressor(level=params.zstd_level, write_checksum=True)
+    frames, frame_sizes, start = [], np.zeros((n, STREAMS), dtype=np.int64), 0
+    for i in range(n):
+        stop = start + int(counts[i].sum())
+        streams = (z[i * t:(i + 1) * t].astype(np.uint8), counts[i].astype(np.uint8),
+                   _varint_encode(gaps[start:stop]), levels[start:stop].astype(np.uint8))
+        for s, stream in enumerate(streams):
+            frames.append(cctx.compress(stream.tobytes()))
+            frame_sizes[i, s] = len(frames[-1])
+        start = stop
+    table_ids = np.concatenate(tables) if tables else np.zeros(0, dtype=np.int64)
+    index = b"".join([
+        np.array([n, t, vocab_size, k, params.levels], dtype="<u4").tobytes(), struct.pack("<d", scale),
+        centroids.astype("<f4").tobytes(), sizes.astype("<u4").tobytes(), frame_sizes.astype("<u4").tobytes(),
+        _varint_encode(_gaps_within(table_ids, sizes.reshape(-1))).tobytes()])
+    index = cctx.compress(index)
+    return b"".join([MAGIC, struct.pack("<I", len(index)), index, *frames])
+
+
+class ShardDecoder:
+    """Reads instances of one compact shard from its bytes (e.g. a memory map); errors are ``CorruptShard``."""
+
+    def __init__(self, buf, n: int, positions: int, vocab_size: int):
+        self.buf = memoryview(buf)
+        self._dctx = zstandard.ZstdDecompressor()
+        if len(self.buf) < 8 or bytes(self.buf[:4]) != MAGIC:
+            raise CorruptShard("not a compact logits shard (bad magic)")
+        (index_len,) = struct.unpack("<I", self.buf[4:8])
+        index = self._decompress(self.buf[8:8 + index_len], "index")
+        if len(index) < 28 or tuple(np.frombuffer(index[:12], dtype="<u4")) != (n, positions, vocab_size):
+            raise CorruptShard(f"index does not describe {n} instances x {positions} positions, vocab {vocab_size}")
+        k, levels = (int(x) for x in np.frombuffer(index[12:20], dtype="<u4"))
+        (self.scale,) = struct.unpack("<d", index[20:28])
+        at, parts = 28, []
+        for count, dt in (((levels + 1), "<f4"), (k * CLASSES, "<u4"), (n * STREAMS, "<u4")):
+            if len(index) < at + 4 * count:
+                raise CorruptShard("index too short")
+            parts.append(np.frombuffer(index[at:at + 4 * count], dtype=dt))
+            at += 4 * count
+        self.centroids = parts[0].astype(np.float64)
+        sizes = parts[1].astype(np.int64)
+        self.table_len = sizes.reshape(k, CLASSES).sum(1)
+        table_ids = _cumsum_within(_varint_decode(np.frombuffer(index[at:], dtype=np.uint8), int(sizes.sum())), sizes)
+        if (table_ids >= vocab_size).any():
+            raise CorruptShard("id table out of range")
+        self.tables, self.table_start = table_ids, np.cumsum(self.table_len) - self.table_len
+        ends = 8 + index_len + np.cumsum(parts[2].astype(np.int64))
+        if (ends[-1] if n else 8 + index_len) != len(self.buf):
+            raise CorruptShard("frame sizes do not add up to the file size")
+        self.frame_ends = ends.reshape(n, STREAMS)
+        self.frame_start = np.concatenate([[8 + index_len], ends[:-1]]).reshape(n, STREAMS)
+        self.clusters, self.levels, self.positions = k, levels, positions
+
+    def _decompress(self, frame, what: str) -> bytes:
+        try:
+            return self._dctx.decompress(frame)
+        except zstandard.ZstdError as e:
+            raise CorruptShard(f"bad zstd frame ({what}): {e}") from None
+
+    def decode(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Instance ``j``: (counts uint8 [positions], ids int64, logprobs float32), most likely first."""
+        z, counts, gaps, levels = (
+            np.frombuffer(self._decompress(self.buf[a:b], f"instance {j}"), dtype=np.uint8)
+            for a, b in zip(self.frame_start[j], self.frame_ends[j]))
+        t, pairs = self.positions, int(counts.sum(dtype=np.int64))
+        z = z.astype(np.int64)
+        if len(z) != t or len(counts) != t or len(levels) != pairs or z.max(initial=0) >= self.clusters:
+            raise CorruptShard(f"instance {j} has inconsistent streams")
+        if pairs and (levels.min() < 1 or levels.max() > self.levels):
+            raise CorruptShard(f"instance {j} has levels out of range")
+        counts64 = counts.astype(np.int64)
+        ranks = _cumsum_within(_varint_decode(gaps, pairs), counts64)
+        cluster = z[_segments(counts64)[0]]
+        if pairs and (ranks >= self.table_len[cluster]).any():
+            raise CorruptShard(f"instance {j} has ranks out of range")
+        ids = self.tables[self.table_start[cluster] + ranks]
+        levels = levels.astype(np.int64)
+        order = np.lexsort((ids, -levels, _segments(counts64)[0]))         # most likely first, ties by id
+        return counts.copy(), ids[order], np.log(self.centroids[levels[order]] * self.scale).astype(np.float32)
