@@ -28,12 +28,18 @@ def ckpt_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: int) -> Path:
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return ckpt_root(run_dir) / f"step_{step:07d}"
+
+
+def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: int,
+         weights: dict | None = None) -> Path:
+    """``weights``: the full state dict when ``model``'s own tensors are shards (FSDP)."""
     root = ckpt_root(run_dir)
-    final = root / f"step_{step:07d}"
+    final = step_dir(run_dir, step)
     with atomic_path(final) as tmp:
         tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE)
     with atomic_path(root / "latest") as tmp:

@@ -115,6 +115,7 @@ class TrainerConfig:
     tensorboard: bool = True
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     precision: str = "auto"                # auto = bf16 autocast on CUDA, fp32 elsewhere | fp32 | bf16
+    parallel: str = "ddp"                  # under torchrun: ddp | fsdp (distill.distributed)
     threads: int = 0                       # torch intra-op threads (0: torch's default); sweeps run jobs side by side
 
 

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from distill import checkpoint
+from distill import checkpoint, distributed
 from distill.config import TrainConfig, to_config
 from distill.data import BatchStream, open_instances, val_batches
 from distill.kd import Distiller
@@ -64,8 +64,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class Metrics:
     """Append-only JSONL (+ tensorboard). On resume, records after the checkpoint's step are dropped."""
 
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, enabled: bool = True):
+        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+        if not enabled:                   # ranks other than 0 under torchrun
+            return
         if self.path.exists():
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
@@ -78,6 +80,8 @@ class Metrics:
             self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -86,6 +90,8 @@ class Metrics:
                     self._tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()
@@ -120,18 +126,31 @@ def _check_resumable(run_dir: Path, resolved: dict) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
+    """One run; under torchrun, one rank of it (``distill.distributed``)."""
+    tc = cfg.trainer
+    d, device = distributed.setup(pick_device(tc.device), tc.parallel, cfg.data.batch_size)
+    try:
+        return _train(cfg, d, device)
+    finally:
+        distributed.shutdown(d)
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tc, dc = cfg.trainer, cfg.data
     check_schedule(cfg.schedule, tc.max_steps)
-    device = pick_device(tc.device)
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     amp = autocast_dtype(tc.precision, device)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    train_set = open_instances(dc.train, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field)
-    val_set = open_instances(dc.val, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field)
+    if not d.main:
+        d.barrier()                       # rank 0 packs a raw corpus into the cache first; the others reuse it
+    train_set = open_instances(dc.train, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.main)
+    val_set = open_instances(dc.val, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.main)
+    if d.main:
+        d.barrier()
     resolved = asdict(cfg)
 
     ckpt = checkpoint.latest(run_dir) if cfg.resume else None
@@ -142,9 +161,13 @@ def train(cfg: TrainConfig) -> dict:
     if ckpt is not None:
         model = checkpoint.load_model(ckpt, model.config)
     model.to(device).train()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tokenizer), device, tc.max_steps, cfg.seed)
+    module = distributed.wrap(distributed.LossModule(model, distiller), d, device)
+    student = distributed.eval_module(module)     # what evaluation calls with input_ids=
 
     # Weight decay on matrices only (not norms): the usual GPT recipe.
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
@@ -153,57 +176,68 @@ def train(cfg: TrainConfig) -> dict:
     step, tokens_seen = 0, 0
     if ckpt is not None:
         state = checkpoint.load_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(module, opt, state["optimizer"], d)
         sched.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
         step, tokens_seen = int(state["step"]), int(state["tokens"])
-        print(f"resuming {run_dir} from {ckpt.name} (step {step})", file=sys.stderr)
+        if d.main:
+            print(f"resuming {run_dir} from {ckpt.name} (step {step})", file=sys.stderr)
 
-    write_json_atomic(run_dir / "run.json", {
-        "config": resolved, "code_version": code_version(), "tokenizer_hash": tokenizer_hash(tokenizer),
-        "train_instances": {"path": str(train_set.folder), "count": len(train_set),
-                            "sha256": train_set.index["tokens_sha256"]},
-        "val_instances": {"path": str(val_set.folder), "count": len(val_set),
-                          "sha256": val_set.index["tokens_sha256"]},
-        "parameters": sum(p.numel() for p in params), "device": str(device),
-        "precision": str(amp or torch.float32), "torch": torch.__version__,
-    })
-    distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tokenizer), device, tc.max_steps, cfg.seed)
-    plot_schedules(run_dir / "schedules.png", cfg, distiller.enabled)
-    metrics = Metrics(run_dir, step, tc.tensorboard)
+    if d.main:
+        write_json_atomic(run_dir / "run.json", {
+            "config": resolved, "code_version": code_version(), "tokenizer_hash": tokenizer_hash(tokenizer),
+            "train_instances": {"path": str(train_set.folder), "count": len(train_set),
+                                "sha256": train_set.index["tokens_sha256"]},
+            "val_instances": {"path": str(val_set.folder), "count": len(val_set),
+                              "sha256": val_set.index["tokens_sha256"]},
+            "parameters": n_params, "device": str(device), "processes": d.world,
+            "parallel": d.mode if d.world > 1 else "none", "precision": str(amp or torch.float32),
+            "torch": torch.__version__,
+        })
+        plot_schedules(run_dir / "schedules.png", cfg, distiller.enabled)
+    metrics = Metrics(run_dir, step, tc.tensorboard, enabled=d.main)
     vbatches = val_batches(val_set, dc.batch_size, tc.eval_batches)
     tokens_per_step = dc.batch_size * dc.grad_accum * dc.seq_len
 
     def save_checkpoint() -> Path:
-        state = {"step": step, "tokens": tokens_seen, "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "data": stream.state_dict(), "rng": checkpoint.rng_state()}
-        return checkpoint.save(run_dir, step, model, tokenizer, state, tc.keep_checkpoints)
+        # FSDP gathers the full weights and optimizer state (collectives on every rank); rank 0 writes
+        weights, opt_state = distributed.model_state(module, d), distributed.optimizer_state(module, opt, d)
+        if d.main:
+            state = {"step": step, "tokens": tokens_seen, "optimizer": opt_state, "scheduler": sched.state_dict(),
+                     "data": stream.state_dict(), "rng": checkpoint.rng_state()}
+            checkpoint.save(run_dir, step, model, tokenizer, state, tc.keep_checkpoints, weights)
+        d.barrier()
+        return checkpoint.step_dir(run_dir, step)
 
     val_loss = float("nan")
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not tc.progress, desc=cfg.run_name, dynamic_ncols=True)
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not (tc.progress and d.main), desc=cfg.run_name,
+               dynamic_ncols=True)
     t_start, last_ckpt = time.perf_counter(), ckpt
     while step < tc.max_steps:
         t0 = time.perf_counter()
         loss_sum, parts_sum = 0.0, {}
         for _ in range(dc.grad_accum):
-            rows = stream.next_rows()
+            rows = d.local_rows(stream.next_rows())
             batch = stream.fetch(rows).to(device)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss, parts = distiller.loss(model, batch, rows, step)
+                loss, parts = module(batch, rows, step)
             (loss / dc.grad_accum).backward()
             loss_sum += loss.item()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / dc.grad_accum
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += tokens_per_step
-        train_loss = loss_sum / dc.grad_accum
+        # each rank's loss is the mean over its equal slice: their mean is the global batch's
+        parts_sum = d.mean({"loss": loss_sum / dc.grad_accum, **parts_sum})
+        train_loss = parts_sum.pop("loss")
         if not math.isfinite(train_loss):
             raise InputError(f"non-finite training loss at step {step}; lower optim.lr or check the data")
         dt = time.perf_counter() - t0
@@ -213,22 +247,25 @@ def train(cfg: TrainConfig) -> dict:
         if step % tc.log_every == 0:
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
         if step % tc.eval_every == 0 or step == tc.max_steps:
-            val_loss = evaluate(model, vbatches, device, amp)
+            val_loss = evaluate(student, vbatches, device, amp)
             record = {"step": step, "split": "val", "loss": val_loss, "tokens": tokens_seen}
             if distiller.enabled and cfg.kd.val_kl_batches > 0:
-                record["kl_teacher"] = distiller.val_kl(model, vbatches[: cfg.kd.val_kl_batches], amp)
+                record["kl_teacher"] = distiller.val_kl(student, vbatches[: cfg.kd.val_kl_batches], amp)
             metrics.log(record)
-            bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})"
-                      + (f", KL(teacher||student) {record['kl_teacher']:.4f}" if "kl_teacher" in record else ""))
+            if d.main:
+                bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})"
+                          + (f", KL(teacher||student) {record['kl_teacher']:.4f}" if "kl_teacher" in record else ""))
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
             last_ckpt = save_checkpoint()
     bar.close()
     metrics.close()
     elapsed = time.perf_counter() - t_start
     if math.isnan(val_loss):  # resumed at the end: nothing trained, still report the final model
-        val_loss = evaluate(model, vbatches, device, amp)
+        val_loss = evaluate(student, vbatches, device, amp)
     summary = {"run_name": cfg.run_name, "steps": step, "tokens": tokens_seen, "val_loss": val_loss,
                "val_ppl": math.exp(val_loss), "checkpoint": str(last_ckpt), "seconds_this_session": elapsed}
+    if not d.main:
+        return summary
     write_json_atomic(run_dir / "summary.json", summary)
     print(f"done: {step} steps, {tokens_seen:,} tokens, val loss {val_loss:.4f}; checkpoint {last_ckpt}")
     if cfg.eval.tasks:

@@ -1,0 +1,161 @@
+"""Training across processes with torchrun: DDP, or FSDP2 for students too big to replicate.
+
+    torchrun --nproc_per_node 2 -m distill.train +experiment=kd_wsd                       # DDP
+    torchrun --nproc_per_node 8 -m distill.train +experiment=kd_wsd model=pd_6_8b trainer.parallel=fsdp
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m distill.train ...  # 2 machines
+
+``data.batch_size`` is the *global* micro-batch. Every rank walks the same seeded ``BatchStream`` and keeps its
+own contiguous slice of each batch's rows, so the data order, the stream position a checkpoint saves, and the
+loss (the mean over the global batch: equal slices, gradients averaged by DDP/FSDP) are those of one process
+with the same batch. A run can therefore resume with another number of processes. Without torchrun
+(``WORLD_SIZE`` unset) nothing here does anything.
+
+The step's loss is computed inside ``LossModule.forward``, the module DDP/FSDP wrap, because the fused loss
+(``distill.fused_loss``) reads the student's hidden states and LM-head weight directly: DDP must see a forward
+to sync gradients, and FSDP must have the (tied) head weight gathered while the loss uses it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from refine.errors import InputError
+
+MODES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    mode: str = "ddp"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def local_rows(self, rows: np.ndarray) -> np.ndarray:
+        """This rank's contiguous share of a global batch's rows."""
+        n = len(rows) // self.world
+        return rows[self.rank * n:(self.rank + 1) * n]
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Means over ranks of per-rank scalars (the logged loss parts of each rank's slice)."""
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: v / self.world for k, v in zip(keys, t.tolist())}
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup(device: torch.device, mode: str, batch_size: int) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group (gloo on CPU, NCCL on CUDA); one CUDA device per local rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), device
+    if mode not in MODES:
+        raise InputError(f"trainer.parallel must be one of {', '.join(MODES)}, got {mode!r}")
+    if batch_size % world:
+        raise InputError(f"data.batch_size {batch_size} (the global micro-batch) must divide by the {world} "
+                         f"processes")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), world, mode), device
+
+
+def shutdown(d: Dist) -> None:
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class LossModule(torch.nn.Module):
+    """The student plus the step's loss. Called with ``input_ids=`` it is the student (evaluation)."""
+
+    def __init__(self, model, distiller):
+        super().__init__()
+        self.model = model
+        self.distiller = distiller          # a plain object: a live teacher's weights are not ours to sync
+
+    def forward(self, batch=None, rows=None, step=None, input_ids=None):
+        if input_ids is not None:
+            return self.model(input_ids=input_ids)
+        return self.distiller.loss(self.model, batch, rows, step)
+
+
+def wrap(module: LossModule, d: Dist, device: torch.device) -> torch.nn.Module:
+    """DDP or FSDP2 around the loss module (itself when single-process). FSDP2 shards each decoder block and
+    the rest (embeddings, final norm, head) as one root group."""
+    if d.world == 1:
+        return module
+    if d.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # broadcast_buffers off: the only buffers are rotary tables, identical on every rank by construction
+        return DDP(module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(module.model.base_model, "layers", None)
+    if layers is None:
+        raise InputError(f"trainer.parallel=fsdp: no decoder layers found in {type(module.model).__name__}")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(module)
+    return module
+
+
+def eval_module(wrapped: torch.nn.Module) -> torch.nn.Module:
+    """What evaluation calls with ``input_ids=``: DDP's inner module (no collectives, every rank evaluates the
+    same batches), the FSDP root itself (its forward gathers the shards; all ranks call it alike)."""
+    return getattr(wrapped, "module", wrapped)
+
+
+def model_state(wrapped: torch.nn.Module, d: Dist) -> dict | None:
+    """The student's full state dict for an HF checkpoint (FSDP: gathered to CPU, a collective; None = the
+    student's own tensors already are full)."""
+    if d.world == 1 or d.mode != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    if wrapped.model.config.tie_word_embeddings:   # gathered copies are no longer shared: keep the source only
+        for key in getattr(wrapped.model, "_tied_weights_keys", None) or ():
+            sd.pop(key, None)
+    return sd
+
+
+def optimizer_state(wrapped: torch.nn.Module, opt, d: Dist) -> dict:
+    if d.world == 1 or d.mode != "fsdp":
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(wrapped: torch.nn.Module, opt, state: dict, d: Dist) -> None:
+    """Load what ``optimizer_state`` saved. Single-process and DDP states (keyed by parameter index) move between
+    any numbers of processes; an FSDP state (keyed by parameter name) resumes under FSDP only."""
+    fsdp = d.world > 1 and d.mode == "fsdp"
+    saved_fsdp = any(isinstance(p, str) for g in state.get("param_groups", []) for p in g["params"])
+    if saved_fsdp != fsdp:
+        raise InputError(f"the checkpoint's optimizer state was saved {'with' if saved_fsdp else 'without'} "
+                         f"trainer.parallel=fsdp; resume it the same way")
+    if not fsdp:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(wrapped, opt, state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,66 @@
+"""torchrun on CPU (gloo): 2 processes train exactly like 1 process with the same global batch, for DDP and FSDP2,
+and a 2-process checkpoint resumes in 1 process (the data position is global)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=3", "optim.lr=3e-3"]
+
+
+def _run(overrides: list[str], run_dir: Path, procs: int = 1) -> dict[str, list[dict]]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
+        if procs > 1 else [sys.executable]
+    cmd = launcher + ["-m", "distill.train", *overrides, f"run_dir={run_dir}"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {split: [r for r in records if r["split"] == split] for split in ("train", "val")}
+
+
+def _assert_same(a: dict, b: dict, keys=("loss", "lm_loss", "grad_norm")) -> None:
+    assert [r["step"] for r in a["train"]] == [r["step"] for r in b["train"]]
+    for ra, rb in zip(a["train"], b["train"]):
+        for k in keys:
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], abs=1e-5, rel=1e-5), (ra["step"], k)
+    for ra, rb in zip(a["val"], b["val"], strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5), ra["step"]
+
+
+def test_two_processes_match_one(tiny_overrides, tmp_path):
+    one = _run(tiny_overrides + STEPS, tmp_path / "one")
+    ddp = _run(tiny_overrides + STEPS, tmp_path / "ddp", procs=2)
+    _assert_same(one, ddp)
+    fsdp = _run(tiny_overrides + STEPS + ["trainer.parallel=fsdp"], tmp_path / "fsdp", procs=2)
+    _assert_same(one, fsdp)
+    run = json.loads((tmp_path / "fsdp" / "run.json").read_text())
+    assert run["processes"] == 2 and run["parallel"] == "fsdp"
+    # FSDP's gathered checkpoint is a plain HF folder with the same weights as the 1-process run's
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "one" / "checkpoints" / "step_0000006" / "model.safetensors")
+    b = load_file(tmp_path / "fsdp" / "checkpoints" / "step_0000006" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_ddp_checkpoint_resumes_in_one_process(tiny_overrides, tmp_path):
+    import shutil
+
+    full = _run(tiny_overrides + STEPS, tmp_path / "full")
+    _run(tiny_overrides + STEPS, tmp_path / "split", procs=2)
+    ckpts = tmp_path / "split" / "checkpoints"
+    shutil.rmtree(ckpts / "step_0000006")                       # as if the 2-process run had stopped at step 3
+    (ckpts / "latest").write_text("step_0000003\n")
+    resumed = _run(tiny_overrides + STEPS, tmp_path / "split")   # same folder, 1 process: steps 4-6 again
+    assert [r["step"] for r in resumed["train"]] == list(range(1, 7))
+    _assert_same(full, resumed)
