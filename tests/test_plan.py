@@ -1,0 +1,35 @@
+"""The paper-scale plan: ids per position re-truncated from a real store, storage and FLOPs arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distill.plan import main, pairs_per_position, plan
+from refine.logits_store import LogitsWriter, StoreHeader
+
+
+def _store(tmp_path):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 15, 100)) * 3
+    lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    order = np.argsort(-lp, -1)[..., :20]
+    writer = LogitsWriter(tmp_path / "s", StoreHeader(100, "h", 0.95, 20, 15))
+    writer.finish([writer.write_shard(0, order, np.take_along_axis(lp, order, -1).astype(np.float32))])
+    return str(tmp_path / "s"), np.take_along_axis(lp, order, -1)
+
+
+def test_plan_figures(tmp_path, capsys):
+    store, sorted_lp = _store(tmp_path)
+    probs = np.exp(sorted_lp)
+    expected = np.clip(((np.cumsum(probs, -1) - probs) < 0.8).sum(-1), 1, 5).mean()
+    pairs, source = pairs_per_position(store, 0.8, 5)
+    assert pairs == pytest.approx(expected, abs=0.02) and "measured" in source
+    assert pairs_per_position(store, 0.99, 5)[0] == 5.0                    # beyond the store: the bound k
+    p = plan(1e9, 200_000, 0.8, 5, teacher_params=1e9, student_params=1e8, gpu_tflops=100, mfu=0.5,
+             store_dir=store)
+    assert p["raw_bytes_per_token"] == pytest.approx(1 + pairs * 6)       # 4-byte ids above 65,536
+    assert p["teacher_gpu_hours_flops"] == pytest.approx(2e18 / 5e13 / 3600)
+    assert p["student_lm_gpu_hours"] == pytest.approx(6e17 / 5e13 / 3600)
+    main(["--tokens", "1e6", "--student-params", "1e7", "--store", store, "--top-p", "0.8", "--top-k", "5"])
+    assert "logits, raw codec" in capsys.readouterr().out
