@@ -28,10 +28,11 @@ class PackConfig:
 @dataclass
 class ModelPassConfig:
     path: str = ""                         # HF folder, or a training run folder (its latest checkpoint)
-    backend: str = "vllm"                  # vllm | hf
+    backend: str = "vllm"                  # vllm | hf | served (running vLLM servers at urls)
     dtype: str = "float32"                 # float32 | bfloat16
     batch_rows: int = 64                   # rows per engine call (vLLM schedules them by tokens)
     engine: dict = field(default_factory=dict)   # extra engine kwargs, e.g. {tensor_parallel_size: 2}
+    urls: list[str] = field(default_factory=list)  # backend served: base URLs, e.g. [http://gpu1:8000]
 
 
 @dataclass

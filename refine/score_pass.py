@@ -4,6 +4,7 @@ Run by ``python -m refine`` in its own process per model (vLLM is faster without
 each engine's memory goes back to the OS when the pass ends)::
 
     python -m refine.score_pass --model DIR --instances DIR --out DIR [--top-k 50 --top-p 0.95 --codec zstd]
+    python -m refine.score_pass --backend served --urls http://host1:8000 http://host2:8000 --model DIR ...
 
 For each shard of ``--shard-size`` instances it writes ``nll-XXXXX.npy`` (mean per-token NLL per instance) and,
 when ``--top-k > 0``, the top-p-k truncated logits shard of ``refine.logits_store``; then ``shard-XXXXX.json``
@@ -134,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--instances", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    ap.add_argument("--backend", choices=["vllm", "hf", "served"], default="vllm")
+    ap.add_argument("--urls", nargs="+", default=[], help="served: base URLs of running vLLM servers")
+    ap.add_argument("--served-model", default=None, help="served: the model name the servers serve (default: "
+                    "their only one)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--top-k", type=int, default=0, help="store top-p-k logits with this k (0: NLL only)")
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -149,9 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if not Path(a.model).is_dir():
         raise InputError(f"model folder not found: {a.model}")
+    engine_opts = json.loads(a.engine_opts)
+    if a.backend == "served":   # --model stays the local folder (config.json + tokenizer)
+        engine_opts = {**engine_opts, **({"urls": a.urls} if a.urls else {}),
+                       **({"served_model": a.served_model} if a.served_model else {})}
     summary = run_pass(a.model, a.instances, a.out, a.backend, a.dtype, a.top_k, a.top_p, a.shard_size,
                        a.batch_rows, candidates=a.candidates, rs_samples=a.rs_samples,
-                       rs_temperature=a.rs_temperature, seed=a.seed, codec=a.codec, **json.loads(a.engine_opts))
+                       rs_temperature=a.rs_temperature, seed=a.seed, codec=a.codec, **engine_opts)
     print(json.dumps(summary))
 
 

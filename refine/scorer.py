@@ -46,15 +46,17 @@ from refine.scoring import Scores
 DEFAULT_MAX_MODEL_LEN = 2048       # packed instances are <= 1024 tokens; a cap keeps the KV cache check cheap
 
 
-def _cpu_defaults() -> None:
+def _cpu_defaults(env=None) -> None:
+    """Set the CPU engine defaults in ``env`` (default ``os.environ``; a copy for a ``vllm serve`` child)."""
+    env = os.environ if env is None else env
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = list(cores)
     contiguous = cores == list(range(cores[0], cores[-1] + 1))
     bind = f"{cores[0]}-{cores[-1]}" if contiguous and len(cores) > 1 else ",".join(map(str, cores))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def _model_max_len(model_dir: str) -> int | None:
@@ -77,6 +79,10 @@ class VLLMScorer:
             raise InputError(f"top_k must be >= 0, got {top_k}")
         if not (Path(model_dir) / "config.json").is_file():
             raise InputError(f"not a model folder (no config.json): {model_dir}")
+        if int(engine_kwargs.get("data_parallel_size", 1)) > 1:
+            raise InputError("the in-process vLLM engine has no data parallelism (vLLM refuses data_parallel_size > 1 "
+                             "there): start servers (vllm serve --data-parallel-size N, or N of them) and use the "
+                             "served backend (teacher.backend=served teacher.urls=[...])")
         if max_model_len is None:
             max_model_len = min(_model_max_len(model_dir) or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
         _cpu_defaults()
