@@ -116,6 +116,8 @@ class TrainerConfig:
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     precision: str = "auto"                # auto = bf16 autocast on CUDA, fp32 elsewhere | fp32 | bf16
     parallel: str = "ddp"                  # under torchrun: ddp | fsdp (distill.distributed)
+    nan_policy: str = "stop"               # non-finite loss/gradient: stop (one error line) | skip the batch
+    max_nan_skips: int = 10                # skip: stop anyway after this many non-finite steps in a row
     threads: int = 0                       # torch intra-op threads (0: torch's default); sweeps run jobs side by side
 
 

@@ -140,6 +140,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     tc, dc = cfg.trainer, cfg.data
     check_schedule(cfg.schedule, tc.max_steps)
+    if tc.nan_policy not in ("stop", "skip"):
+        raise InputError(f"trainer.nan_policy must be stop | skip, got {tc.nan_policy!r}")
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     amp = autocast_dtype(tc.precision, device)
@@ -213,7 +215,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
     val_loss = float("nan")
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (tc.progress and d.main), desc=cfg.run_name,
                dynamic_ncols=True)
-    t_start, last_ckpt = time.perf_counter(), ckpt
+    t_start, last_ckpt, nan_run = time.perf_counter(), ckpt, 0
     while step < tc.max_steps:
         t0 = time.perf_counter()
         loss_sum, parts_sum = 0.0, {}
@@ -230,19 +232,24 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
         # each rank's loss is the mean over its equal slice: their mean is the global batch's
         parts_sum = d.mean({"loss": loss_sum / dc.grad_accum, **parts_sum})
         train_loss = parts_sum.pop("loss")
-        if not math.isfinite(train_loss):
-            raise InputError(f"non-finite training loss at step {step}; lower optim.lr or check the data")
+        finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
+        nan_run = 0 if finite else nan_run + 1
+        if finite:
+            opt.step()
+        elif tc.nan_policy != "skip" or nan_run > tc.max_nan_skips:
+            raise InputError(f"non-finite training loss or gradient at step {step + 1} (trainer.nan_policy="
+                             f"{tc.nan_policy}, {nan_run} in a row); lower optim.lr or check the data")
+        sched.step()                      # a skipped batch still counts as a step: schedules keep their shape
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
         dt = time.perf_counter() - t0
         metrics.log({"step": step, "split": "train", "loss": train_loss, **parts_sum, "lr": lr,
-                     "grad_norm": grad_norm, "tokens": tokens_seen, "tok_s": tokens_per_step / dt})
+                     "grad_norm": grad_norm, "tokens": tokens_seen, "tok_s": tokens_per_step / dt,
+                     **({} if finite else {"skipped": 1})})
         bar.update(1)
         if step % tc.log_every == 0:
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
