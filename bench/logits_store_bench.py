@@ -157,9 +157,14 @@ def main() -> None:
     encode_s = time.perf_counter() - t0
     tokens = len(raw) * raw.header.positions
     stores = {"raw": raw, "compact": compact}
+    stats = {name: s.stats() for name, s in stores.items()}
+    # bytes_per_token and ids_per_position (the compact store's) are what ``distill.plan`` reads
     res = {"store": str(raw.folder), "instances": len(raw), "positions": raw.header.positions,
            "top_p": raw.header.top_p, "top_k": raw.header.top_k,
-           **{f"{k}_{name}": v for name, s in stores.items() for k, v in s.stats().items()},
+           "bytes_per_token": stats["compact"]["bytes_per_token"],
+           "bytes_per_token_raw": stats["raw"]["bytes_per_token"],
+           "ids_per_position": stats["compact"]["ids_per_position"],
+           **{f"mean_kept_mass_{name}": st["mean_kept_mass"] for name, st in stats.items()},
            "encode_tokens_per_s": tokens / encode_s,
            **{f"decode_instances_per_s_{name}": read_speed(s) for name, s in stores.items()}}
     res["signal_ms_4_rows"] = signal_ms(stores)
@@ -181,7 +186,8 @@ def main() -> None:
           f"{'KL(full||stored)':>17}{'val loss':>10}{'step s':>8}")
     for name in stores:
         tr = t.get(name, {})
-        print(f"{name:<9}{res[f'bytes_per_token_{name}']:>9.1f}{res[f'ids_per_position_{name}']:>9.2f}"
+        bpt = res["bytes_per_token" if name == "compact" else "bytes_per_token_raw"]
+        print(f"{name:<9}{bpt:>9.1f}{res['ids_per_position']:>9.2f}"
               f"{res[f'mean_kept_mass_{name}']:>10.4f}{res[f'decode_instances_per_s_{name}']:>14.0f}"
               f"{res['signal_ms_4_rows'][name]:>10.1f}{k[f'kl_full_{name}']:>17.4f}"
               f"{tr.get('val_loss', float('nan')):>10.4f}{tr.get('step_s', float('nan')):>8.2f}")
