@@ -39,6 +39,7 @@ from refine.logits_store import LogitsStore, LogitsWriter, convert
 from refine.manifest import atomic_path, code_version, read_manifest, sha256_file, write_json_atomic, write_manifest
 from refine.pack import corpus_fingerprint, pack
 from refine.paths import resolve_model
+from refine.score_pass import parse_shard
 from refine.select import difference_scores, select
 from refine.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -51,9 +52,11 @@ def _model_fingerprint(model: Path) -> str:
 
 
 def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, logits: LogitsConfig | None,
-          shard_size: int) -> dict:
+          shard_size: int, shard: str = "0/1", merge_from: list[str] = ()) -> dict:
     """Run (or reuse) one model's scoring pass in a child process; return its pass summary. ``logits``: what
-    to capture besides the NLL (the teacher pass), None for NLL only (the reference pass)."""
+    to capture besides the NLL (the teacher pass), None for NLL only (the reference pass). ``shard``: this
+    machine's part (a partial summary); ``merge_from``: refine outputs of other parts, whose finished shards
+    of this same pass are copied in first."""
     logits = logits or LogitsConfig(top_p=1.0, top_k=0)
     top_k, top_p = logits.top_k, logits.top_p
     key = {"model": _model_fingerprint(model), "instances": inst.index["tokens_sha256"], **asdict(logits),
@@ -72,11 +75,13 @@ def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, lo
         return json.loads((out / "pass.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(key_file, key)
+    for src in merge_from:
+        _copy_shards(Path(src) / out.name, out, key)
     cmd = [sys.executable, "-m", "refine.score_pass", "--model", str(model), "--instances", str(inst.folder),
            "--out", str(out), "--backend", pass_cfg.backend, "--dtype", pass_cfg.dtype, "--top-k", str(top_k),
            "--top-p", str(top_p), "--candidates", str(logits.candidates), "--rs-samples", str(logits.rs_samples),
            "--rs-temperature", str(logits.rs_temperature), "--seed", str(logits.seed), "--codec", logits.codec,
-           "--shard-size", str(shard_size), "--batch-rows", str(pass_cfg.batch_rows),
+           "--shard-size", str(shard_size), "--shard", shard, "--batch-rows", str(pass_cfg.batch_rows),
            "--engine-opts", json.dumps(pass_cfg.engine), *(["--urls", *pass_cfg.urls] if pass_cfg.urls else [])]
     print(f"scoring {len(inst)} instances with {model} ({pass_cfg.backend}, {pass_cfg.dtype}"
           f"{f', top-{top_p}-{top_k} logits' if top_k else ''})", flush=True)
@@ -84,9 +89,37 @@ def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, lo
     if res.returncode != 0:
         raise InputError(f"scoring with {model} failed (exit {res.returncode}); rerun to resume its shards")
     summary = json.loads(res.stdout.strip().splitlines()[-1])
+    if "partial" in summary:
+        print(f"  part {summary['partial']}: {summary['shards_done']} of {summary['shards']} shards scored here")
+        return summary
     print(f"  {summary['tokens']:,} tokens in {summary['score_seconds']:.0f} s: {summary['tok_s']:,.0f} tok/s "
           f"(+{summary['engine_load_seconds']:.0f} s engine start)")
     return summary
+
+
+def _copy_shards(src: Path, dst: Path, key: dict) -> None:
+    """Another machine's finished shards of this pass (same key: model, instances, capture settings): each
+    shard's data files, then its json (the mark of a finished shard), so a crash mid-copy leaves no shard
+    that looks finished but is not."""
+    src_key = src / "key.json"
+    if not src_key.is_file():
+        raise InputError(f"merge_from: {src} holds no scoring pass (no key.json)")
+    if json.loads(src_key.read_text()) != key:
+        raise InputError(f"merge_from: {src} was scored with another model, instances or settings than this run")
+    copied = 0
+    for marker in sorted(src.glob("shard-*.json")):
+        if (dst / marker.name).is_file():
+            continue
+        n = marker.stem.split("-")[1]
+        for data in [src / f"nll-{n}.npy", *sorted(src.glob(f"logits*/shard-{n}.bin"))]:
+            target = dst / data.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(data, tmp)
+        with atomic_path(dst / marker.name) as tmp:
+            shutil.copyfile(marker, tmp)
+        copied += 1
+    print(f"merge_from: {copied} finished shards of {src}")
 
 
 def embeddings(inst: Instances, reference: Path, out: Path) -> np.ndarray:
@@ -131,6 +164,7 @@ def refine(cfg: RefineConfig) -> dict:
     from refine.report import write_report
 
     t0 = time.perf_counter()
+    parse_shard(cfg.shard)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher, reference = resolve_model(cfg.teacher.path), resolve_model(cfg.reference.path)
@@ -168,9 +202,15 @@ def refine(cfg: RefineConfig) -> dict:
     inst = _subset(inst, np.arange(len(inst)), out / "instances_scored")
 
     t_pass = time.perf_counter()
-    tpass = score(cfg.teacher, teacher, inst, out / "teacher", cfg.logits, cfg.shard_size)
-    rpass = score(cfg.reference, reference, inst, out / "reference", None, cfg.shard_size)
+    tpass = score(cfg.teacher, teacher, inst, out / "teacher", cfg.logits, cfg.shard_size, cfg.shard,
+                  cfg.merge_from)
+    rpass = score(cfg.reference, reference, inst, out / "reference", None, cfg.shard_size, cfg.shard,
+                  cfg.merge_from)
     t_scored = time.perf_counter()
+    if "partial" in tpass or "partial" in rpass:
+        print(f"part {cfg.shard} scored -> {out}; when every part is done, finish on one machine with "
+              f"merge_from=[<each part's out>] (nothing to merge if they share {out})")
+        return {"partial": cfg.shard, "teacher_pass": tpass, "reference_pass": rpass}
 
     teacher_nll = np.load(out / "teacher" / "nll.npy", allow_pickle=False)
     ref_nll = np.load(out / "reference" / "nll.npy", allow_pickle=False)
@@ -232,6 +272,16 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # `--shard i/N`, the usual command-line form, is Hydra's shard=i/N
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg == "--shard" and i + 1 < len(argv):
+            argv[i:i + 2] = [f"shard={argv[i + 1]}"]
+            break
+        if arg.startswith("--shard="):
+            argv[i] = "shard=" + arg.split("=", 1)[1]
+            break
+    sys.argv[1:] = argv
     precheck_overrides(CONF_DIR, "refine", sys.argv[1:])
     _hydra_main()
 

@@ -70,6 +70,8 @@ class RefineConfig:
     out: str = "${paths.cache}/refined/${name}"
     shard_size: int = 128                  # instances per scoring shard (the unit of crash-resume)
     report_examples: int = 3               # top- and bottom-scored instances quoted in the report
+    shard: str = "0/1"                     # i/N: this machine scores every N-th scoring shard, then stops
+    merge_from: list[str] = field(default_factory=list)  # refine outputs of the parts: their shards are copied in
     paths: PathsConfig = field(default_factory=PathsConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     teacher: ModelPassConfig = field(default_factory=lambda: ModelPassConfig(path="${paths.teacher}"))

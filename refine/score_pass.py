@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,13 +38,15 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dtype: str = "float32",
              top_k: int = 0, top_p: float = 1.0, shard_size: int = 128, batch_rows: int = 32,
              quiet: bool = False, scorer=None, candidates: int = 0, rs_samples: int = 0,
-             rs_temperature: float = 1.0, seed: int = 0, codec: str = "zstd", **engine_opts) -> dict:
+             rs_temperature: float = 1.0, seed: int = 0, codec: str = "zstd", shard: str = "0/1",
+             **engine_opts) -> dict:
     """Score every unfinished shard. ``scorer``: an already started one (benchmarks), else one is made here.
 
     The engine returns the top ``max(top_k, candidates)`` per position; the top-p-k store keeps a prefix of
     them, and with ``rs_samples`` > 0 the same candidates (plus their remaining mass) also give an RS-KD
     sampled store in ``logits_rs/`` (draws seeded by ``seed`` and the shard: a rerun writes the same bytes).
-    ``codec``: both stores' (``refine.logits_store``: zstd | raw).
+    ``codec``: both stores' (``refine.logits_store``: zstd | raw). ``shard``: "i/N", this machine's part of a
+    run spread over N (a partial summary until a folder holds every part's shard files).
     """
     from refine.scoring import make_scorer
 
@@ -51,7 +54,10 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = (len(inst) + shard_size - 1) // shard_size
-    todo = [s for s in range(n_shards) if not (out_dir / f"shard-{s:05d}.json").is_file()]
+    part, part_count = parse_shard(shard)
+    # shard i/N of a run spread over N machines scores every N-th score shard: each machine gets its own
+    # shard files, and a folder holding all of them finishes into exactly the unsharded pass (refine merge_from)
+    todo = [s for s in range(part, n_shards, part_count) if not (out_dir / f"shard-{s:05d}.json").is_file()]
     writer = rs_writer = None
     header = StoreHeader(inst.tokenizer.vocab_size, inst.tokenizer.hash, top_p, top_k, inst.seq_len - 1,
                          codec=codec)
@@ -64,6 +70,7 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
                                                                  samples=rs_samples,
                                                                  sample_temperature=rs_temperature))
     n_cand = max(top_k, candidates)
+    load_s = 0.0
     if todo:
         t_load = time.perf_counter()
         own = scorer is None
@@ -72,33 +79,61 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
             opts = {"max_model_len": inst.seq_len + 16, **engine_opts} if backend == "vllm" else engine_opts
             scorer = make_scorer(backend, model, top_k=n_cand, dtype=dtype, **opts)
         load_s = time.perf_counter() - t_load
+
+        def write(s: int, rows: np.ndarray, parts: list, score_s: float) -> None:
+            """A scored shard's files, ``shard-XXXXX.json`` last (what marks it finished)."""
+            t0 = time.perf_counter()
+            nll = np.concatenate([p.mean_nll() for p in parts]).astype(np.float32)
+            entry = rs_entry = None
+            if writer is not None:
+                cand_ids = np.concatenate([p.topk_ids for p in parts])
+                cand_lps = np.concatenate([p.topk_logprobs for p in parts])
+                entry = writer.write_shard(s, cand_ids[..., :top_k], cand_lps[..., :top_k])
+            if rs_writer is not None:
+                rs_entry = _write_sampled(rs_writer, s, cand_ids, cand_lps, rs_samples, rs_temperature, seed)
+            _save_npy(out_dir / f"nll-{s:05d}.npy", nll)
+            write_json_atomic(out_dir / f"shard-{s:05d}.json", {
+                "shard": s, "instances": len(rows), "tokens": int(rows.size), "seconds": score_s,
+                "tok_s": rows.size / score_s, "write_seconds": time.perf_counter() - t0, "logits": entry,
+                "logits_rs": rs_entry})
+            if not quiet:
+                print(f"  {Path(model).name}: shard {s + 1}/{n_shards}, {rows.size / score_s:,.0f} tok/s",
+                      file=sys.stderr, flush=True)
+
+        # Encoding and writing a shard overlaps scoring the next one (a GPU teacher outruns the encoder); at
+        # most one shard waits, so memory stays at two shards' candidates.
+        pending = None
         try:
-            for s in todo:
-                t0 = time.perf_counter()
-                rows = np.asarray(inst.tokens[s * shard_size:(s + 1) * shard_size])
-                parts = [scorer.score(rows[i:i + batch_rows]) for i in range(0, len(rows), batch_rows)]
-                nll = np.concatenate([p.mean_nll() for p in parts]).astype(np.float32)
-                entry = rs_entry = None
-                if writer is not None:
-                    cand_ids = np.concatenate([p.topk_ids for p in parts])
-                    cand_lps = np.concatenate([p.topk_logprobs for p in parts])
-                    entry = writer.write_shard(s, cand_ids[..., :top_k], cand_lps[..., :top_k])
-                if rs_writer is not None:
-                    rs_entry = _write_sampled(rs_writer, s, cand_ids, cand_lps, rs_samples, rs_temperature, seed)
-                _save_npy(out_dir / f"nll-{s:05d}.npy", nll)
-                secs = time.perf_counter() - t0
-                write_json_atomic(out_dir / f"shard-{s:05d}.json", {
-                    "shard": s, "instances": len(rows), "tokens": int(rows.size), "seconds": secs,
-                    "tok_s": rows.size / secs, "logits": entry, "logits_rs": rs_entry})
-                if not quiet:
-                    print(f"  {Path(model).name}: shard {s + 1}/{n_shards}, {rows.size / secs:,.0f} tok/s",
-                          file=sys.stderr, flush=True)
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                for s in todo:
+                    t0 = time.perf_counter()
+                    rows = np.asarray(inst.tokens[s * shard_size:(s + 1) * shard_size])
+                    parts = [scorer.score(rows[i:i + batch_rows]) for i in range(0, len(rows), batch_rows)]
+                    score_s = time.perf_counter() - t0
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(write, s, rows, parts, score_s)
+                if pending is not None:
+                    pending.result()
         finally:
             if own:
                 scorer.close()
-    else:
-        load_s = 0.0
+    if part_count > 1 and not all((out_dir / f"shard-{s:05d}.json").is_file() for s in range(n_shards)):
+        done = sum((out_dir / f"shard-{s:05d}.json").is_file() for s in range(n_shards))
+        return {"model": str(model), "partial": f"{part}/{part_count}", "shards_done": done, "shards": n_shards,
+                "engine_load_seconds": load_s}
     return finish(out_dir, n_shards, writer, rs_writer, model, load_s)
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """"i/N" -> (i, N), 0 <= i < N."""
+    try:
+        i, n = (int(x) for x in str(shard).split("/"))
+    except ValueError:
+        raise InputError(f"shard must be i/N (e.g. 0/4), got {shard!r}") from None
+    if not 0 <= i < n:
+        raise InputError(f"shard {shard}: need 0 <= i < N")
+    return i, n
 
 
 def _write_sampled(writer: LogitsWriter, shard: int, cand_ids: np.ndarray, cand_lps: np.ndarray, samples: int,
@@ -148,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--codec", choices=CODECS, default="zstd", help="logits store codec")
     ap.add_argument("--shard-size", type=int, default=128)
+    ap.add_argument("--shard", default="0/1", help="i/N: score this machine's part of a run spread over N")
     ap.add_argument("--batch-rows", type=int, default=32)
     ap.add_argument("--engine-opts", default="{}", help="JSON dict passed to the engine (e.g. tensor_parallel_size)")
     a = ap.parse_args(argv)
@@ -159,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
                        **({"served_model": a.served_model} if a.served_model else {})}
     summary = run_pass(a.model, a.instances, a.out, a.backend, a.dtype, a.top_k, a.top_p, a.shard_size,
                        a.batch_rows, candidates=a.candidates, rs_samples=a.rs_samples,
-                       rs_temperature=a.rs_temperature, seed=a.seed, codec=a.codec, **engine_opts)
+                       rs_temperature=a.rs_temperature, seed=a.seed, codec=a.codec, shard=a.shard,
+                       **engine_opts)
     print(json.dumps(summary))
 
 

@@ -124,3 +124,37 @@ def test_near_duplicates_are_removed_before_scoring(overrides):
     manifest = refine(_cfg(overrides + ["dedup.enabled=true", "dedup.threshold=0.5"]))
     dedup = manifest["report"]["dedup"]
     assert dedup["after"] < dedup["before"] and manifest["instances_scored"] == dedup["after"]
+
+
+def test_two_shards_merged_equal_one_unsharded_run_byte_for_byte(overrides, tmp_path):
+    """`--shard 0/2` and `--shard 1/2` in two folders (two machines), then merge_from into a third: every output
+    file equals the unsharded run's, but for those that record timings."""
+    overrides = overrides + ["pack.max_instances=96"]                # 6 scoring shards, 3 per part
+    out = tmp_path / "out"
+    refine(_cfg(overrides))
+    parts = [tmp_path / "part0", tmp_path / "part1"]
+    for i, part in enumerate(parts):
+        res = subprocess.run([sys.executable, "-m", "refine", *overrides, f"out={part}", "--shard", f"{i}/2"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0 and f"part {i}/2 scored" in res.stdout, res.stderr[-2000:]
+        assert not (part / "teacher" / "pass.json").exists() and not (part / "instances").exists()
+    merged = tmp_path / "merged"
+    refine(_cfg(overrides + [f"out={merged}", f"merge_from=[{parts[0]},{parts[1]}]"]))
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(merged) for p in merged.rglob("*") if p.is_file())
+    differ = []
+    for f in files:
+        a, b = (out / f).read_bytes(), (merged / f).read_bytes()
+        if f.name in ("manifest.json", "pass.json", "report.md"):   # timings (and the manifest's config)
+            continue
+        if f.name == "index.json":                                    # a subset names its parent's folder
+            b = b.replace(str(merged).encode(), str(out).encode())
+        if f.name.startswith("shard-") and f.suffix == ".json":       # a scoring shard's timings
+            a, b = ({k: v for k, v in json.loads(x).items() if k not in ("seconds", "tok_s", "write_seconds")}
+                    for x in (a, b))
+        if a != b:
+            differ.append(str(f))
+    assert differ == []
+    assert sum(f.suffix in (".bin", ".npy") for f in files) > 20        # the scores and stores were compared
+    with pytest.raises(InputError, match="another model"):
+        refine(_cfg(overrides + [f"out={tmp_path / 'bad'}", f"merge_from=[{parts[0]}]", "logits.top_k=8"]))
