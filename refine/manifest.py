@@ -7,10 +7,12 @@ version, counts, timings) is written last; a stage whose manifest matches its in
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -49,11 +51,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    elif tmp.exists():
-        tmp.unlink()
+    _remove_stale(final)
+    tmp = final.with_name(f".{final.name}.tmp-{_HOST}-{os.getpid()}")
     try:
         yield tmp
         if tmp.is_dir():
@@ -62,7 +61,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
                     with open(p, "rb+") as f:
                         os.fsync(f.fileno())
             if final.is_dir():
-                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                old = final.with_name(f".{final.name}.old-{_HOST}-{os.getpid()}")
                 final.rename(old)
                 tmp.rename(final)
                 shutil.rmtree(old)
@@ -79,6 +78,34 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         elif tmp.exists():
             tmp.unlink()
         raise
+
+
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _remove_stale(final: Path) -> None:
+    """Temporaries of ``final`` left by processes of this host that no longer exist (a kill -9 or a power cut
+    mid-write); a live writer's (a parallel job, or this process) stay. A shared folder's other hosts' stay."""
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*-{_HOST}-*"):
+        kind, _, pid = stale.name[len(final.name) + 2:].partition(f"-{_HOST}-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not final.exists():
+            stale.rename(final)                    # killed between the two renames: the old one is the data
+        elif stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -74,6 +74,15 @@ def tiny_overrides(tiny_tokenizer_dir, tiny_corpus, tmp_path) -> list[str]:
             f"run_dir={tmp_path / 'runs' / 'run'}"]
 
 
+@pytest.fixture
+def refine_overrides(tiny_corpus, tiny_model_dir, tiny_reference_dir, tmp_path) -> list[str]:
+    """A refine run of the tiny corpus with the tiny teacher and reference (transformers backend: fast to start)."""
+    return [f"corpus={tiny_corpus / 'train.jsonl'}", f"teacher.path={tiny_model_dir}",
+            f"reference.path={tiny_reference_dir}", "teacher.backend=hf", "reference.backend=hf",
+            "pack.seq_len=64", "shard_size=16", "logits.top_k=10", "logits.top_p=0.9", "logits.candidates=20",
+            "logits.rs_samples=8", f"out={tmp_path / 'out'}"]
+
+
 def save_tiny_llama(tokenizer_dir: Path, out: Path, seed: int, hidden: int = 128, layers: int = 2,
                     init_std: float = 0.2) -> Path:
     """A random-init Llama with the tiny tokenizer, saved as an HF folder (head_dim 64: vLLM's CPU attention
@@ -109,3 +118,25 @@ def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
 def tiny_reference_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
     return save_tiny_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("tiny_reference"), seed=1, layers=1,
                            init_std=0.1)
+
+
+def refine_output_differences(a: Path, b: Path) -> list[str]:
+    """Files of two refine outputs that differ (or exist in one only), ignoring what records time or place:
+    manifests, pass summaries and the report (timings), a scoring shard's seconds, a subset's parent path.
+    Everything else (stores, scores, instances, text exports) must match byte for byte."""
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    differ = sorted(str(f) for f in set(files_a) ^ set(files_b))
+    for f in set(files_a) & set(files_b):
+        x, y = (a / f).read_bytes(), (b / f).read_bytes()
+        if f.name in ("manifest.json", "pass.json", "report.md"):
+            continue
+        if f.name == "index.json":                                    # a subset names its parent's folder
+            y = y.replace(str(b).encode(), str(a).encode())
+        if f.name.startswith("shard-") and f.suffix == ".json":
+            x, y = ({k: v for k, v in json.loads(z).items() if k not in ("seconds", "tok_s", "write_seconds")}
+                    for z in (x, y))
+        if x != y:
+            differ.append(str(f))
+    assert sum(f.suffix in (".bin", ".npy") for f in files_a) > 20, "not a refine output"
+    return sorted(differ)

@@ -17,7 +17,7 @@ from refine.errors import InputError
 from refine.instances import Instances
 from refine.logits_store import LogitsStore
 from refine.select import select
-from tests.conftest import REPO, save_tiny_llama, train_tiny_tokenizer
+from tests.conftest import REPO, refine_output_differences, save_tiny_llama, train_tiny_tokenizer
 
 
 def _cfg(overrides):
@@ -26,11 +26,8 @@ def _cfg(overrides):
 
 
 @pytest.fixture
-def overrides(tiny_corpus, tiny_model_dir, tiny_reference_dir, tmp_path):
-    return [f"corpus={tiny_corpus / 'train.jsonl'}", f"teacher.path={tiny_model_dir}",
-            f"reference.path={tiny_reference_dir}", "teacher.backend=hf", "reference.backend=hf",
-            "pack.seq_len=64", "shard_size=16", "logits.top_k=10", "logits.top_p=0.9", "logits.candidates=20",
-            "logits.rs_samples=8", f"out={tmp_path / 'out'}"]
+def overrides(refine_overrides):
+    return refine_overrides
 
 
 def _mtimes(folder: Path) -> dict:
@@ -140,21 +137,6 @@ def test_two_shards_merged_equal_one_unsharded_run_byte_for_byte(overrides, tmp_
         assert not (part / "teacher" / "pass.json").exists() and not (part / "instances").exists()
     merged = tmp_path / "merged"
     refine(_cfg(overrides + [f"out={merged}", f"merge_from=[{parts[0]},{parts[1]}]"]))
-    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(merged) for p in merged.rglob("*") if p.is_file())
-    differ = []
-    for f in files:
-        a, b = (out / f).read_bytes(), (merged / f).read_bytes()
-        if f.name in ("manifest.json", "pass.json", "report.md"):   # timings (and the manifest's config)
-            continue
-        if f.name == "index.json":                                    # a subset names its parent's folder
-            b = b.replace(str(merged).encode(), str(out).encode())
-        if f.name.startswith("shard-") and f.suffix == ".json":       # a scoring shard's timings
-            a, b = ({k: v for k, v in json.loads(x).items() if k not in ("seconds", "tok_s", "write_seconds")}
-                    for x in (a, b))
-        if a != b:
-            differ.append(str(f))
-    assert differ == []
-    assert sum(f.suffix in (".bin", ".npy") for f in files) > 20        # the scores and stores were compared
+    assert refine_output_differences(out, merged) == []
     with pytest.raises(InputError, match="another model"):
         refine(_cfg(overrides + [f"out={tmp_path / 'bad'}", f"merge_from=[{parts[0]}]", "logits.top_k=8"]))

@@ -1,0 +1,66 @@
+"""kill -9 at random moments, several times, then rerun the same command: refine and train finish with exactly the
+outputs and loss curve of an uninterrupted run. Nothing half-written is taken for finished (the outputs would
+differ) and no temporary is left behind (the file lists would differ)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, refine_output_differences
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}   # fixed threads: identical float sums
+
+
+def _crash_then_finish(cmd: list[str], rng: random.Random, kills: int, window: tuple[float, float]) -> int:
+    """Start ``cmd`` and SIGKILL its whole process group (refine's scoring children too) after a random delay,
+    ``kills`` times or until it finishes first; then run it to the end. Returns how many kills landed."""
+    landed = 0
+    for _ in range(kills):
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=rng.uniform(*window))
+            break                                                   # finished before the kill
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            landed += 1
+    res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return landed
+
+
+def test_refine_killed_repeatedly_finishes_identically(refine_overrides, tmp_path):
+    overrides = [o for o in refine_overrides if not o.startswith("out=")] + ["pack.max_instances=160"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    cmd = [sys.executable, "-m", "refine", *overrides]
+    subprocess.run(cmd + [f"out={straight}"], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=900)
+    landed = _crash_then_finish(cmd + [f"out={crashed}"], random.Random(0), kills=4, window=(4, 20))
+    assert landed >= 2
+    assert refine_output_differences(straight, crashed) == []
+
+
+def test_train_killed_repeatedly_finishes_identically(tiny_overrides, tmp_path):
+    common = [o for o in tiny_overrides if not o.startswith("run_dir=")] + [
+        "trainer.max_steps=200", "trainer.ckpt_every=15", "trainer.eval_every=50", "data.batch_size=8"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    cmd = [sys.executable, "-m", "distill.train", *common]
+    subprocess.run(cmd + [f"run_dir={straight}"], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=900)
+    landed = _crash_then_finish(cmd + [f"run_dir={crashed}"], random.Random(1), kills=4, window=(5, 14))
+    assert landed >= 2
+
+    def curve(run: Path) -> list[tuple]:
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["split"], r["loss"]) for r in recs]
+
+    assert curve(crashed) == curve(straight)                          # bit-identical, every step once
+    final = "checkpoints/step_0000200/model.safetensors"
+    assert (crashed / final).read_bytes() == (straight / final).read_bytes()
+    leftovers = [p.name for p in crashed.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert leftovers == []
