@@ -43,7 +43,7 @@ class Distiller:
 
             if not cfg.logits:
                 raise InputError("kd.signal=offline needs kd.logits (a refine logits store aligned with data.train)")
-            store = LogitsStore(cfg.logits)
+            store = LogitsStore(cfg.logits, verify="lazy")
             store.check_tokenizer(student_tokenizer_hash)
             if len(store) != len(train_set) or store.header.positions != train_set.seq_len - 1:
                 raise InputError(f"logits store {cfg.logits} ({len(store)} instances x {store.header.positions + 1}"

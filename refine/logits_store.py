@@ -177,9 +177,14 @@ def _corrupt_is_input_error(path: Path):
 
 
 class LogitsStore:
-    """Memory-mapped reads of a finished store by global instance index."""
+    """Memory-mapped reads of a finished store by global instance index.
 
-    def __init__(self, folder: str | Path, verify: bool = False):
+    ``verify``: True checks every shard's sha256 now; "lazy" (what training uses) checks a raw shard the first
+    time one of its instances is read, so a bit flip is an error, not a wrong target, at one read of each
+    shard (a compact shard's zstd frames carry their own checksums); False trusts the files.
+    """
+
+    def __init__(self, folder: str | Path, verify: bool | str = False):
         self.folder = Path(folder)
         path = self.folder / "store.json"
         if not path.is_file():
@@ -193,7 +198,8 @@ class LogitsStore:
             raise InputError(f"{self.folder}: unsupported logits format {self.header.format} v{self.header.version} "
                              f"codec {self.header.codec}")
         self.index, self.count = index, int(index["count"])
-        self._shards = [self._open(s, verify) for s in index["shards"]]
+        self._shards = [self._open(s, verify is True) for s in index["shards"]]
+        self._unverified = set(range(len(self._shards))) if verify == "lazy" and self.header.codec == "raw" else set()
         self._starts = np.cumsum([0] + [s["instances"] for s in index["shards"]])
 
     def _open(self, entry: dict, verify: bool):
@@ -218,8 +224,9 @@ class LogitsStore:
     def __len__(self) -> int:
         return self.count
 
-    def verify(self) -> None:
-        for entry in self.index["shards"]:
+    def verify(self, shards=None) -> None:
+        for s in range(len(self._shards)) if shards is None else shards:
+            entry = self.index["shards"][s]
             if sha256_file(self.folder / entry["file"]) != entry["sha256"]:
                 raise InputError(f"{self.folder / entry['file']}: checksum mismatch (corrupt logits shard)")
 
@@ -228,6 +235,9 @@ class LogitsStore:
             raise IndexError(i)
         s = int(np.searchsorted(self._starts, i, side="right") - 1)
         j = int(i - self._starts[s])
+        if s in self._unverified:
+            self.verify([s])
+            self._unverified.discard(s)
         if self.header.codec == "zstd":
             with _corrupt_is_input_error(self.folder / self.index["shards"][s]["file"]):
                 return SparseRows(*self._shards[s].decode(j))

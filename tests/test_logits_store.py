@@ -83,6 +83,10 @@ def test_truncated_and_corrupt_shards_are_one_clear_error(tmp_path):
     LogitsStore(tmp_path / "s")                                   # size is fine: only the checksum can tell
     with pytest.raises(InputError, match="checksum mismatch"):
         LogitsStore(tmp_path / "s", verify=True)
+    lazy = LogitsStore(tmp_path / "s", verify="lazy")             # what training uses: each shard at first read
+    lazy[0], lazy[1]                                              # shard 0 is intact
+    with pytest.raises(InputError, match=r"shard-00001\.bin: checksum mismatch"):
+        lazy[2]
     shard.write_bytes(bytes(data[:-5]))
     with pytest.raises(InputError, match="truncated or missing logits shard"):
         LogitsStore(tmp_path / "s")
