@@ -195,7 +195,6 @@ def test_served_matches_in_process_engine(server, tiny_model_dir, tiny_corpus, t
                              stderr=subprocess.PIPE, text=True)
     try:
         start_s = server.wait_ready()
-        print(f"vllm server up in {start_s:.1f} s")
         dead = f"http://127.0.0.1:{free_port()}"
         with failing_proxy(server.url, ok_completions=2) as (proxy, state):   # 2: the start-up probes pass
             # Two names of the one server, a dead port (left out at start), a proxy that fails once scoring starts.
@@ -233,7 +232,8 @@ def test_served_matches_in_process_engine(server, tiny_model_dir, tiny_corpus, t
     diff_topk = _same(out.topk_logprobs, out.topk_ids, v["lps"], v["ids"])
     diff_bos = max(float(np.abs(outb.token_logprobs - v["token_bos"]).max()),
                    _same(outb.topk_logprobs, outb.topk_ids, v["lps_bos"], v["ids_bos"]))
-    print(f"served vs in-process max abs diff: token {diff_token:.1e}, top-{K} {diff_topk:.1e}, BOS {diff_bos:.1e}; "
+    print(f"vllm server up in {start_s:.0f} s; served vs in-process max abs diff: token {diff_token:.1e}, "
+          f"top-{K} {diff_topk:.1e}, BOS {diff_bos:.1e}; "
           f"{rows.size / served_s:,.0f} tok/s served vs {rows.size / float(v['secs']):,.0f} in-process")
     assert diff_token < 1e-5 and diff_bos < 1e-5
     assert (out.topk_ids[5, :, 0] == rows[5, 1:]).all()                        # the greedy row: actual = top-1
