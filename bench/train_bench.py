@@ -14,8 +14,12 @@ the llama_small student (4 layers, width 256). Variants:
 * ``kd_online``  the trainer's online KD step (live SmolLM2-135M teacher, top-k from its hidden states).
 
 Each variant runs in its own process (peak memory is its own), all alternating for ``--rounds`` rounds; a
-variant's step time is the median of its timed steps (after one warm-up step) and its memory the process's
-peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA), also shown above the RSS before the first step.
+variant's step time is the median of its timed steps (after one warm-up step); its memory is the peak of live
+tensors during one profiled step (the profiler's memory timeline: the CPU analogue of
+``torch.cuda.max_memory_allocated``) and the process's peak RSS (glibc keeps freed memory cached, so RSS is the
+coarser figure). ``paired``: the trainer's LM-only and offline-KD steps alternating on one student in one
+process (drift cancels: the sharper KD/LM ratio).
+
 At the 152k vocabulary (the PD paper's GLM-4 size) the student is built with 151,552 ids, and batch tokens and
 stored teacher ids are mapped into it (id -> 3 id), so the KD signal keeps the real store's sizes; there is
 no 152k teacher here, so no online variant. Writes ``bench/results/train_cpu.json`` (``train_cuda.json`` on
@@ -60,7 +64,9 @@ class _Spread:
         return s
 
 
-def run_variant(variant: str, refined: str, steps: int, vocab: int) -> dict:
+def make_step(variant: str, refined: str, vocab: int, model=None):
+    """(model, step function, device) for ``variant``: one training step of it on a fixed batch. ``model``: reuse
+    this student (paired timing) instead of building one."""
     import torch
     import torch.nn.functional as F
     from hydra import compose, initialize_config_dir
@@ -83,11 +89,12 @@ def run_variant(variant: str, refined: str, steps: int, vocab: int) -> dict:
     amp = autocast_dtype("auto", device)
     tok = load_tokenizer(cfg.model.tokenizer)
     train_set = open_instances(cfg.data.train, tok, cfg.data.seq_len, cfg.paths.cache, quiet=True)
-    from transformers import AutoModelForCausalLM
+    if model is None:
+        from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config(cfg.model, vocab, tok.bos_token_id, tok.eos_token_id))
-    model.to(device).train()
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(hf_config(cfg.model, vocab, tok.bos_token_id, tok.eos_token_id))
+        model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tok), device, 1000)
     if vocab != TEACHER_VOCAB and distiller.teacher is not None:
@@ -107,28 +114,42 @@ def run_variant(variant: str, refined: str, steps: int, vocab: int) -> dict:
         return distiller.loss(model, batch, rows, 100)[0]
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times, rss_before = [], None
 
-    def step() -> torch.Tensor:
+    def step() -> float:
+        """One timed step (seconds)."""
+        sync()
+        t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        sync()
+        return time.perf_counter() - t0
 
-    for i in range(steps + 1):
-        sync()
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        if i:                                   # step 0 warms up allocators and kernels
-            times.append(time.perf_counter() - t0)
-        else:
-            rss_before = _peak_mb(device)       # after AdamW's state exists: what a step adds comes after
+    return model, step, device
+
+
+def run_variant(variant: str, refined: str, steps: int, vocab: int) -> dict:
+    _, step, device = make_step(variant, refined, vocab)
+    step()                                      # warms up allocators and kernels
+    rss_before = _peak_mb(device)               # after AdamW's state exists: what a step adds comes after
+    times = [step() for _ in range(steps)]
     peak = _peak_mb(device)
     return {"step_s": float(np.median(times)), "peak_mb": peak, "step_peak_mb": peak - rss_before,
-            "tensor_peak_mb": _tensor_peak_mb(step, device), "loss": float(loss), "device": str(device)}
+            "tensor_peak_mb": _tensor_peak_mb(step, device), "device": str(device)}
+
+
+def run_paired(refined: str, steps: int, vocab: int) -> dict:
+    """LM-only and offline-KD steps of one student alternating in one process: the machine's drift hits both
+    alike, so their ratio is sharper than that of separate processes (which the memory figures need)."""
+    model, lm_step, device = make_step("lm", refined, vocab)
+    _, kd_step, _ = make_step("kd_offline", refined, vocab, model=model)
+    lm_step(), kd_step()
+    pairs = [(lm_step(), kd_step()) for _ in range(steps)]
+    lm, kd = (float(np.median(x)) for x in zip(*pairs))
+    return {"lm_step_s": lm, "kd_offline_step_s": kd, "kd_over_lm": kd / lm,
+            "pair_ratios": [b / a for a, b in pairs], "device": str(device)}
 
 
 def _tensor_peak_mb(step, device) -> float:
@@ -157,28 +178,40 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--vocabs", default=f"{TEACHER_VOCAB},151552")
+    ap.add_argument("--paired-steps", type=int, default=10, help="LM/KD step pairs in the paired run")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=TEACHER_VOCAB, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.variant:
-        print(json.dumps(run_variant(a.variant, a.refined, a.steps, a.vocab)))
+        run = run_paired(a.refined, a.steps, a.vocab) if a.variant == "paired" else \
+            run_variant(a.variant, a.refined, a.steps, a.vocab)
+        print(json.dumps(run))
         return
     names = ["lm_plain", "kd_naive", "lm", "kd_offline", "kd_online"]
     jobs = [(v, int(voc)) for voc in a.vocabs.split(",") for v in names
             if not (v == "kd_online" and int(voc) != TEACHER_VOCAB)]
+
+    def child(variant: str, vocab: int, steps: int) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--vocab", str(vocab), "--refined",
+                              a.refined, "--steps", str(steps)], capture_output=True, text=True, cwd=REPO)
+        if out.returncode:
+            sys.exit(f"variant {variant} (vocab {vocab}) failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     results: dict[str, list[dict]] = {}
     for _ in range(a.rounds):
         for v, voc in jobs:
-            out = subprocess.run([sys.executable, __file__, "--variant", v, "--vocab", str(voc), "--refined",
-                                  a.refined, "--steps", str(a.steps)], capture_output=True, text=True, cwd=REPO)
-            if out.returncode:
-                sys.exit(f"variant {v} (vocab {voc}) failed:\n{out.stderr[-3000:]}")
-            results.setdefault(_key(v, voc), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results.setdefault(_key(v, voc), []).append(child(v, voc, a.steps))
     res = {}
     for key, runs in results.items():
         res[f"{key}_step_s"] = float(np.median([r["step_s"] for r in runs]))
         res[f"{key}_peak_mb"] = float(max(r["peak_mb"] for r in runs))
         res[f"{key}_step_peak_mb"] = float(max(r["step_peak_mb"] for r in runs))
+        res[f"{key}_tensor_peak_mb"] = float(max(r["tensor_peak_mb"] for r in runs))
+    for voc in a.vocabs.split(","):
+        paired = child("paired", int(voc), a.paired_steps)
+        res[f"{_key('kd_offline', int(voc))}_over_lm_paired"] = paired["kd_over_lm"]
+        res.setdefault("paired", {})[voc] = paired
     for voc in a.vocabs.split(","):
         base = _key("lm", int(voc))
         for v in names:
@@ -192,13 +225,16 @@ def main() -> None:
     res["setup"] = {"student": "llama_small (4 x 256; 16M params at vocab 49,152)", "batch": "4 x 256",
                     "teacher": "SmolLM2-135M", "store": "top-0.95-50", "steps_timed": a.steps, "device": dev}
     res["machine"] = machine()
-    print(f"{'variant':<22}{'step s':>9}{'x LM':>7}{'x plain':>9}{'peak MB':>10}{'step MB':>9}")
+    print(f"{'variant':<22}{'step s':>9}{'x LM':>7}{'x plain':>9}{'tensor MB':>11}{'peak RSS MB':>13}")
     for key in results:
         voc = key.rsplit("_v", 1)[1] if "_v" in key else str(TEACHER_VOCAB)
         lm, plain = res[f"{_key('lm', int(voc))}_step_s"], res[f"{_key('lm_plain', int(voc))}_step_s"]
         step = res[f"{key}_step_s"]
-        print(f"{key:<22}{step:>9.3f}{step / lm:>7.2f}{step / plain:>9.2f}{res[f'{key}_peak_mb']:>10.0f}"
-              f"{res[f'{key}_step_peak_mb']:>9.0f}")
+        print(f"{key:<22}{step:>9.3f}{step / lm:>7.2f}{step / plain:>9.2f}{res[f'{key}_tensor_peak_mb']:>11.0f}"
+              f"{res[f'{key}_peak_mb']:>13.0f}")
+    for voc, p in res["paired"].items():
+        print(f"paired, vocab {voc}: LM {p['lm_step_s']:.3f} s, offline KD {p['kd_offline_step_s']:.3f} s "
+              f"-> KD/LM {p['kd_over_lm']:.3f} (median of {a.paired_steps} alternating steps, one process)")
     out = REPO / "bench" / "results" / ("train_cpu.json" if dev == "cpu" else "train_cuda.json")
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"-> {out}")

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from refine.errors import InputError
-from refine.scoring import Scores
+from refine.scoring import Scores, check_rows
 
 DEFAULT_MAX_MODEL_LEN = 2048       # packed instances are <= 1024 tokens; a cap keeps the KV cache check cheap
 
@@ -100,15 +100,9 @@ class VLLMScorer:
     def generate(self, rows: np.ndarray):
         """The bare engine call, all rows in one ``generate`` (vLLM batches by tokens); what the benchmark
         calls raw vLLM throughput."""
-        rows = np.asarray(rows)
-        if rows.ndim != 2 or rows.shape[1] < 2:
-            raise InputError(f"rows must be [B, L >= 2] token ids, got shape {rows.shape}")
-        need = rows.shape[1] + 1 + (self.bos_id is not None)
-        if need > self.max_model_len:
-            raise InputError(f"rows of {rows.shape[1]} tokens need max_model_len >= {need} "
-                             f"(the scorer was started with {self.max_model_len})")
+        rows = check_rows(rows, self.max_model_len, self.bos_id, "the scorer")
         prefix = [] if self.bos_id is None else [self.bos_id]
-        prompts = [{"prompt_token_ids": prefix + row} for row in rows.astype(np.int64).tolist()]
+        prompts = [{"prompt_token_ids": prefix + row} for row in rows.tolist()]
         return self.llm.generate(prompts, self.params, use_tqdm=False)
 
     def score(self, rows: np.ndarray) -> Scores:

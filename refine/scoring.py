@@ -39,6 +39,19 @@ class Scores:
         return -self.token_logprobs.astype(np.float64).mean(axis=1)
 
 
+def check_rows(rows: np.ndarray, max_model_len: int, bos_id: int | None, engine: str) -> np.ndarray:
+    """``rows`` as [B, L >= 2] int64 token ids that fit an engine of ``max_model_len`` (the row, a BOS prefix
+    and the one token vLLM must generate), else one clear error."""
+    rows = np.asarray(rows).astype(np.int64)
+    if rows.ndim != 2 or rows.shape[1] < 2:
+        raise InputError(f"rows must be [B, L >= 2] token ids, got shape {rows.shape}")
+    need = rows.shape[1] + 1 + (bos_id is not None)
+    if need > max_model_len:
+        raise InputError(f"rows of {rows.shape[1]} tokens need max_model_len >= {need} ({engine} was started "
+                         f"with {max_model_len})")
+    return rows
+
+
 class Scorer(Protocol):
     top_k: int
 

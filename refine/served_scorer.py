@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 
 from refine.errors import InputError
-from refine.scoring import Scores
+from refine.scoring import Scores, check_rows
 
 PROBE_TEXT = "The river, 1813: Miss Bennet's letter to the king. Ünïcode — 日本語.\n"
 CLAMPED_NEG_INF = -9999.0        # what vLLM's server sends for a -inf log-prob
@@ -337,13 +337,7 @@ class ServedScorer:
         return self._parse(self._request(self._body(row.tolist())), row, "a teacher server")
 
     def score(self, rows: np.ndarray) -> Scores:
-        rows = np.asarray(rows).astype(np.int64)
-        if rows.ndim != 2 or rows.shape[1] < 2:
-            raise InputError(f"rows must be [B, L >= 2] token ids, got shape {rows.shape}")
-        need = rows.shape[1] + 1 + (self.bos_id is not None)
-        if need > self.max_model_len:
-            raise InputError(f"rows of {rows.shape[1]} tokens need max_model_len >= {need} (the teacher "
-                             f"server was started with {self.max_model_len})")
+        rows = check_rows(rows, self.max_model_len, self.bos_id, "the teacher server")
         if rows.size and (rows.min() < 0 or (self.vocab_size is not None and rows.max() >= self.vocab_size)):
             raise InputError(f"token ids must be in 0..{self.vocab_size - 1} (the teacher's vocabulary), got "
                              f"{rows.min()}..{rows.max()}")
