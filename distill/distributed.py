@@ -36,7 +36,7 @@ class Dist:
     mode: str = "ddp"
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
         return self.rank == 0
 
     def local_rows(self, rows: np.ndarray) -> np.ndarray:

@@ -147,11 +147,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
     amp = autocast_dtype(tc.precision, device)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    if not d.main:
+    if not d.is_main:
         d.barrier()                       # rank 0 packs a raw corpus into the cache first; the others reuse it
-    train_set = open_instances(dc.train, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.main)
-    val_set = open_instances(dc.val, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.main)
-    if d.main:
+    train_set = open_instances(dc.train, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.is_main)
+    val_set = open_instances(dc.val, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.is_main)
+    if d.is_main:
         d.barrier()
     resolved = asdict(cfg)
 
@@ -183,10 +183,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
         stream.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
         step, tokens_seen = int(state["step"]), int(state["tokens"])
-        if d.main:
+        if d.is_main:
             print(f"resuming {run_dir} from {ckpt.name} (step {step})", file=sys.stderr)
 
-    if d.main:
+    if d.is_main:
         write_json_atomic(run_dir / "run.json", {
             "config": resolved, "code_version": code_version(), "tokenizer_hash": tokenizer_hash(tokenizer),
             "train_instances": {"path": str(train_set.folder), "count": len(train_set),
@@ -198,14 +198,14 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
             "torch": torch.__version__,
         })
         plot_schedules(run_dir / "schedules.png", cfg, distiller.enabled)
-    metrics = Metrics(run_dir, step, tc.tensorboard, enabled=d.main)
+    metrics = Metrics(run_dir, step, tc.tensorboard, enabled=d.is_main)
     vbatches = val_batches(val_set, dc.batch_size, tc.eval_batches)
     tokens_per_step = dc.batch_size * dc.grad_accum * dc.seq_len
 
     def save_checkpoint() -> Path:
         # FSDP gathers the full weights and optimizer state (collectives on every rank); rank 0 writes
         weights, opt_state = distributed.model_state(module, d), distributed.optimizer_state(module, opt, d)
-        if d.main:
+        if d.is_main:
             state = {"step": step, "tokens": tokens_seen, "optimizer": opt_state, "scheduler": sched.state_dict(),
                      "data": stream.state_dict(), "rng": checkpoint.rng_state()}
             checkpoint.save(run_dir, step, model, tokenizer, state, tc.keep_checkpoints, weights)
@@ -213,7 +213,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
         return checkpoint.step_dir(run_dir, step)
 
     val_loss = float("nan")
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not (tc.progress and d.main), desc=cfg.run_name,
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not (tc.progress and d.is_main), desc=cfg.run_name,
                dynamic_ncols=True)
     t_start, last_ckpt, nan_run = time.perf_counter(), ckpt, 0
     while step < tc.max_steps:
@@ -259,7 +259,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
             if distiller.enabled and cfg.kd.val_kl_batches > 0:
                 record["kl_teacher"] = distiller.val_kl(student, vbatches[: cfg.kd.val_kl_batches], amp)
             metrics.log(record)
-            if d.main:
+            if d.is_main:
                 bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})"
                           + (f", KL(teacher||student) {record['kl_teacher']:.4f}" if "kl_teacher" in record else ""))
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
@@ -271,7 +271,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
         val_loss = evaluate(student, vbatches, device, amp)
     summary = {"run_name": cfg.run_name, "steps": step, "tokens": tokens_seen, "val_loss": val_loss,
                "val_ppl": math.exp(val_loss), "checkpoint": str(last_ckpt), "seconds_this_session": elapsed}
-    if not d.main:
+    if not d.is_main:
         return summary
     write_json_atomic(run_dir / "summary.json", summary)
     print(f"done: {step} steps, {tokens_seen:,} tokens, val loss {val_loss:.4f}; checkpoint {last_ckpt}")
@@ -295,4 +295,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's main, not this __main__ copy's: Hydra's joblib launcher pickles the task
+    # function, and cloudpickle copies a __main__ function by value with everything it reaches (including
+    # unpicklable torch config modules), while an importable one goes by reference.
+    from distill.train import main as _main
+
+    _main()
