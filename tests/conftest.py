@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,6 +108,21 @@ def save_tiny_llama(tokenizer_dir: Path, out: Path, seed: int, hidden: int = 128
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def scoring_rows(model_dir: Path, n: int, seq: int = 64) -> np.ndarray:
+    """n rows of seq token ids: random ones, and row 5 a greedy continuation of the model (every actual token is
+    its top-1, so the actual token also appears among the top-K: the duplicate case scorers must handle)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    rows = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(n, seq), dtype=np.int64)
+    with torch.no_grad():
+        greedy = model.generate(torch.as_tensor(rows[:1, :1]), max_new_tokens=seq - 1, min_new_tokens=seq - 1,
+                                do_sample=False, pad_token_id=0)
+    rows[5] = greedy[0].numpy()
+    return rows
 
 
 @pytest.fixture(scope="session")

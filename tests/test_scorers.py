@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 
 from refine.errors import InputError
 from refine.scoring import make_scorer
-from tests.conftest import REPO
+from tests.conftest import REPO, scoring_rows
 
 K = 20
 VOCAB = 400
@@ -33,15 +33,7 @@ def _manual_logp(model_dir, rows: np.ndarray) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def rows(tiny_model_dir):
-    """6 rows x 64 tokens: 5 random, 1 greedy continuation (every actual token is the top-1, so vLLM's
-    "actual token + top-K" block holds it twice: the duplicate case)."""
-    rows = np.random.default_rng(0).integers(0, VOCAB, size=(6, 64), dtype=np.int64)
-    model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
-    with torch.no_grad():
-        greedy = model.generate(torch.as_tensor(rows[:1, :1]), max_new_tokens=63, min_new_tokens=63,
-                                do_sample=False, pad_token_id=0)
-    rows[5] = greedy[0].numpy()
-    return rows
+    return scoring_rows(tiny_model_dir, 6)
 
 
 def test_hf_scorer_matches_manual_log_softmax(tiny_model_dir, rows):

@@ -24,13 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaForCausalLM
 
 from refine.errors import InputError
 from refine.scorer import _cpu_defaults
 from refine.scoring import make_scorer
-from tests.conftest import REPO
+from tests.conftest import REPO, scoring_rows
 
 K = 20
 VOCAB = 400
@@ -142,18 +140,6 @@ np.savez(sys.argv[4], token=out.token_logprobs, ids=out.topk_ids, lps=out.topk_l
 """
 
 
-def _rows(model_dir) -> np.ndarray:
-    """8 rows x 64 tokens: 7 random and 1 greedy continuation (its actual tokens are all top-1: the case where
-    the server's per-position dict collapses the actual token with its top-K entry)."""
-    rows = np.random.default_rng(0).integers(0, VOCAB, size=(8, 64), dtype=np.int64)
-    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
-    with torch.no_grad():
-        greedy = model.generate(torch.as_tensor(rows[:1, :1]), max_new_tokens=63, min_new_tokens=63,
-                                do_sample=False, pad_token_id=0)
-    rows[5] = greedy[0].numpy()
-    return rows
-
-
 def _same(a_lps, a_ids, b_lps, b_ids, tol=1e-5) -> float:
     """Max abs log-prob difference; ids must agree rank by rank wherever neighbouring log-probs are apart."""
     diff = float(np.abs(a_lps - b_lps).max())
@@ -188,7 +174,7 @@ def failing_proxy(target: str, ok_completions: int):
 
 
 def test_served_matches_in_process_engine(server, tiny_model_dir, tiny_corpus, tmp_path, capfd):
-    rows = _rows(tiny_model_dir)
+    rows = scoring_rows(tiny_model_dir, 8)
     np.save(tmp_path / "rows.npy", rows)
     child = subprocess.Popen([sys.executable, "-c", VLLM_SCRIPT, str(tiny_model_dir), str(tmp_path / "rows.npy"),
                               str(K), str(tmp_path / "inproc.npz")], cwd=REPO, stdout=subprocess.DEVNULL,
