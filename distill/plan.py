@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def plan(tokens: float, vocab: int, top_p: float, top_k: int, teacher_params: fl
                    teacher_measured_on=f"{refine_bench['machine']['cpu']}, {refine_bench['setup']['teacher']}, "
                                        f"{refine_bench['pipeline_tok_s']:,.0f} tok/s")
     train_bench = _load("train_cuda.json") or _load("train_cpu.json")
-    kd_over_lm = train_bench.get("kd_offline_over_lm", 1.0) if train_bench else 1.0
+    kd_over_lm = _kd_over_lm(train_bench or {}, vocab)
     lm_hours = 6 * student_params * tokens / rate / 3600
     out.update(student_lm_gpu_hours=lm_hours, kd_offline_over_lm=kd_over_lm,
                student_kd_offline_gpu_hours=lm_hours * kd_over_lm,
@@ -84,6 +85,16 @@ def plan(tokens: float, vocab: int, top_p: float, top_k: int, teacher_params: fl
                assumptions=f"{gpu_tflops:g} TFLOP/s peak x MFU {mfu:g}; training 6 N FLOPs/token, teacher "
                            f"forward 2 N FLOPs/token")
     return out
+
+
+def _kd_over_lm(train_bench: dict, vocab: int) -> float:
+    """The offline-KD / LM-only step ratio: the paired one (both steps alternating in one process, so the
+    machine's drift cancels) measured at the vocabulary nearest to ``vocab``; else the separate-process one."""
+    paired = train_bench.get("paired") or {}
+    if paired:
+        nearest = min(paired, key=lambda v: abs(math.log(int(v) / vocab)))
+        return float(paired[nearest]["kd_over_lm"])
+    return float(train_bench.get("kd_offline_over_lm", 1.0))
 
 
 def _h(hours: float) -> str:

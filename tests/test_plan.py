@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill.plan import main, pairs_per_position, plan
+from distill.plan import _kd_over_lm, main, pairs_per_position, plan
 from refine.logits_store import LogitsWriter, StoreHeader
 
 
@@ -33,3 +33,9 @@ def test_plan_figures(tmp_path, capsys):
     assert p["student_lm_gpu_hours"] == pytest.approx(6e17 / 5e13 / 3600)
     main(["--tokens", "1e6", "--student-params", "1e7", "--store", store, "--top-p", "0.8", "--top-k", "5"])
     assert "logits, raw codec" in capsys.readouterr().out
+
+
+def test_kd_ratio_is_the_paired_one_at_the_nearest_vocab():
+    bench = {"kd_offline_over_lm": 0.8, "paired": {"49152": {"kd_over_lm": 0.99}, "151552": {"kd_over_lm": 1.03}}}
+    assert _kd_over_lm(bench, 32_000) == 0.99 and _kd_over_lm(bench, 262_144) == 1.03
+    assert _kd_over_lm({"kd_offline_over_lm": 1.2}, 32_000) == 1.2 and _kd_over_lm({}, 32_000) == 1.0
