@@ -17,6 +17,7 @@ to sync gradients, and FSDP must have the (tied) head weight gathered while the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -114,6 +115,15 @@ def wrap(module: LossModule, d: Dist, device: torch.device) -> torch.nn.Module:
         fully_shard(layer)
     fully_shard(module)
     return module
+
+
+def grad_sync(wrapped: torch.nn.Module, last: bool):
+    """Context for one micro-batch's forward + backward: DDP all-reduces gradients only on the last micro-batch
+    of an accumulated step (``no_sync`` on the others: one all-reduce per step, not per micro-batch). FSDP2
+    keeps reduce-scattering every micro-batch, so gradients stay sharded (memory is why one shards)."""
+    if last or not hasattr(wrapped, "no_sync"):
+        return contextlib.nullcontext()
+    return wrapped.no_sync()
 
 
 def eval_module(wrapped: torch.nn.Module) -> torch.nn.Module:

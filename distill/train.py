@@ -219,12 +219,13 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
     while step < tc.max_steps:
         t0 = time.perf_counter()
         loss_sum, parts_sum = 0.0, {}
-        for _ in range(dc.grad_accum):
+        for micro in range(dc.grad_accum):
             rows = d.local_rows(stream.next_rows())
             batch = stream.fetch(rows).to(device)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss, parts = module(batch, rows, step)
-            (loss / dc.grad_accum).backward()
+            with distributed.grad_sync(module, last=micro == dc.grad_accum - 1):
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss, parts = module(batch, rows, step)
+                (loss / dc.grad_accum).backward()
             loss_sum += loss.item()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / dc.grad_accum

@@ -1,5 +1,5 @@
-"""torchrun on CPU (gloo): 2 processes train exactly like 1 process with the same global batch, for DDP and FSDP2,
-and a 2-process checkpoint resumes in 1 process (the data position is global)."""
+"""torchrun on CPU (gloo): 2 processes train exactly like 1 process with the same global batch, for DDP (also with
+gradient accumulation) and FSDP2, and a 2-process checkpoint resumes in 1 process (the data position is global)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ def test_two_processes_match_one(tiny_overrides, tmp_path):
     one = _run(tiny_overrides + STEPS, tmp_path / "one")
     ddp = _run(tiny_overrides + STEPS, tmp_path / "ddp", procs=2)
     _assert_same(one, ddp)
+    # the same global batch as 2 micro-batches of 1 row per rank: DDP syncs gradients on the last one only
+    accum = _run(tiny_overrides + STEPS + ["data.batch_size=2", "data.grad_accum=2", "trainer.eval_batches=4"],
+                 tmp_path / "accum", procs=2)                              # the same 8 val rows
+    _assert_same(one, accum)
     fsdp = _run(tiny_overrides + STEPS + ["trainer.parallel=fsdp"], tmp_path / "fsdp", procs=2)
     _assert_same(one, fsdp)
     run = json.loads((tmp_path / "fsdp" / "run.json").read_text())
