@@ -91,13 +91,16 @@ class OnlineTeacher:
             return from_sorted_topk(*topk_logprobs(hidden, head, self.top_k), self.top_p, self.top_k)
         logp = torch.log_softmax(forward_logits(self.model, tokens, self.bos_id)[:, :-1].float(), dim=-1)
         if self.rs_samples:
-            # Draws depend only on (seed, rows): a resumed run and an offline store of the same rows agree.
+            # A row's draws depend only on (seed, row): a resumed run draws them again, and neither the micro-batch
+            # size nor the number of torchrun ranks (which regroup rows) changes them.
             if rows is None:
                 raise ValueError("sampled online KD needs the batch's row indices (its random stream)")
-            gen = torch.Generator(device=logp.device).manual_seed(seed_for(self.seed, *np.asarray(rows).tolist()))
-            vocab = torch.arange(logp.shape[-1], device=logp.device).expand_as(logp)
-            ids, logw, counts = sample_sparse(vocab, logp, self.rs_samples, self.rs_temperature, gen,
-                                              with_tail=False)
+            vocab = torch.arange(logp.shape[-1], device=logp.device).expand_as(logp[0])
+            drawn = [sample_sparse(vocab, row_logp, self.rs_samples, self.rs_temperature,
+                                   torch.Generator(device=logp.device).manual_seed(seed_for(self.seed, int(row))),
+                                   with_tail=False)
+                     for row, row_logp in zip(np.asarray(rows).tolist(), logp, strict=True)]
+            ids, logw, counts = (torch.stack(parts) for parts in zip(*drawn, strict=True))
             mask = torch.arange(self.rs_samples, device=ids.device) < counts[..., None]
             return TeacherSignal(ids, logw, mask)
         # full vocabulary (top_k = 0), or a head that is not a plain matmul

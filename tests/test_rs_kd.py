@@ -94,13 +94,16 @@ def test_sampled_store_round_trip_and_distiller_rules(tmp_path, tiny_model_dir):
     assert ok.sampled
 
 
-def test_online_sampled_signal_is_seeded_by_rows(tiny_model_dir):
+def test_online_sampled_signal_is_seeded_by_row(tiny_model_dir):
     rows = np.random.default_rng(0).integers(0, 400, size=(2, 24))
     teacher = OnlineTeacher(str(tiny_model_dir), rs_samples=16, seed=3)
     a = teacher.signal(np.array([4, 9]), torch.as_tensor(rows))
     b = teacher.signal(np.array([4, 9]), torch.as_tensor(rows))
     c = teacher.signal(np.array([5, 9]), torch.as_tensor(rows))
-    assert torch.equal(a.ids, b.ids) and not torch.equal(a.ids, c.ids)
+    assert torch.equal(a.ids, b.ids) and not torch.equal(a.ids[0], c.ids[0])
+    assert torch.equal(a.ids[1], c.ids[1]) and torch.equal(a.logprobs[1], c.logprobs[1])   # row 9: its own stream
+    alone = teacher.signal(np.array([9]), torch.as_tensor(rows[1:]))       # another grouping (ranks, micro-batches)
+    assert torch.equal(alone.ids[0], a.ids[1]) and torch.equal(alone.mask[0], a.mask[1])
     assert torch.allclose(a.kept_mass(), torch.ones(2, 23), atol=1e-5)   # full vocabulary: no tail
     assert (a.mask.sum(-1) <= 16).all()
     student = torch.randn(2, 23, 400, generator=torch.Generator().manual_seed(1))
