@@ -8,7 +8,8 @@ teacher's top-0.95-50 store of 1,024 instances x 255 positions)::
 The store must be raw (the compact copy is written to ``--work``, default ``.cache/bench/logits_store/``).
 Measures, on this machine:
 
-* bytes per predicted token of both, ids per position, encoding (raw -> compact) and decoding speed;
+* bytes per predicted token of both, ids per position, encoding (raw -> compact, 1 and 2 threads: same
+  bytes, checked) and decoding speed;
 * ``OfflineTeacher(store).signal(rows)`` for 4 random rows (what the trainer calls every step), raw and
   compact alternating over the same batches;
 * KL(full || stored) per token: the full teacher distribution from an HF forward of the teacher over the
@@ -37,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from refine.errors import InputError  # noqa: E402
 from refine.logits_store import LogitsStore, SparseRows, convert  # noqa: E402
+from refine.manifest import sha256_file  # noqa: E402
 
 
 def read_speed(store: LogitsStore) -> float:
@@ -152,9 +154,17 @@ def main() -> None:
     refined = Path(a.refined) if a.refined else Path(a.store).resolve().parent.parent
     work = Path(a.work).resolve()
     shutil.rmtree(work / "zstd", ignore_errors=True)
-    t0 = time.perf_counter()
-    compact = convert(raw.folder, work / "zstd", "zstd")
-    encode_s = time.perf_counter() - t0
+    encode_s = {}
+    for workers in (1, 2):     # one encoder thread, then two (the refine default on >= 8 cores), same bytes
+        shutil.rmtree(work / f"zstd-w{workers}", ignore_errors=True)
+        t0 = time.perf_counter()
+        convert(raw.folder, work / f"zstd-w{workers}", "zstd", workers=workers)
+        encode_s[workers] = time.perf_counter() - t0
+    if any(sha256_file(f) != sha256_file(work / "zstd-w2" / f.name) for f in (work / "zstd-w1").iterdir()):
+        raise SystemExit("two encoder threads wrote other bytes than one")
+    shutil.rmtree(work / "zstd-w2")
+    (work / "zstd-w1").rename(work / "zstd")
+    compact = LogitsStore(work / "zstd")
     tokens = len(raw) * raw.header.positions
     stores = {"raw": raw, "compact": compact}
     stats = {name: s.stats() for name, s in stores.items()}
@@ -165,7 +175,8 @@ def main() -> None:
            "bytes_per_token_raw": stats["raw"]["bytes_per_token"],
            "ids_per_position": stats["compact"]["ids_per_position"],
            **{f"mean_kept_mass_{name}": st["mean_kept_mass"] for name, st in stats.items()},
-           "encode_tokens_per_s": tokens / encode_s,
+           "encode_tokens_per_s": tokens / encode_s[1],
+           "encode_tokens_per_s_2_threads": tokens / encode_s[2],
            **{f"decode_instances_per_s_{name}": read_speed(s) for name, s in stores.items()}}
     res["signal_ms_4_rows"] = signal_ms(stores)
     print(f"{a.kl_instances} instances: HF teacher forward for KL", flush=True)
@@ -192,7 +203,8 @@ def main() -> None:
               f"{res['signal_ms_4_rows'][name]:>10.1f}{k[f'kl_full_{name}']:>17.4f}"
               f"{tr.get('val_loss', float('nan')):>10.4f}{tr.get('step_s', float('nan')):>8.2f}")
     print(f"KL(raw || compact), renormalised targets: {k['kl_renorm_raw_compact']:.5f} nats/token; "
-          f"encoding {res['encode_tokens_per_s']:,.0f} tokens/s")
+          f"encoding {res['encode_tokens_per_s']:,.0f} tokens/s (1 thread), "
+          f"{res['encode_tokens_per_s_2_threads']:,.0f} (2 threads)")
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"-> {a.out}")
 

@@ -82,6 +82,7 @@ def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, lo
            "--top-p", str(top_p), "--candidates", str(logits.candidates), "--rs-samples", str(logits.rs_samples),
            "--rs-temperature", str(logits.rs_temperature), "--seed", str(logits.seed), "--codec", logits.codec,
            "--shard-size", str(shard_size), "--shard", shard, "--batch-rows", str(pass_cfg.batch_rows),
+           "--write-workers", str(pass_cfg.write_workers),
            "--engine-opts", json.dumps(pass_cfg.engine), *(["--urls", *pass_cfg.urls] if pass_cfg.urls else [])]
     print(f"scoring {len(inst)} instances with {model} ({pass_cfg.backend}, {pass_cfg.dtype}"
           f"{f', top-{top_p}-{top_k} logits' if top_k else ''})", flush=True)

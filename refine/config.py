@@ -31,6 +31,7 @@ class ModelPassConfig:
     backend: str = "vllm"                  # vllm | hf | served (running vLLM servers at urls)
     dtype: str = "float32"                 # float32 | bfloat16
     batch_rows: int = 64                   # rows per engine call (vLLM schedules them by tokens)
+    write_workers: int = 0                 # shards encoded + written while the next is scored (0: cores / 4, 1..4)
     engine: dict = field(default_factory=dict)   # extra engine kwargs, e.g. {tensor_parallel_size: 2}
     urls: list[str] = field(default_factory=list)  # backend served: base URLs, e.g. [http://gpu1:8000]
 

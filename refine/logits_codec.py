@@ -36,6 +36,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse
 import zstandard
 
 MAGIC = b"RDLZ"
@@ -107,12 +108,14 @@ def _cluster(pos: np.ndarray, ids: np.ndarray, n_pos: int, vocab: int, k: int, i
         return np.zeros(n_pos, dtype=np.int64)
     prior = (np.bincount(ids, minlength=vocab) + 0.5) / (n_pos + 1.0)     # shrink each cluster towards this
     z = np.random.default_rng(0).integers(0, k, n_pos)                      # seeded: reruns write the same bytes
+    # positions x ids as a sparse 0/1 matrix: a position's log-likelihood under every cluster is one sparse
+    # matmul (C, no per-cluster pass over the pairs)
+    member = scipy.sparse.csr_matrix((np.ones(len(ids)), (pos, ids)), shape=(n_pos, vocab))
     for _ in range(iterations):
         hits = np.bincount(z[pos] * vocab + ids, minlength=k * vocab).reshape(k, vocab)
         pi = (hits + prior) / (np.bincount(z, minlength=k)[:, None] + 1.0)
         log_in, log_out = np.log(pi), np.log1p(-pi)
-        ll = np.stack([np.bincount(pos, weights=(log_in[c] - log_out[c])[ids], minlength=n_pos)
-                       for c in range(k)], axis=1) + log_out.sum(1)
+        ll = member @ (log_in - log_out).T + log_out.sum(1)
         z_new = ll.argmax(1)
         if np.array_equal(z_new, z):
             break

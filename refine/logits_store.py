@@ -307,23 +307,29 @@ def _extra(store: LogitsStore) -> dict:
     return {k: v for k, v in store.index.items() if k not in ("header", "shards", "count")}
 
 
-def convert(src: str | Path, dst: str | Path, codec: str) -> LogitsStore:
+def convert(src: str | Path, dst: str | Path, codec: str, workers: int = 1) -> LogitsStore:
     """The same store (any kind, same shards) in another codec, e.g. an existing raw store made compact.
-    Written next to ``dst`` and renamed over it, so ``dst`` may be ``src``."""
+    Written next to ``dst`` and renamed over it, so ``dst`` may be ``src``. ``workers``: shards encoded at once
+    (threads: the encoder's numpy, scipy and zstd work runs outside the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     store = LogitsStore(src)
     with atomic_path(dst) as tmp:
         writer = LogitsWriter(tmp, StoreHeader(**{**asdict(store.header), "codec": codec}))
-        shards = []
-        for s, start in enumerate(store._starts[:-1]):
-            stop = start + store.index["shards"][s]["instances"]
-            shards.append(writer.write_rows(s, [store[int(i)] for i in range(start, stop)]))
+
+        def one(s: int) -> dict:
+            start = int(store._starts[s])
+            return writer.write_rows(s, [store[i] for i in range(start, start + store.index["shards"][s]["instances"])])
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            shards = list(pool.map(one, range(len(store.index["shards"]))))
         writer.finish(shards, extra=_extra(store))
     return LogitsStore(dst)
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m refine.logits_store info STORE`` | ``retruncate SRC DST --top-p P --top-k K [--codec C]``
-    | ``convert SRC DST --codec C``."""
+    | ``convert SRC DST --codec C [--workers N]``."""
     import argparse
 
     from refine.errors import exit_on_input_error
@@ -342,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.add_argument("--codec", choices=CODECS, required=True)
+    cv.add_argument("--workers", type=int, default=1, help="shards encoded at once (threads)")
     a = ap.parse_args(argv)
 
     @exit_on_input_error
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.cmd == "info":
             store = LogitsStore(a.store, verify=True)
         elif a.cmd == "convert":
-            store = convert(a.src, a.dst, a.codec)
+            store = convert(a.src, a.dst, a.codec, a.workers)
         else:
             store = retruncate(a.src, a.dst, a.top_p, a.top_k, codec=a.codec)
         print(json.dumps({"folder": str(store.folder), **asdict(store.header), "instances": len(store),

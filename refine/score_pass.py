@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,14 +40,15 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
              top_k: int = 0, top_p: float = 1.0, shard_size: int = 128, batch_rows: int = 32,
              quiet: bool = False, scorer=None, candidates: int = 0, rs_samples: int = 0,
              rs_temperature: float = 1.0, seed: int = 0, codec: str = "zstd", shard: str = "0/1",
-             **engine_opts) -> dict:
+             write_workers: int = 0, **engine_opts) -> dict:
     """Score every unfinished shard. ``scorer``: an already started one (benchmarks), else one is made here.
 
     The engine returns the top ``max(top_k, candidates)`` per position; the top-p-k store keeps a prefix of
     them, and with ``rs_samples`` > 0 the same candidates (plus their remaining mass) also give an RS-KD
     sampled store in ``logits_rs/`` (draws seeded by ``seed`` and the shard: a rerun writes the same bytes).
     ``codec``: both stores' (``refine.logits_store``: zstd | raw). ``shard``: "i/N", this machine's part of a
-    run spread over N (a partial summary until a folder holds every part's shard files).
+    run spread over N (a partial summary until a folder holds every part's shard files). ``write_workers``:
+    threads encoding and writing scored shards while the next ones are scored (0: a quarter of the cores, 1..4).
     """
     from refine.scoring import make_scorer
 
@@ -100,21 +102,24 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
                 print(f"  {Path(model).name}: shard {s + 1}/{n_shards}, {rows.size / score_s:,.0f} tok/s",
                       file=sys.stderr, flush=True)
 
-        # Encoding and writing a shard overlaps scoring the next one (a GPU teacher outruns the encoder); at
-        # most one shard waits, so memory stays at two shards' candidates.
-        pending = None
+        # Encoding and writing shards overlaps scoring the next ones (a GPU teacher outruns one encoder thread;
+        # numpy, scipy and zstd release the GIL, so threads scale: 1.6x with 2 on 2 cores). At most
+        # `workers` shards wait, so memory stays at workers + 1 shards' candidates. Each shard is finished
+        # by its own json, so the order in which they finish does not matter.
+        workers = write_workers or min(4, max(1, (os.cpu_count() or 1) // 4))
+        pending: list = []
         try:
-            with ThreadPoolExecutor(max_workers=1) as pool:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
                 for s in todo:
                     t0 = time.perf_counter()
                     rows = np.asarray(inst.tokens[s * shard_size:(s + 1) * shard_size])
                     parts = [scorer.score(rows[i:i + batch_rows]) for i in range(0, len(rows), batch_rows)]
                     score_s = time.perf_counter() - t0
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(write, s, rows, parts, score_s)
-                if pending is not None:
-                    pending.result()
+                    while len(pending) >= workers:
+                        pending.pop(0).result()
+                    pending.append(pool.submit(write, s, rows, parts, score_s))
+                for job in pending:
+                    job.result()
         finally:
             if own:
                 scorer.close()
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shard-size", type=int, default=128)
     ap.add_argument("--shard", default="0/1", help="i/N: score this machine's part of a run spread over N")
     ap.add_argument("--batch-rows", type=int, default=32)
+    ap.add_argument("--write-workers", type=int, default=0, help="shard encoder threads (0: cores / 4, 1..4)")
     ap.add_argument("--engine-opts", default="{}", help="JSON dict passed to the engine (e.g. tensor_parallel_size)")
     a = ap.parse_args(argv)
     if not Path(a.model).is_dir():
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = run_pass(a.model, a.instances, a.out, a.backend, a.dtype, a.top_k, a.top_p, a.shard_size,
                        a.batch_rows, candidates=a.candidates, rs_samples=a.rs_samples,
                        rs_temperature=a.rs_temperature, seed=a.seed, codec=a.codec, shard=a.shard,
-                       **engine_opts)
+                       write_workers=a.write_workers, **engine_opts)
     print(json.dumps(summary))
 
 

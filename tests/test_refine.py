@@ -131,7 +131,8 @@ def test_two_shards_merged_equal_one_unsharded_run_byte_for_byte(overrides, tmp_
     refine(_cfg(overrides))
     parts = [tmp_path / "part0", tmp_path / "part1"]
     for i, part in enumerate(parts):
-        res = subprocess.run([sys.executable, "-m", "refine", *overrides, f"out={part}", "--shard", f"{i}/2"],
+        workers = [f"teacher.write_workers={3 - 2 * i}"]                # part 0 writes its 3 shards concurrently
+        res = subprocess.run([sys.executable, "-m", "refine", *overrides, *workers, f"out={part}", "--shard", f"{i}/2"],
                              cwd=REPO, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0 and f"part {i}/2 scored" in res.stdout, res.stderr[-2000:]
         assert not (part / "teacher" / "pass.json").exists() and not (part / "instances").exists()
