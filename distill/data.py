@@ -64,6 +64,14 @@ class BatchStream:
             self.cursor += 1
         return np.asarray(rows)
 
+    def peek_rows(self) -> np.ndarray:
+        """The rows ``next_rows`` will return, without moving the stream (to read their teacher signal ahead)."""
+        saved = self.epoch, self.cursor, self._order
+        try:
+            return self.next_rows()
+        finally:
+            self.epoch, self.cursor, self._order = saved
+
     def fetch(self, rows: np.ndarray) -> torch.Tensor:
         # Sorted fancy-indexing reads the memmap sequentially; the batch keeps the permutation's row order.
         batch = self.instances.tokens[np.sort(rows)][np.argsort(np.argsort(rows))]

@@ -70,6 +70,12 @@ class Distiller:
     def enabled(self) -> bool:
         return self.teacher is not None
 
+    def prefetch(self, rows) -> None:
+        """Start reading the signal of the batch that comes next (a stored teacher; a live one has nothing to
+        read ahead)."""
+        if hasattr(self.teacher, "prefetch"):
+            self.teacher.prefetch(rows)
+
     def loss(self, model, batch: torch.Tensor, rows, step: int) -> tuple[torch.Tensor, dict]:
         """The step's loss for ``model`` on ``batch`` (call under the trainer's autocast) and its parts for
         logging. Through ``distill.fused_loss`` (no [tokens, vocab] tensor) when the model's logits are a plain

@@ -225,6 +225,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
             with distributed.grad_sync(module, last=micro == dc.grad_accum - 1):
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, parts = module(batch, rows, step)
+                distiller.prefetch(d.local_rows(stream.peek_rows()))    # the next signal is read during backward
                 (loss / dc.grad_accum).backward()
             loss_sum += loss.item()
             for k, v in parts.items():

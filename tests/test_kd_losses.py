@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from distill.losses import adaptive_temperature, kd_loss
 from distill.signal import OfflineTeacher, OnlineTeacher, TeacherSignal, from_sorted_topk
+from refine.errors import InputError
 from refine.logits_store import LogitsStore, LogitsWriter, StoreHeader
 
 
@@ -112,3 +113,29 @@ def test_offline_and_online_teacher_give_the_same_loss(tiny_model_dir, tmp_path)
     for loss in ("kld", "nll", "rkl"):
         a, b = kd_loss(student, offline, loss).item(), kd_loss(student, online, loss).item()
         assert a == pytest.approx(b, rel=2e-3), loss                  # stored log-probs are float16
+
+
+def test_offline_prefetch_returns_the_read_it_was_asked_for(tmp_path):
+    rng = np.random.default_rng(5)
+    lps = np.sort(np.log(rng.dirichlet(np.ones(20), size=(6, 15))), -1)[..., ::-1].copy()
+    ids = np.argsort(rng.random((6, 15, 100)), -1)[..., :20]
+    writer = LogitsWriter(tmp_path / "store", StoreHeader(100, "h", 0.9, 20, 15))
+    writer.finish([writer.write_shard(0, ids[:3], lps[:3]), writer.write_shard(1, ids[3:], lps[3:])])
+    teacher, plain = OfflineTeacher(LogitsStore(tmp_path / "store")), OfflineTeacher(LogitsStore(tmp_path / "store"))
+
+    def same(a, b):
+        return torch.equal(a.ids, b.ids) and torch.equal(a.logprobs, b.logprobs) and torch.equal(a.mask, b.mask)
+
+    teacher.prefetch(np.array([4, 1]))
+    assert same(teacher.signal(np.array([4, 1])), plain.signal(np.array([4, 1])))     # the read ahead
+    teacher.prefetch(np.array([0, 2]))
+    assert same(teacher.signal(np.array([5, 3])), plain.signal(np.array([5, 3])))     # not those rows: in line
+    assert same(teacher.signal(np.array([0, 2])), plain.signal(np.array([0, 2])))     # and nothing stale kept
+    shard = tmp_path / "store" / "shard-00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))                                                      # a read-ahead's error ...
+    teacher = OfflineTeacher(LogitsStore(tmp_path / "store", verify="lazy"))       # as the trainer opens it
+    teacher.prefetch(np.array([4]))
+    with pytest.raises(InputError, match="corrupt"):                                    # ... surfaces at the step
+        teacher.signal(np.array([4]))

@@ -93,7 +93,10 @@ def test_batch_stream_resumes_exactly(tok, tiny_corpus, tmp_path):
     for _ in range(25):                                  # crosses an epoch boundary
         a.next_batch()
     state = a.state_dict()
+    peeked = a.peek_rows()                               # reading ahead does not move the stream
+    assert a.state_dict() == state and np.array_equal(a.peek_rows(), peeked)
     expected = [a.next_batch() for _ in range(30)]
+    assert (expected[0] == a.fetch(peeked)).all()
     b = BatchStream(inst, 7, seed=3)
     b.load_state_dict(state)
     assert all((x == y).all() for x, y in zip(expected, (b.next_batch() for _ in range(30))))
