@@ -7,13 +7,13 @@ version, counts, timings) is written last; a stage whose manifest matches its in
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,7 +51,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(final)
+    _remove_stale(final.parent)
     tmp = final.with_name(f".{final.name}.tmp-{_HOST}-{os.getpid()}")
     try:
         yield tmp
@@ -81,21 +81,31 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 
 
 _HOST = socket.gethostname().replace("-", "_")
+_SWEPT: set[Path] = set()
+_SWEEP_LOCK = threading.Lock()
 
 
-def _remove_stale(final: Path) -> None:
-    """Temporaries of ``final`` left by processes of this host that no longer exist (a kill -9 or a power cut
-    mid-write); a live writer's (a parallel job, or this process) stay. A shared folder's other hosts' stay."""
-    for stale in final.parent.glob(f".{glob.escape(final.name)}.*-{_HOST}-*"):
-        kind, _, pid = stale.name[len(final.name) + 2:].partition(f"-{_HOST}-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if kind == "old" and not final.exists():
-            stale.rename(final)                    # killed between the two renames: the old one is the data
-        elif stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+def _remove_stale(folder: Path) -> None:
+    """Temporaries in ``folder`` left by processes of this host that no longer exist (a kill -9 or a power cut
+    mid-write); a live writer's (a parallel job, or this process) stay, and so do other hosts' in a shared
+    folder. Once per folder per process: a scan costs O(entries), so scanning at every write would make
+    writing N shards into one folder O(N^2)."""
+    with _SWEEP_LOCK:
+        if folder in _SWEPT:
+            return
+        _SWEPT.add(folder)
+        for stale in folder.glob(f".*-{_HOST}-*"):
+            rest, _, pid = stale.name.rpartition(f"-{_HOST}-")
+            name, _, kind = rest[1:].rpartition(".")          # ".{name}.{kind}-{host}-{pid}"
+            if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+                continue
+            final = folder / name
+            if kind == "old" and not final.exists():
+                stale.rename(final)                # killed between the two renames: the old one is the data
+            elif stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -103,8 +113,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:                        # another user's process
+        pass
     return True
 
 

@@ -64,3 +64,22 @@ def test_train_killed_repeatedly_finishes_identically(tiny_overrides, tmp_path):
     assert (crashed / final).read_bytes() == (straight / final).read_bytes()
     leftovers = [p.name for p in crashed.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
     assert leftovers == []
+
+
+def test_a_writer_sweeps_dead_processes_temporaries_once_per_folder(tmp_path):
+    from refine import manifest
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                                     # a pid that no longer runs
+    host = manifest._HOST
+    (tmp_path / f".a.json.tmp-{host}-{dead.pid}").write_text("half")
+    (tmp_path / f".store.old-{host}-{dead.pid}").mkdir()            # killed between the two renames of "store"
+    live = tmp_path / f".b.json.tmp-{host}-{os.getpid()}"           # this process's: a writer still at work
+    live.write_text("mine")
+    other = tmp_path / f".c.json.tmp-otherhost-{dead.pid}"          # another host's, in a shared folder
+    other.write_text("theirs")
+    manifest.write_json_atomic(tmp_path / "x.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "store", "x.json"])
+    (tmp_path / f".d.json.tmp-{host}-{dead.pid}").write_text("later")   # swept by the next process, not this one
+    manifest.write_json_atomic(tmp_path / "y.json", {})
+    assert (tmp_path / f".d.json.tmp-{host}-{dead.pid}").exists()
