@@ -89,6 +89,8 @@ class KDConfig:
     signal: str = "none"                   # none | offline | online
     logits: str = ""                       # offline: the refine logits store aligned with data.train
     teacher: str = "${paths.teacher}"      # online: an HF teacher folder (frozen)
+    teacher_dtype: str = "float32"         # the live/validation teacher's own dtype (float32 | bfloat16 | float16),
+                                           # never the student's autocast
     top_p: float = 0.95                    # online truncation (offline stores carry their own)
     top_k: int = 50                        # online; 0 = full vocabulary
     rs_samples: int = 0                    # online: > 0 samples this many tokens per position (RS-KD) instead
@@ -97,7 +99,8 @@ class KDConfig:
     temperature: float = 1.0
     adaptive_temperature: bool = False     # AdaKD-style per-position temperature (distill.losses)
     adaptive_beta: float = 1.0
-    missing_mass: str = "renorm"           # renorm | tail (see distill.losses)
+    missing_mass: str = "auto"             # auto | renorm | tail | none (distill.losses); auto: renorm for
+                                           # top-p-k, RS-KD: none online, tail offline (distill.kd)
     tau_squared: bool = False              # multiply the KD loss by tau^2 (Hinton's gradient-scale fix)
     val_kl_batches: int = 2                # val batches for KL(teacher || student) at each eval (0: off)
     alpha: AlphaConfig = field(default_factory=AlphaConfig)

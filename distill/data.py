@@ -94,7 +94,9 @@ class BatchStream:
 
 
 def val_batches(instances: Instances, batch_size: int, max_batches: int) -> list[torch.Tensor]:
-    """A fixed, ordered set of validation batches (the first ones), identical at every evaluation."""
+    """A fixed, ordered set of validation batches, identical at every evaluation: rows evenly spaced over the
+    split (the first rows would be one source of a corpus that lists its sources one after another)."""
     n = min(len(instances), batch_size * max_batches)
-    rows = torch.from_numpy(np.asarray(instances.tokens[:n]).astype(np.int64))
+    picks = np.linspace(0, len(instances) - 1, n).round().astype(np.int64) if n else np.zeros(0, dtype=np.int64)
+    rows = torch.from_numpy(np.asarray(instances.tokens[picks]).astype(np.int64))
     return [rows[i:i + batch_size] for i in range(0, n, batch_size)]

@@ -83,7 +83,8 @@ def shutdown(d: Dist) -> None:
 
 
 class LossModule(torch.nn.Module):
-    """The student plus the step's loss. Called with ``input_ids=`` it is the student (evaluation)."""
+    """The student plus the step's loss. Called with ``input_ids=`` it is the student (evaluation: an HF output
+    with ``.logits``), with the student's BOS prefix like every other model pass (``distill.kd``)."""
 
     def __init__(self, model, distiller):
         super().__init__()
@@ -92,7 +93,11 @@ class LossModule(torch.nn.Module):
 
     def forward(self, batch=None, rows=None, step=None, input_ids=None):
         if input_ids is not None:
-            return self.model(input_ids=input_ids)
+            from transformers.modeling_outputs import CausalLMOutput
+
+            from refine.hf_scorer import forward_logits
+
+            return CausalLMOutput(logits=forward_logits(self.model, input_ids, self.distiller.bos_id))
         return self.distiller.loss(self.model, batch, rows, step)
 
 

@@ -44,7 +44,9 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
     i.e. document separators, count no bytes), which compares students with different tokenizers.
     """
     from distill.data import open_instances, val_batches
+    from refine.hf_scorer import forward_logits
     from refine.report import source_of
+    from refine.tokenizer import bos_prefix
 
     inst = open_instances(val, tokenizer, seq_len, cache_dir(), quiet=True)
     batches = val_batches(inst, batch_size, max_batches or len(inst))
@@ -55,7 +57,8 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            logits = model(input_ids=batch.to(device)).logits[:, :-1].float()
+            # with the BOS prefix the model was trained with (distill.kd: one rule for every model pass)
+            logits = forward_logits(model, batch.to(device), bos_prefix(tokenizer))[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:].to(device), reduction="none")
             nats += nll.sum(1).tolist()
             n_bytes += [len(tokenizer.decode(row[1:].tolist(), skip_special_tokens=True).encode("utf-8"))
@@ -92,7 +95,11 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_siz
     elif backend == "hf":
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        from refine.tokenizer import bos_prefix
+
+        # lm-eval adds BOS only when told: a model whose tokenizer adds one was trained with it in front
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  add_bos_token=bos_prefix(tokenizer) is not None)
     else:
         raise InputError(f"unknown eval backend {backend!r} (hf | vllm)")
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, random_seed=0, numpy_random_seed=0,

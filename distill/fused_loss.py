@@ -131,7 +131,8 @@ def _chunk(z: torch.Tensor, y: torch.Tensor, kd: dict | None, a: int, n: int, lm
             log_q = leaves["z_s"] / tau_col - leaves["lse_t"][:, None] if exp_t is not None \
                 else leaves["z_s"] - leaves["lse"][:, None]
             kd_part = kd_from_log_q(log_q, kd["logprobs"][a:a + c], kd["mask"][a:a + c], kd["loss"],
-                                    tau_col if exp_t is not None else 1.0, kd["missing_mass"]).sum()
+                                    tau_col if exp_t is not None else 1.0, kd["missing_mass"],
+                                    kd["tau_squared"]).sum()
         total = (lm_weight * lm + kd_weight * kd_part) / n
         names = list(leaves)
         grads = dict(zip(names, torch.autograd.grad(total, [leaves[k] for k in names], allow_unused=True)))
@@ -147,8 +148,8 @@ def _chunk(z: torch.Tensor, y: torch.Tensor, kd: dict | None, a: int, n: int, lm
 
 def fused_lm_kd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, signal=None, *,
                 lm_weight: float = 1.0, kd_weight: float = 0.0, loss: str = "kld",
-                temperature: float | torch.Tensor = 1.0, missing_mass: str = "renorm", chunk_rows: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                temperature: float | torch.Tensor = 1.0, missing_mass: str = "renorm", tau_squared: bool = False,
+                chunk_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``lm_weight * LM + kd_weight * KD`` (each a mean over positions), and the two means (detached).
 
     ``hidden`` [..., D] of the predicting positions, ``targets`` [...] their next tokens, ``signal`` a
@@ -163,6 +164,6 @@ def fused_lm_kd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         tau = torch.as_tensor(temperature, dtype=torch.float32, device=hidden.device)
         kd = {"ids": signal.ids.reshape(-1, k), "logprobs": signal.logprobs.reshape(-1, k),
               "mask": signal.mask.reshape(-1, k), "tau": tau.reshape(-1) if tau.dim() else tau,
-              "loss": loss, "missing_mass": missing_mass}
+              "loss": loss, "missing_mass": missing_mass, "tau_squared": tau_squared}
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
     return _FusedLMKD.apply(hidden, weight, targets, kd, float(lm_weight), float(kd_weight), rows)

@@ -5,6 +5,9 @@
 ``Distiller`` builds the teacher side from ``cfg.kd`` (none | offline store | online model), checks that it
 matches the student (tokenizer hash, instance count and length), and returns the loss with its parts for
 logging. ``val_kl`` measures KL(teacher || student) on validation batches with the full teacher distribution.
+
+Every model pass here (student, live teacher, validation teacher) goes through ``refine.hf_scorer.forward_logits``
+with the BOS prefix its tokenizer asks for (``refine.tokenizer.bos_prefix``), as the refine scorers do.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ from __future__ import annotations
 import torch
 
 from distill.config import KDConfig
-from distill.fused_loss import fused_lm_kd, last_hidden, lm_head_weight
-from distill.losses import adaptive_temperature, kd_loss, lm_loss
+from distill.fused_loss import fused_lm_kd, lm_head_weight
+from distill.losses import LOSSES, MISSING_MASS, adaptive_temperature, kd_loss, lm_loss
 from distill.schedules import alpha_at
 from refine.errors import InputError
+from refine.hf_scorer import DTYPES, forward_logits
 from refine.instances import Instances
 
 
@@ -27,16 +31,36 @@ def _check_teacher_tokenizer(teacher_dir: str, student_hash: str) -> None:
                          f"vocabulary (cross-tokenizer KD is another loss)")
 
 
+def _check_choices(cfg: KDConfig) -> None:
+    for name, value, choices in (("loss", cfg.loss, LOSSES),
+                                 ("missing_mass", cfg.missing_mass, ("auto", *MISSING_MASS)),
+                                 ("teacher_dtype", cfg.teacher_dtype, tuple(DTYPES))):
+        if value not in choices:
+            raise InputError(f"kd.{name} must be one of {' | '.join(choices)}, got {value!r}")
+
+
+def auto_missing_mass(signal: str, sampled: bool) -> str:
+    """``kd.missing_mass=auto``. Top-p-k: ``renorm``, the PD paper's target. Sampled (RS-KD): online draws come
+    from the full vocabulary, where ``none`` (importance-weighted CE) is unbiased at any sampling temperature;
+    stored draws come from the engine's top-K plus a lumped tail, whose tokens are not stored: ``tail`` keeps
+    the unbiased weights and tail mass and was measured the least biased there (tests/test_rs_kd.py)."""
+    if not sampled:
+        return "renorm"
+    return "none" if signal == "online" else "tail"
+
+
 class Distiller:
     def __init__(self, cfg: KDConfig, train_set: Instances, student_tokenizer_hash: str, device: torch.device,
-                 max_steps: int, seed: int = 0):
+                 max_steps: int, seed: int = 0, bos_id: int | None = None):
         self.cfg, self.device, self.max_steps = cfg, device, max_steps
-        self.student_hash = student_tokenizer_hash
+        self.student_hash, self.bos_id = student_tokenizer_hash, bos_id      # bos_id: the student's BOS prefix
         self.teacher = None
         self.sampled = False
+        self.missing_mass = cfg.missing_mass
         self._val_teacher = None
         if cfg.signal == "none":
             return
+        _check_choices(cfg)
         if cfg.signal == "offline":
             from distill.signal import OfflineTeacher
             from refine.logits_store import LogitsStore
@@ -45,10 +69,7 @@ class Distiller:
                 raise InputError("kd.signal=offline needs kd.logits (a refine logits store aligned with data.train)")
             store = LogitsStore(cfg.logits, verify="lazy")
             store.check_tokenizer(student_tokenizer_hash)
-            if len(store) != len(train_set) or store.header.positions != train_set.seq_len - 1:
-                raise InputError(f"logits store {cfg.logits} ({len(store)} instances x {store.header.positions + 1}"
-                                 f" tokens) is not aligned with data.train {train_set.folder} ({len(train_set)} x "
-                                 f"{train_set.seq_len}); use the store written next to those instances")
+            store.check_aligned(train_set, "data.train")
             self.teacher = OfflineTeacher(store)
             self.sampled = store.header.kind == "sampled"
         elif cfg.signal == "online":
@@ -56,7 +77,8 @@ class Distiller:
 
             _check_teacher_tokenizer(cfg.teacher, student_tokenizer_hash)
             self.teacher = OnlineTeacher(cfg.teacher, cfg.top_p, cfg.top_k, device=str(device),
-                                         rs_samples=cfg.rs_samples, rs_temperature=cfg.rs_temperature, seed=seed)
+                                         dtype=DTYPES[cfg.teacher_dtype], rs_samples=cfg.rs_samples,
+                                         rs_temperature=cfg.rs_temperature, seed=seed)
             self.sampled = cfg.rs_samples > 0
         else:
             raise InputError(f"unknown kd.signal {cfg.signal!r} (none | offline | online)")
@@ -65,6 +87,15 @@ class Distiller:
             # regressing logits on them estimates nothing. Their temperature is the sampling temperature.
             raise InputError("a sampled (RS-KD) teacher signal needs kd.temperature=1, no adaptive temperature "
                              "and a kld | nll | rkl loss; set the sampling temperature when capturing instead")
+        if cfg.missing_mass == "auto":
+            self.missing_mass = auto_missing_mass(cfg.signal, self.sampled)
+        if self.missing_mass in ("tail", "none") and (cfg.temperature != 1 or cfg.adaptive_temperature):
+            raise InputError(f"kd.missing_mass={self.missing_mass} needs kd.temperature=1 and no adaptive "
+                             f"temperature (the stored weights are tau = 1 ones); use renorm for tau != 1")
+        if self.missing_mass == "none" and cfg.loss == "rkl":
+            raise InputError("kd.loss=rkl needs a normalised teacher target: kd.missing_mass=renorm or tail")
+        if self.missing_mass == "tail" and cfg.signal == "offline":
+            self.teacher.store.check_tail_mass()
 
     @property
     def enabled(self) -> bool:
@@ -81,46 +112,46 @@ class Distiller:
         logging. Through ``distill.fused_loss`` (no [tokens, vocab] tensor) when the model's logits are a plain
         ``hidden @ W^T``; otherwise through the full logits and the reference losses."""
         cfg, signal = self.cfg, None
-        alpha, kd_weight, tau = 0.0, 0.0, torch.tensor(1.0)
+        alpha, tau = 0.0, torch.tensor(1.0)
         if self.teacher is not None:
             signal = self.teacher.signal(rows, batch).to(batch.device)
             tau = adaptive_temperature(signal, cfg.temperature, cfg.adaptive_beta) if cfg.adaptive_temperature \
                 else torch.tensor(cfg.temperature)
             alpha = alpha_at(step, self.max_steps, cfg.alpha)
-            # tau^2 (Hinton) rescales the KD gradient; it multiplies the KD term like a weight
-            kd_scale = tau.float().pow(2).mean().item() if cfg.tau_squared else 1.0
-            kd_weight = alpha * kd_scale
+        kd_opts = {"loss": cfg.loss, "temperature": tau, "missing_mass": self.missing_mass,
+                   "tau_squared": cfg.tau_squared}          # tau^2 (Hinton) per position, inside the KD term
         weight = lm_head_weight(model)
         if weight is not None:
-            hidden = last_hidden(model, batch)[:, :-1]
+            hidden = forward_logits(model, batch, self.bos_id, hidden=True)[:, :-1]
             total, lm, kd = fused_lm_kd(hidden, weight, batch[:, 1:], signal, lm_weight=1 - alpha,
-                                        kd_weight=kd_weight, loss=cfg.loss, temperature=tau,
-                                        missing_mass=cfg.missing_mass)
+                                        kd_weight=alpha, **kd_opts)
         else:
-            logits = model(input_ids=batch).logits
+            logits = forward_logits(model, batch, self.bos_id)
             lm = lm_loss(logits, batch)
-            kd = kd_loss(logits[:, :-1], signal, cfg.loss, tau, cfg.missing_mass) if signal is not None else lm * 0
-            total = (1 - alpha) * lm + kd_weight * kd
+            kd = kd_loss(logits[:, :-1], signal, **kd_opts) if signal is not None else lm * 0
+            total = (1 - alpha) * lm + alpha * kd
         if signal is None:
             return total, {"lm_loss": lm.item()}
-        return total, {"lm_loss": lm.item(), "kd_loss": kd.item() * kd_scale, "alpha": alpha,
-                       "tau": tau.float().mean().item()}
+        return total, {"lm_loss": lm.item(), "kd_loss": kd.item(), "alpha": alpha, "tau": tau.float().mean().item()}
 
     @torch.no_grad()
     def val_kl(self, model, batches: list[torch.Tensor], amp) -> float:
-        """Mean per-token KL(teacher || student) over the full vocabulary (teacher: ``kd.teacher``)."""
+        """Mean per-token KL(teacher || student) over the full vocabulary (teacher: ``kd.teacher``, in
+        ``kd.teacher_dtype``, with its BOS prefix; the student ``model`` is ``distill.distributed.LossModule``,
+        which adds the student's own)."""
         if self._val_teacher is None:
-            from transformers import AutoModelForCausalLM
+            from distill.signal import load_teacher
 
             _check_teacher_tokenizer(self.cfg.teacher, self.student_hash)
-            self._val_teacher = AutoModelForCausalLM.from_pretrained(
-                self.cfg.teacher, dtype=torch.float32, local_files_only=True).to(self.device).eval()
+            self._val_teacher = load_teacher(self.cfg.teacher, str(self.device), DTYPES[self.cfg.teacher_dtype])
+        teacher, teacher_bos = self._val_teacher
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
         for batch in batches:
             batch = batch.to(self.device)
-            t = torch.log_softmax(self._val_teacher(input_ids=batch).logits[:, :-1].float(), -1)
+            with torch.autocast(self.device.type, enabled=False):
+                t = torch.log_softmax(forward_logits(teacher, batch, teacher_bos)[:, :-1].float(), -1)
             with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 s = model(input_ids=batch).logits[:, :-1]
             s = torch.log_softmax(s.float(), -1)

@@ -8,6 +8,9 @@
   then decay to ``min_lr_ratio`` (linear, cosine or 1-sqrt shape). The stable phase is why WSD suits
   continued pretraining: any stable-phase checkpoint can be decayed later.
 * constant: 1 after warmup.
+
+The floor ``min_lr_ratio`` (0.1 in ``conf/schedule/cosine.yaml`` and ``wsd.yaml``) is the multiplier of the last
+step: with 0 the last step's learning rate is exactly 0 and that step updates nothing.
 """
 
 from __future__ import annotations

@@ -57,8 +57,9 @@ class OfflineTeacher:
     """Stored top-p-k logits for the rows of the student's packed instances.
 
     ``prefetch(rows)`` starts reading the next batch's rows in a background thread (decoding the compact codec
-    costs ~1 ms per instance: a few % of a GPU step if done in line); ``signal`` returns that read when asked for
-    the same rows, and reads in line otherwise. One read at a time: a store's decoders are not thread-safe."""
+    takes about a millisecond per instance, bench/README.md: a few % of a GPU step if done in line); ``signal``
+    returns that read when asked for the same rows, and reads in line otherwise. One read at a time: a store's
+    decoders are not thread-safe."""
 
     def __init__(self, store: LogitsStore):
         self.store = store
@@ -89,28 +90,40 @@ class OfflineTeacher:
         return self._read(rows)
 
 
+def load_teacher(model_dir: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A frozen HF teacher in its own dtype and the BOS prefix its tokenizer asks for (as the refine scorers)."""
+    from transformers import AutoModelForCausalLM
+
+    from refine.tokenizer import bos_prefix, load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                 trust_remote_code=trust_remote_code).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, bos_prefix(load_tokenizer(model_dir, trust_remote_code))
+
+
 class OnlineTeacher:
     """A frozen HF teacher run on each batch, truncated like the stored logits (or the full vocabulary), or
-    sampled RS-KD style (``rs_samples`` draws per position from the full distribution)."""
+    sampled RS-KD style (``rs_samples`` draws per position from the full distribution).
+
+    It runs in its own ``dtype`` outside the student's autocast: under the student's bf16 autocast its top-50
+    log-probs moved by up to 0.013 and half of the rank slots changed id, so its targets would not be the ones
+    a stored (fp32) pass gives for the same rows."""
 
     def __init__(self, model_dir: str, top_p: float = 0.95, top_k: int = 50, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, rs_samples: int = 0,
                  rs_temperature: float = 1.0, seed: int = 0):
-        from transformers import AutoModelForCausalLM
-
         self.top_p, self.top_k = top_p, top_k
         self.rs_samples, self.rs_temperature, self.seed = rs_samples, rs_temperature, seed
-        from refine.tokenizer import bos_prefix, load_tokenizer
-
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
-                                                          trust_remote_code=trust_remote_code).to(device).eval()
-        self.bos_id = bos_prefix(load_tokenizer(model_dir, trust_remote_code))   # as the refine scorers
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model, self.bos_id = load_teacher(model_dir, device, dtype, trust_remote_code)
 
     @torch.no_grad()  # not inference_mode: the signal enters the student's autograd graph as a constant
     def signal(self, rows: np.ndarray | None, tokens: torch.Tensor) -> TeacherSignal:
-        tokens = tokens.to(self.model.device)
+        with torch.autocast(self.model.device.type, enabled=False):
+            return self._signal(rows, tokens.to(self.model.device))
+
+    def _signal(self, rows: np.ndarray | None, tokens: torch.Tensor) -> TeacherSignal:
         head = lm_head_weight(self.model)
         if not self.rs_samples and self.top_k > 0 and head is not None:
             # The usual case, without the teacher's [tokens, vocab] log-softmax: top-k from hidden states

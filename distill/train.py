@@ -39,7 +39,7 @@ from distill.schedules import lr_multiplier, plot_schedules
 from refine.errors import InputError, exit_on_input_error
 from refine.hydra_cli import precheck_overrides
 from refine.manifest import code_version, write_json_atomic
-from refine.tokenizer import load_tokenizer, tokenizer_hash
+from refine.tokenizer import bos_prefix, load_tokenizer, tokenizer_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Config sections that must match for a run folder to be resumed (the rest, e.g. max_steps, may change).
@@ -106,7 +106,7 @@ def evaluate(model, batches: list[torch.Tensor], device: torch.device, amp: torc
     for batch in batches:
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(input_ids=batch).logits
+            logits = model(input_ids=batch).logits  # LossModule: with the student's BOS prefix
         n = batch[:, 1:].numel()
         total += lm_loss(logits, batch).item() * n
         count += n
@@ -164,7 +164,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
         model = checkpoint.load_model(ckpt, model.config)
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tokenizer), device, tc.max_steps, cfg.seed)
+    distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tokenizer), device, tc.max_steps, cfg.seed,
+                          bos_id=bos_prefix(tokenizer))
     module = distributed.wrap(distributed.LossModule(model, distiller), d, device)
     student = distributed.eval_module(module)     # what evaluation calls with input_ids=
 

@@ -149,13 +149,13 @@ def write_text_export(inst: Instances, rows: np.ndarray, scores: np.ndarray, tok
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size: int) -> LogitsStore:
+def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size: int, kept: Instances) -> LogitsStore:
     tmp_dir = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     writer = LogitsWriter(tmp_dir, src.header)
     shards = [writer.write_rows(s, [src[int(r)] for r in rows[start:start + shard_size]])
               for s, start in enumerate(range(0, len(rows), shard_size))]
-    writer.finish(shards, extra={"rows_of": "instances/"})
+    writer.finish(shards, extra={"rows_of": "instances/"}, instances=kept)
     shutil.rmtree(out, ignore_errors=True)
     tmp_dir.rename(out)
     return LogitsStore(out)
@@ -230,7 +230,8 @@ def refine(cfg: RefineConfig) -> dict:
     stores = {}
     for name, wanted in (("logits", cfg.logits.top_k), ("logits_rs", cfg.logits.rs_samples)):
         if wanted:
-            stores[name] = write_kept_logits(LogitsStore(out / "teacher" / name), kept, out / name, cfg.shard_size)
+            stores[name] = write_kept_logits(LogitsStore(out / "teacher" / name), kept, out / name, cfg.shard_size,
+                                             refined)
     report = write_report(out, inst, refined, scores, kept, tok, stores, tpass, rpass, cfg.report_examples)
     if emb is not None:
         from refine.dedup import diversity

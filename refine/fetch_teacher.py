@@ -19,7 +19,8 @@ transformers and vLLM load it like any local model. Select the Gemma teacher for
 We use a teacher as a *pretraining* LM: documents are separated by the tokenizer's end-of-text token
 (SmolLM2: ``<|endoftext|>``, id 0, as in its pretraining; Gemma: ``<eos>``), which becomes EOS (the instruct
 SmolLM2 GGUF declares the chat token ``<|im_end|>`` as EOS, which only matters for chat generation). Finally
-prints the teacher's perplexity on the ``val`` split (DESIGN.md's sanity figure for SmolLM2: about 18 on Austen).
+prints the teacher's perplexity on the ``val`` split and on a sanity excerpt (the first chapter of Pride and
+Prejudice); the figures a correct conversion gives are in bench/README.md ("Teachers").
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def fetch(out: Path, dtype_name: str, ppl_tokens: int, name: str = "smollm2-135m
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tok = load_tokenizer(out)
-    # The val split (the number to compare students with) and DESIGN.md's sanity excerpt (~18).
+    # The val split (the number to compare students with) and a sanity excerpt (bench/README.md: "Teachers").
     checks = {"val": (_texts("val"), 1024), "pride_and_prejudice_ch1": (_texts("corpus", SANITY_DOC), 1024)}
     ppl = {}
     for name, (texts, seq_len) in checks.items():

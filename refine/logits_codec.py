@@ -7,8 +7,13 @@ Values. ``v = exp(logprob) / scale`` (``scale``: the shard's largest ``v``, at l
 importance weights can exceed 1 at a sampling temperature != 1) is stored as a *level*
 ``clip(round(sqrt(v) * L), 1, L)``. Uniform steps in ``sqrt(p)`` make every kept token's share of
 KL(teacher || stored) about ``1 / (6 L^2)`` nats whatever its p (a log-p grid spends its bits on the head);
-a kept id never falls to level 0. A level decodes to the mean ``v`` of that level in the shard (its
-centroid, stored per shard), so the kept mass is unbiased.
+a kept id never falls to level 0, so a level-1 value decodes no lower than that level's centroid: the floor is
+about ``scale / (4 L^2)`` (p ~ 1e-4 at 48 levels), and a smaller kept p comes back that large. A level decodes to
+the mean ``v`` of that level in the shard (its centroid, stored per shard), so the kept mass is unbiased per
+shard, not per position (off by ~0.01 at a position). The missing-mass ``tail`` policy needs each position's
+missing mass ``1 - sum p`` to a few parts in 1e4, so each position's kept mass is stored as ``log(sum p)`` in
+float16 (relative error below 1e-3 for the kept and the missing mass alike, whether the kept mass is near 0 or
+near 1; RS-KD weights may sum above 1), and each position's decoded values are scaled to sum to it.
 
 Ids. A position's ids are a set out of the vocabulary whose make-up depends on the kind of context (after a
 full stop, inside a word, ...). The writer clusters the shard's positions by their id sets (hard EM on a
@@ -20,10 +25,14 @@ ids from 35 B to 30 B per position, tables included (``bench/logits_store_bench.
 
 Layout (little-endian)::
 
-    b"RDLZ" | u32 index length | index: one zstd frame of
+    b"RDL2" | u32 index length | index: one zstd frame of
         u32 [n, positions, vocab, clusters, levels] | f64 scale | f32 centroids [levels + 1]
-        | u32 table sizes [clusters, 32 classes] | u32 frame sizes [n, 4] | varint table gaps
-    | per instance four zstd frames: u8 cluster [positions] | u8 count [positions] | varint gaps | u8 levels
+        | u32 table sizes [clusters, 32 classes] | u32 frame sizes [n, 5] | varint table gaps
+    | per instance five zstd frames: u8 cluster [positions] | u8 count [positions] | varint gaps | u8 levels
+                                   | f16 log kept mass [positions]
+
+Shards of the first version (``b"RDLZ"``: four frames, no kept mass) still decode, without the per-position
+mass correction; ``refine.logits_store`` refuses the ``tail`` policy on them.
 
 Separate frames (not one frame with four blocks) measured 1 B/position smaller: each gets its own entropy
 tables. Every frame carries zstd's checksum and its sizes are in the checksummed index, so a flipped or
@@ -39,10 +48,10 @@ import numpy as np
 import scipy.sparse
 import zstandard
 
-MAGIC = b"RDLZ"
+MAGIC, MAGIC_V1 = b"RDL2", b"RDLZ"
 MAX_COUNT = 255      # counts are uint8, like the raw layout's
 CLASSES = 32         # frequency classes floor(log2(count)) of a table entry (counts < 2^32)
-STREAMS = 4          # cluster, count, gaps, levels
+STREAMS = 5          # cluster, count, gaps, levels, log kept mass (version 1: the first four)
 
 
 class CorruptShard(ValueError):
@@ -134,6 +143,8 @@ def encode_shard(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, voca
     pos, _ = _segments(flat)
 
     v = np.exp(logprobs.astype(np.float64))
+    with np.errstate(divide="ignore"):                       # a position with no pairs keeps log 0 = -inf
+        log_kept = np.log(np.bincount(pos, weights=v, minlength=len(flat))).astype("<f2")
     scale = max(1.0, float(v.max(initial=0.0)))
     v /= scale
     levels = np.clip(np.rint(np.sqrt(v) * params.levels), 1, params.levels).astype(np.int64)
@@ -164,7 +175,7 @@ def encode_shard(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, voca
     for i in range(n):
         stop = start + int(counts[i].sum())
         streams = (z[i * t:(i + 1) * t].astype(np.uint8), counts[i].astype(np.uint8),
-                   _varint_encode(gaps[start:stop]), levels[start:stop].astype(np.uint8))
+                   _varint_encode(gaps[start:stop]), levels[start:stop].astype(np.uint8), log_kept[i * t:(i + 1) * t])
         for s, stream in enumerate(streams):
             frames.append(cctx.compress(stream.tobytes()))
             frame_sizes[i, s] = len(frames[-1])
@@ -184,8 +195,10 @@ class ShardDecoder:
     def __init__(self, buf, n: int, positions: int, vocab_size: int):
         self.buf = memoryview(buf)
         self._dctx = zstandard.ZstdDecompressor()
-        if len(self.buf) < 8 or bytes(self.buf[:4]) != MAGIC:
+        if len(self.buf) < 8 or bytes(self.buf[:4]) not in (MAGIC, MAGIC_V1):
             raise CorruptShard("not a compact logits shard (bad magic)")
+        self.has_mass = bytes(self.buf[:4]) == MAGIC
+        streams = STREAMS if self.has_mass else STREAMS - 1
         (index_len,) = struct.unpack("<I", self.buf[4:8])
         index = self._decompress(self.buf[8:8 + index_len], "index")
         if len(index) < 28 or tuple(np.frombuffer(index[:12], dtype="<u4")) != (n, positions, vocab_size):
@@ -193,7 +206,7 @@ class ShardDecoder:
         k, levels = (int(x) for x in np.frombuffer(index[12:20], dtype="<u4"))
         (self.scale,) = struct.unpack("<d", index[20:28])
         at, parts = 28, []
-        for count, dt in (((levels + 1), "<f4"), (k * CLASSES, "<u4"), (n * STREAMS, "<u4")):
+        for count, dt in (((levels + 1), "<f4"), (k * CLASSES, "<u4"), (n * streams, "<u4")):
             if len(index) < at + 4 * count:
                 raise CorruptShard("index too short")
             parts.append(np.frombuffer(index[at:at + 4 * count], dtype=dt))
@@ -208,8 +221,8 @@ class ShardDecoder:
         ends = 8 + index_len + np.cumsum(parts[2].astype(np.int64))
         if (ends[-1] if n else 8 + index_len) != len(self.buf):
             raise CorruptShard("frame sizes do not add up to the file size")
-        self.frame_ends = ends.reshape(n, STREAMS)
-        self.frame_start = np.concatenate([[8 + index_len], ends[:-1]]).reshape(n, STREAMS)
+        self.frame_ends = ends.reshape(n, streams)
+        self.frame_start = np.concatenate([[8 + index_len], ends[:-1]]).reshape(n, streams)
         self.clusters, self.levels, self.positions = k, levels, positions
 
     def _decompress(self, frame, what: str) -> bytes:
@@ -220,7 +233,7 @@ class ShardDecoder:
 
     def decode(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Instance ``j``: (counts uint8 [positions], ids int64, logprobs float32), most likely first."""
-        z, counts, gaps, levels = (
+        z, counts, gaps, levels, *log_kept = (
             np.frombuffer(self._decompress(self.buf[a:b], f"instance {j}"), dtype=np.uint8)
             for a, b in zip(self.frame_start[j], self.frame_ends[j]))
         t, pairs = self.positions, int(counts.sum(dtype=np.int64))
@@ -239,4 +252,13 @@ class ShardDecoder:
         levels = levels.astype(np.int64)
         # most likely first, ties by id: one int64 key (position | 255 - level | id) sorts faster than lexsort
         order = np.argsort((pos << 40) | ((255 - levels) << 32) | ids)
-        return counts.copy(), ids[order], np.log(self.centroids[levels[order]] * self.scale).astype(np.float32)
+        v = self.centroids[levels[order]] * self.scale
+        if log_kept:
+            if len(log_kept[0]) != 2 * t:
+                raise CorruptShard(f"instance {j} has inconsistent streams")
+            kept = log_kept[0].view("<f2").astype(np.float64)
+            if not np.isfinite(kept[counts64 > 0]).all() or (kept > np.log(MAX_COUNT * self.scale) + 1e-2).any():
+                raise CorruptShard(f"instance {j} has kept masses out of range")
+            decoded = np.bincount(pos, weights=v, minlength=t)
+            v = v * (np.exp(kept) / np.where(decoded > 0, decoded, 1))[pos]    # each position's mass, as stored
+        return counts.copy(), ids[order], np.log(v).astype(np.float32)

@@ -127,7 +127,7 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
         done = sum((out_dir / f"shard-{s:05d}.json").is_file() for s in range(n_shards))
         return {"model": str(model), "partial": f"{part}/{part_count}", "shards_done": done, "shards": n_shards,
                 "engine_load_seconds": load_s}
-    return finish(out_dir, n_shards, writer, rs_writer, model, load_s)
+    return finish(out_dir, n_shards, writer, rs_writer, model, load_s, inst)
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
@@ -154,14 +154,14 @@ def _write_sampled(writer: LogitsWriter, shard: int, cand_ids: np.ndarray, cand_
 
 
 def finish(out_dir: Path, n_shards: int, writer: LogitsWriter | None, rs_writer: LogitsWriter | None, model: str,
-           load_s: float) -> dict:
+           load_s: float, inst) -> dict:
     entries = [json.loads((out_dir / f"shard-{s:05d}.json").read_text()) for s in range(n_shards)]
     nll = np.concatenate([np.load(out_dir / f"nll-{s:05d}.npy", allow_pickle=False) for s in range(n_shards)])
     _save_npy(out_dir / "nll.npy", nll)
     if writer is not None:
-        writer.finish([e["logits"] for e in entries])
+        writer.finish([e["logits"] for e in entries], instances=inst)
     if rs_writer is not None:
-        rs_writer.finish([e["logits_rs"] for e in entries])
+        rs_writer.finish([e["logits_rs"] for e in entries], instances=inst)
     tokens, seconds = sum(e["tokens"] for e in entries), sum(e["seconds"] for e in entries)
     summary = {"model": str(model), "instances": int(len(nll)), "tokens": tokens, "score_seconds": seconds,
                "tok_s": tokens / max(seconds, 1e-9), "engine_load_seconds": load_s, "mean_nll": float(nll.mean())}

@@ -17,7 +17,7 @@ How the numbers come out of vLLM 0.32 (read from its source, ``vllm/logprobs.py`
   The dict form would collapse the duplicate (K or K+1 entries per position, order by insertion); the flat
   form keeps exactly K+1 entries per position, so the lists reshape to ``[L-1, K+1]`` arrays without any
   per-position Python on our side. (vLLM itself still walks positions in Python when it fills the lists;
-  measured cost is within noise of the bare ``generate`` call, see ``bench/scorer_bench.py``.)
+  ``bench/refine_bench.py`` compares the whole pipeline with the bare ``generate`` call: bench/README.md.)
 * There is no raw-tensor prompt-logprobs output on CPU: ``prompt_logprob_token_ids`` (numpy scores of
   *fixed* ids, ``RequestOutput.prompt_token_id_logprobs``) needs the V2 model runner, which needs Triton, and
   scores given ids, not the top-K. ``logprobs_mode`` (raw/processed logits/logprobs) only changes what is

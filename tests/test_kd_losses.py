@@ -139,3 +139,38 @@ def test_offline_prefetch_returns_the_read_it_was_asked_for(tmp_path):
     teacher.prefetch(np.array([4]))
     with pytest.raises(InputError, match="corrupt"):                                    # ... surfaces at the step
         teacher.signal(np.array([4]))
+
+
+def test_tau_squared_weights_each_position_by_its_own_tau(tiny_model_dir):
+    """Issue 16: with an adaptive temperature, Hinton's tau^2 factor multiplies each position's KD loss by its own
+    tau_t^2 (it multiplied the whole KD loss by the batch mean of tau_t^2), in the trainer's loss too."""
+    from distill.config import AlphaConfig, KDConfig
+    from distill.kd import Distiller
+    from refine.tokenizer import load_tokenizer, tokenizer_hash
+
+    class _Train:
+        def __len__(self):
+            return 2
+        seq_len = 24
+
+    cfg = KDConfig(signal="online", teacher=str(tiny_model_dir), top_k=8, adaptive_temperature=True,
+                   tau_squared=True, alpha=AlphaConfig(schedule="constant", peak=0.5))
+    distiller = Distiller(cfg, _Train(), tokenizer_hash(load_tokenizer(tiny_model_dir)), torch.device("cpu"), 10)
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)                 # a student that is not the teacher
+    batch = torch.as_tensor(np.random.default_rng(2).integers(0, 400, size=(2, 24)))
+    _, parts = distiller.loss(student, batch, np.arange(2), 0)
+    signal = distiller.teacher.signal(None, batch)
+    tau = adaptive_temperature(signal, 1.0)
+    assert tau.std() > 0.05                                          # the positions' temperatures differ
+    with torch.no_grad():
+        logits = student(input_ids=batch).logits[:, :-1]
+        per_position = torch.stack([kd_loss(logits[b:b + 1, t:t + 1], TeacherSignal(
+            signal.ids[b:b + 1, t:t + 1], signal.logprobs[b:b + 1, t:t + 1], signal.mask[b:b + 1, t:t + 1]),
+            "kld", tau[b, t]) for b in range(2) for t in range(23)]).reshape(2, 23)
+    assert parts["kd_loss"] == pytest.approx((tau.pow(2) * per_position).mean().item(), rel=1e-4)
+    assert parts["kd_loss"] != pytest.approx((tau.pow(2).mean() * per_position.mean()).item(), rel=1e-3)

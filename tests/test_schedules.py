@@ -1,6 +1,7 @@
 """Learning-rate schedules hit their specified values at the boundary steps."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,32 @@ def test_alpha_wsd_follows_the_lr_shape():
     assert alpha_at(80, 100, cfg) < 0.9 and alpha_at(99, 100, cfg) == pytest.approx(0.1)
     with pytest.raises(InputError):
         alpha_at(0, 10, _alpha("zigzag"))
+
+
+def test_the_shipped_wsd_and_cosine_floors_leave_the_last_step_a_learning_rate():
+    """Issue 16: conf/schedule/wsd.yaml decayed to exactly 0, so its last step updated nothing."""
+    from omegaconf import OmegaConf
+
+    from distill.config import ScheduleConfig
+
+    conf = Path(__file__).resolve().parent.parent / "conf" / "schedule"
+    for name in ("wsd", "cosine"):
+        shipped = OmegaConf.load(conf / f"{name}.yaml")
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ScheduleConfig), shipped))
+        assert lr_multiplier(99, 100, cfg) == pytest.approx(cfg.min_lr_ratio) and cfg.min_lr_ratio >= 0.01
+
+
+def test_val_batches_spread_over_the_whole_split():
+    """Issue 16: the first rows of a split that lists its sources one after another are one source."""
+    import numpy as np
+
+    from distill.data import val_batches
+
+    class _Rows:
+        tokens = np.arange(100)[:, None].repeat(4, 1)
+
+        def __len__(self):
+            return 100
+
+    rows = [int(r) for b in val_batches(_Rows(), 4, 2) for r in b[:, 0]]
+    assert rows == [0, 14, 28, 42, 57, 71, 85, 99]

@@ -15,6 +15,7 @@ from distill.config import to_config
 from distill.data import open_instances, val_batches
 from distill.train import CONF_DIR, evaluate, train
 from refine.errors import InputError
+from refine.instances import Instances
 from refine.tokenizer import load_tokenizer
 
 REPO = Path(CONF_DIR).parent
@@ -74,7 +75,7 @@ def tiny_kd_data(tiny_tokenizer_dir, tiny_corpus, tiny_model_dir, tmp_path):
     inst = pack(tiny_corpus / "train.jsonl", tok, 64, tmp_path / "inst", quiet=True)
     scores = make_scorer("hf", str(tiny_model_dir), top_k=16).score(np.asarray(inst.tokens))
     writer = LogitsWriter(tmp_path / "logits", StoreHeader(len(tok), tokenizer_hash(tok), 0.95, 16, 63))
-    writer.finish([writer.write_shard(0, scores.topk_ids, scores.topk_logprobs)])
+    writer.finish([writer.write_shard(0, scores.topk_ids, scores.topk_logprobs)], instances=inst)
     return [f"data.train={tmp_path / 'inst'}", f"kd.logits={tmp_path / 'logits'}", f"kd.teacher={tiny_model_dir}",
             "kd.top_k=16", "kd.top_p=0.95"]
 
@@ -99,7 +100,31 @@ def test_kd_offline_and_online_runs(tiny_overrides, tiny_kd_data, tmp_path):
     assert first_on["kd_loss"] == pytest.approx(first_off["kd_loss"], rel=2e-3)
 
 
-def test_kd_refuses_misaligned_logits(tiny_overrides, tiny_kd_data, tiny_corpus):
+def test_kd_refuses_misaligned_logits(tiny_overrides, tiny_kd_data, tiny_corpus, tiny_tokenizer_dir, tmp_path,
+                                      capsys):
+    from refine.logits_store import main as store_cli
+    from refine.pack import pack
+
     base = [o for o in tiny_overrides if not o.startswith("+experiment")] + tiny_kd_data
     with pytest.raises(InputError, match="not aligned"):           # logits of other instances than data.train
         train(_cfg(["+experiment=kd_offline", *base, f"data.train={tiny_corpus / 'val.jsonl'}"]))
+    # Same count and length, other text (the documents in another order): refused by content, not count.
+    docs = (tiny_corpus / "train.jsonl").read_text().splitlines()
+    (tmp_path / "shuffled.jsonl").write_text("\n".join(docs[::-1]) + "\n")
+    other = pack(tmp_path / "shuffled.jsonl", load_tokenizer(tiny_tokenizer_dir), 64, tmp_path / "other", quiet=True)
+    assert len(other) == len(Instances(tmp_path / "inst"))
+    with pytest.raises(InputError, match="other instances than data.train") as e:
+        train(_cfg(["+experiment=kd_offline", *base, f"data.train={tmp_path / 'other'}"]))
+    assert "\n" not in str(e.value)
+    # A store written before the record: refused until linked by hand, once.
+    meta = json.loads((tmp_path / "logits" / "store.json").read_text())
+    del meta["instances"]
+    (tmp_path / "logits" / "store.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="link it once"):
+        train(_cfg(["+experiment=kd_offline", *base]))
+    store_cli(["link", str(tmp_path / "logits"), str(tmp_path / "inst")])
+    assert "linked" in capsys.readouterr().out
+    linked = json.loads((tmp_path / "logits" / "store.json").read_text())["instances"]
+    assert linked["tokens_sha256"] == Instances(tmp_path / "inst").index["tokens_sha256"]
+    with pytest.raises(SystemExit):                                 # a linked store cannot be re-linked elsewhere
+        store_cli(["link", str(tmp_path / "logits"), str(tmp_path / "other")])
