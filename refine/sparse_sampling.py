@@ -9,13 +9,15 @@ ids with importance weights
 
 so that ``sum_i w_i f(i)`` is an unbiased estimate of ``E_p[f]`` for any per-token ``f`` (the KD loss's
 ``-log q_student`` among them): ``E[w_i] = p_i``. With ``t = 1`` the weights are plain frequencies
-``c_i / N`` and sum to one with the tail; with ``t != 1`` they sum to one only in expectation (the loss's
-``renorm`` policy self-normalises them over the stored ids).
+``c_i / N`` and sum to one with the tail; with ``t != 1`` they sum to one only in expectation. The loss must
+not self-normalise them (``renorm`` is a biased ratio estimate); ``distill.kd.auto_missing_mass`` picks the
+policy that keeps them unbiased.
 
 The candidates can be the full vocabulary (online KD, the transformers scorer) or the top-K a vLLM pass
 returned plus the recorded remaining mass ``m = 1 - sum_K p``: the tail is then one extra outcome "another
 token". Draws that land there are not identifiable, so they are dropped from the stored ids; their weight is
-exactly the mass the stored ids leave out (``1 - sum w``), which the loss's missing-mass policy sees.
+the mass the stored ids leave out (``1 - sum w``; at ``t != 1`` in expectation), which the loss's missing-mass
+policy sees.
 
 One implementation, in torch, for both the refine pass (offline store) and the online teacher.
 """
