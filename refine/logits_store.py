@@ -272,8 +272,8 @@ class LogitsStore:
                              f"the student uses {tokenizer_hash} (cross-tokenizer KD needs another loss)")
 
     def check_tail_mass(self) -> None:
-        """The ``tail`` policy needs each position's missing mass; compact stores before version 3 kept it only
-        per shard (off by ~0.01 a position: a median relative error of 3-16% in the missing mass)."""
+        """The ``tail`` policy needs each position's missing mass; compact stores before version 3 kept the mass
+        unbiased only per shard, so a position's missing mass was off by several percent."""
         if self.header.codec == "zstd" and self.header.version < 3:
             raise InputError(f"{self.folder}: a compact store of format v{self.header.version} has no per-position "
                              f"kept mass, which kd.missing_mass=tail needs; use kd.missing_mass=renorm, or write the "
