@@ -150,14 +150,11 @@ def write_text_export(inst: Instances, rows: np.ndarray, scores: np.ndarray, tok
 
 
 def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size: int) -> LogitsStore:
-    tmp_dir = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    writer = LogitsWriter(tmp_dir, src.header)
-    shards = [writer.write_rows(s, [src[int(r)] for r in rows[start:start + shard_size]])
-              for s, start in enumerate(range(0, len(rows), shard_size))]
-    writer.finish(shards, extra={"rows_of": "instances/"})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp_dir.rename(out)
+    with atomic_path(out) as tmp:       # a private temporary, not a fixed "logits.tmp" anyone can plant
+        writer = LogitsWriter(tmp, src.header)
+        shards = [writer.write_rows(s, [src[int(r)] for r in rows[start:start + shard_size]])
+                  for s, start in enumerate(range(0, len(rows), shard_size))]
+        writer.finish(shards, extra={"rows_of": "instances/"})
     return LogitsStore(out)
 
 

@@ -17,7 +17,6 @@ Documents are tokenized, each followed by EOS, concatenated into one stream, and
 
 from __future__ import annotations
 
-import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +127,7 @@ class Instances:
             raise InputError(f"{bin_path}: truncated or wrong size ({actual} bytes, index says {expected})")
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.count, self.seq_len))
         self._docs: list[dict] | None = None
+        self._starts: np.ndarray | None = None
         self._subset: dict | None = None
 
     def __len__(self) -> int:
@@ -141,26 +141,51 @@ class Instances:
         if sha256_file(self.folder / "tokens.bin") != self.index["tokens_sha256"]:
             raise InputError(f"{self.folder / 'tokens.bin'}: checksum mismatch (corrupt file)")
 
+    def _read_json(self, name: str):
+        path = self.folder / name
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as e:
+            raise InputError(f"{path}: unreadable or corrupt ({type(e).__name__})") from None
+
     @property
     def subset(self) -> dict:
         if self._subset is None:
-            self._subset = json.loads((self.folder / "subset.json").read_text())
+            subset = self._read_json("subset.json")
+            if not (isinstance(subset, dict) and isinstance(subset.get("doc_ids"), list)
+                    and len(subset["doc_ids"]) == self.count):
+                raise InputError(f"{self.folder / 'subset.json'}: not {self.count} rows of document ids")
+            self._subset = subset
         return self._subset
 
     @property
     def docs(self) -> list[dict]:
         if self._docs is None:
-            self._docs = json.loads((self.folder / "docs.json").read_text())
+            self._docs = self._read_json("docs.json")
         return self._docs
 
+    def _doc_starts(self) -> np.ndarray:
+        """Every document's first stream offset, built once: a per-call rebuild made ``doc_ids`` O(documents)
+        (63 ms a call at 1M documents, ~8 min per pass over 7.8k rows)."""
+        if self._starts is None:
+            docs = self.docs
+            try:
+                starts = np.fromiter((d["start"] for d in docs), dtype=np.int64, count=len(docs))
+            except (TypeError, KeyError, ValueError, OverflowError):
+                raise InputError(f"{self.folder / 'docs.json'}: not a list of documents with integer starts") from None
+            if len(starts) and (starts[0] != 0 or (np.diff(starts) <= 0).any()):
+                raise InputError(f"{self.folder / 'docs.json'}: document starts are not increasing from 0")
+            self._starts = starts
+        return self._starts
+
     def doc_ids(self, i: int) -> list[str]:
-        """Ids of the documents that instance ``i`` overlaps, in stream order."""
+        """Ids of the documents that instance ``i`` overlaps, in stream order (O(log documents) a call)."""
         if "subset_of" in self.index:
             return self.subset["doc_ids"][i]
-        starts = [d["start"] for d in self.docs]
+        starts = self._doc_starts()
         lo, hi = i * self.seq_len, (i + 1) * self.seq_len
-        first = bisect.bisect_right(starts, lo) - 1
-        last = bisect.bisect_left(starts, hi) - 1
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, hi, side="left")) - 1
         return [self.docs[j]["id"] for j in range(max(first, 0), last + 1)]
 
     def check_tokenizer(self, tokenizer_hash: str, what: str = "the model") -> None:
