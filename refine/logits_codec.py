@@ -240,13 +240,15 @@ class ShardDecoder:
     def _decompress(self, frame, limit: int, what: str) -> bytes:
         """One zstd frame of at most ``limit`` bytes of content: a larger declared size is refused before any
         allocation, an undeclared one is cut off at ``limit``."""
+        declared = -1
         try:
             declared = zstandard.frame_content_size(frame)
             if declared > limit:
                 raise CorruptShard(f"zstd frame ({what}) declares {declared} bytes, at most {limit} expected")
             out = self._dctx.decompress(frame, max_output_size=max(limit, 1) if declared < 0 else 0)
         except zstandard.ZstdError as e:
-            raise CorruptShard(f"bad zstd frame ({what}): {e}") from None
+            cap = f", no declared size, at most {limit} bytes expected" if declared < 0 else ""
+            raise CorruptShard(f"bad zstd frame ({what}{cap}): {e}") from None
         if len(out) > limit:
             raise CorruptShard(f"zstd frame ({what}) holds {len(out)} bytes, at most {limit} expected")
         return out

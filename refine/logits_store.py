@@ -189,8 +189,8 @@ def _check_index(path: Path, h: StoreHeader, index: dict) -> None:
         if not (isinstance(f, str) and f not in ("", ".", "..") and "/" not in f and "\\" not in f):
             problem = f"shard {i} file {f!r} (a file name inside the store, please)"
         elif not ok_int(n, 0, 1 << 40) or not ok_int(e.get("pairs"), 0, n * h.positions * MAX_K) \
-                or not ok_int(e.get("bytes"), 0, 1 << 50):
-            problem = f"shard {i} instances/pairs/bytes"
+                or not ok_int(e.get("bytes"), 0, 1 << 50) or not isinstance(e.get("sha256"), str):
+            problem = f"shard {i} instances/pairs/bytes/sha256"
         if problem:
             break
     if not problem and index.get("count") != sum(e["instances"] for e in shards):
@@ -249,6 +249,8 @@ class LogitsStore:
             raise InputError(f"{path}: checksum mismatch (corrupt logits shard)")
         if self.header.codec == "zstd":
             with _corrupt_is_input_error(path):
+                if actual < 8:                      # (an empty file cannot even be memory-mapped)
+                    raise CorruptShard(f"{actual} bytes, not a compact shard")
                 return ShardDecoder(np.memmap(path, dtype=np.uint8, mode="r"), n, pos, self.header.vocab_size)
         starts = np.cumsum([0] + sizes)
         mm = lambda i, dt, count: np.memmap(path, dtype=dt, mode="r", offset=int(starts[i]), shape=(count,))
@@ -283,7 +285,7 @@ class LogitsStore:
         a, b = int(offsets[j]), int(offsets[j + 1])
         rows = SparseRows(np.asarray(counts[j]), np.asarray(ids[a:b]), np.asarray(lps[a:b]))
         # a wrong id reaches torch.gather (a device-side assert on a GPU), a NaN the loss: checked per read
-        problem = ("its counts do not add up to its pairs" if int(rows.counts.sum(dtype=np.int64)) != b - a else
+        problem = ("counts that do not add up to its pairs" if int(rows.counts.sum(dtype=np.int64)) != b - a else
                    "a token id outside the vocabulary" if b > a and int(rows.ids.max()) >= self.header.vocab_size
                    else "a NaN or +inf log-prob" if b > a and not (rows.logprobs < np.inf).all() else "")
         if problem:
