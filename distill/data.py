@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from refine.corpus import MAX_DOC_BYTES
 from refine.instances import Instances
 from refine.pack import pack
 
 
 def open_instances(path: str | Path, tokenizer, seq_len: int, cache: str | Path, text_field: str = "text",
-                   quiet: bool = False) -> Instances:
+                   quiet: bool = False, max_doc_bytes: int = MAX_DOC_BYTES) -> Instances:
     """Instances for ``path`` with ``seq_len`` tokens each, tokenized by ``tokenizer`` (checked by hash)."""
     from refine.tokenizer import tokenizer_hash
 
@@ -38,7 +39,7 @@ def open_instances(path: str | Path, tokenizer, seq_len: int, cache: str | Path,
     # One cache folder per (corpus path, tokenizer, seq_len); its manifest re-packs when the corpus changes.
     tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
     out = Path(cache) / "packed" / f"{path.stem}-{tag}-{tok_hash}-L{seq_len}"
-    return pack(path, tokenizer, seq_len, out, text_field=text_field, quiet=quiet)
+    return pack(path, tokenizer, seq_len, out, text_field=text_field, quiet=quiet, max_doc_bytes=max_doc_bytes)
 
 
 class BatchStream:

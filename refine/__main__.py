@@ -176,7 +176,8 @@ def refine(cfg: RefineConfig) -> dict:
     if previous and previous.get("tokenizer_hash") not in (None, tokenizer_hash(tok)):
         raise InputError(f"{out} holds the refine output of a teacher with another tokenizer; choose another "
                          f"name= (e.g. name=gemma with paths=gemma) or delete the folder")
-    inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field)
+    inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field,
+                max_doc_bytes=cfg.max_doc_bytes)
     if 0 < cfg.pack.max_instances < len(inst):
         # An evenly spaced subset keeps every part of the corpus represented (the first N would be one source).
         rows = np.unique(np.linspace(0, len(inst) - 1, cfg.pack.max_instances).round().astype(np.int64))
