@@ -188,6 +188,26 @@ class Instances:
         last = int(np.searchsorted(starts, hi, side="left")) - 1
         return [self.docs[j]["id"] for j in range(max(first, 0), last + 1)]
 
+    def stream_root(self, within: Path | None = None) -> Instances:
+        """The packed stream at the end of this folder's ``subset_of`` chain (itself when it is no subset).
+        Every link is checked: a packed-instances folder (inside ``within`` when given) holding the tokens the
+        subset was made from (``parent_sha256``); a chain that comes back to a folder already seen is refused,
+        so a self-referencing one cannot loop forever."""
+        node, seen = self, {self.folder.resolve()}
+        while "subset_of" in node.index:
+            where, parent = node.folder / "index.json", node.index["subset_of"]
+            path = Path(parent).resolve() if isinstance(parent, str) and parent else None
+            if path is None or within is not None and not path.is_relative_to(Path(within).resolve()):
+                raise InputError(f"{where}: subset_of {str(parent)[:200]!r} is not a folder inside {within}")
+            if path in seen:
+                raise InputError(f"{where}: the subset_of chain comes back to {path} (a cycle)")
+            seen.add(path)
+            up = Instances(path)
+            if up.index.get("tokens_sha256") != node.index.get("parent_sha256"):
+                raise InputError(f"{where}: subset_of {path} does not hold the tokens this subset was made from")
+            node = up
+        return node
+
     def check_tokenizer(self, tokenizer_hash: str, what: str = "the model") -> None:
         if self.tokenizer.hash != tokenizer_hash:
             raise InputError(f"{self.folder} was tokenized with {self.tokenizer.name} ({self.tokenizer.hash}), "
