@@ -76,6 +76,7 @@ class BatchStream:
     def fetch(self, rows: np.ndarray) -> torch.Tensor:
         # Sorted fancy-indexing reads the memmap sequentially; the batch keeps the permutation's row order.
         batch = self.instances.tokens[np.sort(rows)][np.argsort(np.argsort(rows))]
+        self.instances.check_ids(batch, rows)
         return torch.from_numpy(batch.astype(np.int64))
 
     def next_batch(self) -> torch.Tensor:
@@ -97,5 +98,7 @@ class BatchStream:
 def val_batches(instances: Instances, batch_size: int, max_batches: int) -> list[torch.Tensor]:
     """A fixed, ordered set of validation batches (the first ones), identical at every evaluation."""
     n = min(len(instances), batch_size * max_batches)
-    rows = torch.from_numpy(np.asarray(instances.tokens[:n]).astype(np.int64))
+    rows = np.asarray(instances.tokens[:n])
+    instances.check_ids(rows, range(n))
+    rows = torch.from_numpy(rows.astype(np.int64))
     return [rows[i:i + batch_size] for i in range(0, n, batch_size)]

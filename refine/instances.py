@@ -111,15 +111,26 @@ class Instances:
             raise InputError(f"not a packed-instances folder (no index.json): {self.folder}")
         try:
             self.index = json.loads(index_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):       # bad JSON or UTF-8, or nested too deeply
             raise InputError(f"corrupt index.json in {self.folder}") from None
+        if not isinstance(self.index, dict):
+            raise InputError(f"{index_path}: not a JSON object")
         if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
             raise InputError(f"{self.folder}: unsupported instances format "
                              f"{self.index.get('format')} v{self.index.get('version')} (want {FORMAT} v{VERSION})")
-        self.seq_len = int(self.index["seq_len"])
-        self.count = int(self.index["count"])
-        self.dtype = np.dtype(self.index["dtype"])
-        self.tokenizer = TokenizerInfo(**self.index["tokenizer"])
+        # every number that sizes a memory map or a read is checked first (a crafted index.json is one line)
+        seq_len, count, dtype, tok = (self.index.get(k) for k in ("seq_len", "count", "dtype", "tokenizer"))
+        try:
+            self.tokenizer = TokenizerInfo(**tok)
+        except TypeError:
+            self.tokenizer = None
+        ok = lambda v, lo, hi: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi  # noqa: E731
+        problem = ("seq_len" if not ok(seq_len, 2, 1 << 24) else "count" if not ok(count, 1, 1 << 48) else
+                   "dtype" if dtype not in ("uint16", "uint32") else
+                   "tokenizer" if self.tokenizer is None or not ok(self.tokenizer.vocab_size, 1, 1 << 32) else "")
+        if problem:
+            raise InputError(f"{index_path}: bad {problem}")
+        self.seq_len, self.count, self.dtype = seq_len, count, np.dtype(dtype)
         bin_path = self.folder / "tokens.bin"
         expected = self.count * self.seq_len * self.dtype.itemsize
         actual = bin_path.stat().st_size if bin_path.is_file() else -1
@@ -135,6 +146,14 @@ class Instances:
 
     def __getitem__(self, i):
         return self.tokens[i]
+
+    def check_ids(self, rows: np.ndarray, which) -> None:
+        """Token ids of rows read for a model must be in the vocabulary: past it, an embedding lookup is an
+        IndexError on a CPU and a device-side assert on a GPU. O(rows read), next to the model's cost."""
+        if rows.size and int(rows.max()) >= self.tokenizer.vocab_size:
+            bad = int(np.flatnonzero((rows >= self.tokenizer.vocab_size).any(-1))[0]) if rows.ndim > 1 else 0
+            raise InputError(f"{self.folder / 'tokens.bin'}: row {list(which)[bad]} has a token id "
+                             f"{int(rows.max())} outside the vocabulary ({self.tokenizer.vocab_size}); corrupt file")
 
     def verify(self) -> None:
         """Full checksum of tokens.bin against the index (catches bit flips, not only truncation)."""

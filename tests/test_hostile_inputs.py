@@ -244,3 +244,30 @@ def test_doc_ids_use_cached_offsets(tiny_tokenizer_dir, tiny_corpus, tmp_path):
     (tmp_path / "p" / "docs.json").write_text(json.dumps(docs))
     with pytest.raises(InputError, match="document starts are not increasing from 0"):
         Instances(tmp_path / "p").doc_ids(0)
+
+
+def test_crafted_instances_are_one_line(tiny_tokenizer_dir, tiny_corpus, tmp_path):
+    """index.json numbers are checked before they size a memory map; a token id past the vocabulary in
+    tokens.bin is one line when its row is read for the model (not an embedding IndexError / device assert)."""
+    from distill.data import BatchStream
+    from refine.instances import Instances
+
+    folder = tmp_path / "p"
+    inst = pack(tiny_corpus / "train.jsonl", load_tokenizer(tiny_tokenizer_dir), 32, folder, quiet=True)
+    good = json.loads((folder / "index.json").read_text())
+    for key, value, match in (("dtype", "object", "bad dtype"), ("seq_len", 1 << 40, "bad seq_len"),
+                              ("count", "many", "bad count"), ("tokenizer", [1], "bad tokenizer")):
+        (folder / "index.json").write_text(json.dumps({**good, key: value}))
+        with pytest.raises(InputError, match=match):
+            Instances(folder)
+    (folder / "index.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InputError, match="corrupt index.json"):
+        Instances(folder)
+    (folder / "index.json").write_text(json.dumps(good))
+    tokens = np.memmap(folder / "tokens.bin", dtype=inst.dtype, mode="r+")
+    tokens[5 * 32 + 3] = inst.tokenizer.vocab_size + 7
+    tokens.flush()
+    stream = BatchStream(Instances(folder), batch_size=len(inst), seed=0)
+    with pytest.raises(InputError, match=r"row 5 has a token id \d+ outside the vocabulary") as e:
+        stream.next_batch()
+    assert "\n" not in str(e.value)
