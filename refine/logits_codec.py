@@ -200,9 +200,14 @@ class ShardDecoder:
         (index_len,) = struct.unpack("<I", self.buf[4:8])
         if 8 + index_len > len(self.buf) or n * STREAMS * MIN_FRAME > len(self.buf) - 8 - index_len:
             raise CorruptShard(f"index length {index_len} or {n} instances do not fit the file's {len(self.buf)} bytes")
-        # largest index: header, centroids, table sizes, frame sizes, and a 5-byte varint per table entry
-        index_max = 28 + 4 * (MAX_LEVELS + 1) + 4 * MAX_CLUSTERS * CLASSES + 4 * n * STREAMS \
-            + 5 * MAX_CLUSTERS * vocab_size
+        # largest index: header, centroids, table sizes, frame sizes, and a 5-byte varint per table entry of
+        # each cluster; the cluster count is streamed out of the frame's first bytes to size that bound
+        try:
+            head = self._dctx.stream_reader(self.buf[8:8 + index_len]).read(28)
+        except zstandard.ZstdError as e:
+            raise CorruptShard(f"bad zstd frame (index): {e}") from None
+        k = min(int(np.frombuffer(head[12:16], dtype="<u4")[0]) if len(head) >= 16 else 0, MAX_CLUSTERS)
+        index_max = 28 + 4 * (MAX_LEVELS + 1) + 4 * k * CLASSES + 4 * n * STREAMS + 5 * k * vocab_size
         index = self._decompress(self.buf[8:8 + index_len], index_max, "index")
         if len(index) < 28 or tuple(np.frombuffer(index[:12], dtype="<u4")) != (n, positions, vocab_size):
             raise CorruptShard(f"index does not describe {n} instances x {positions} positions, vocab {vocab_size}")
