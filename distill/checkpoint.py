@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from refine.errors import InputError
 from refine.manifest import atomic_path
+from refine.paths import checked_step_name
 
 STATE = "trainer_state.pt"
 # Fields that define the architecture: a checkpoint that differs in any of them belongs to another model.
@@ -59,7 +60,7 @@ def latest(run_dir: str | Path) -> Path | None:
     pointer = ckpt_root(run_dir) / "latest"
     if not pointer.is_file():
         return None
-    path = ckpt_root(run_dir) / pointer.read_text().strip()
+    path = ckpt_root(run_dir) / checked_step_name(pointer)
     if not (path / STATE).is_file():
         raise InputError(f"{pointer} names {path.name}, which is missing or incomplete; "
                          f"delete {pointer} to start over or point it at another step_* folder")

@@ -41,6 +41,7 @@ class DataConfig:
     train: str = "${paths.corpus}/train.jsonl"
     val: str = "${paths.corpus}/val.jsonl"
     text_field: str = "text"
+    max_doc_bytes: int = 64 << 20          # larger documents are skipped and counted (refine.corpus)
     seq_len: int = 256
     batch_size: int = 4                    # sequences per micro-batch
     grad_accum: int = 1                    # micro-batches per optimizer step

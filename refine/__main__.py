@@ -149,15 +149,14 @@ def write_text_export(inst: Instances, rows: np.ndarray, scores: np.ndarray, tok
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size: int, kept: Instances) -> LogitsStore:
-    tmp_dir = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    writer = LogitsWriter(tmp_dir, src.header)
-    shards = [writer.write_rows(s, [src[int(r)] for r in rows[start:start + shard_size]])
-              for s, start in enumerate(range(0, len(rows), shard_size))]
-    writer.finish(shards, extra={"rows_of": "instances/"}, instances=kept)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp_dir.rename(out)
+def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size: int,
+                      kept: Instances | None) -> LogitsStore:
+    """Rows ``rows`` of ``src`` as a new store aligned with ``kept`` (the instances they are scored on)."""
+    with atomic_path(out) as tmp:       # a private temporary, not a fixed "logits.tmp" anyone can plant
+        writer = LogitsWriter(tmp, src.header)
+        shards = [writer.write_rows(s, [src[int(r)] for r in rows[start:start + shard_size]])
+                  for s, start in enumerate(range(0, len(rows), shard_size))]
+        writer.finish(shards, extra={"rows_of": "instances/"}, instances=kept)
     return LogitsStore(out)
 
 
@@ -179,7 +178,8 @@ def refine(cfg: RefineConfig) -> dict:
     if previous and previous.get("tokenizer_hash") not in (None, tokenizer_hash(tok)):
         raise InputError(f"{out} holds the refine output of a teacher with another tokenizer; choose another "
                          f"name= (e.g. name=gemma with paths=gemma) or delete the folder")
-    inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field)
+    inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field,
+                max_doc_bytes=cfg.max_doc_bytes)
     if 0 < cfg.pack.max_instances < len(inst):
         # An evenly spaced subset keeps every part of the corpus represented (the first N would be one source).
         rows = np.unique(np.linspace(0, len(inst) - 1, cfg.pack.max_instances).round().astype(np.int64))

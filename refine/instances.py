@@ -17,7 +17,6 @@ Documents are tokenized, each followed by EOS, concatenated into one stream, and
 
 from __future__ import annotations
 
-import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,15 +111,26 @@ class Instances:
             raise InputError(f"not a packed-instances folder (no index.json): {self.folder}")
         try:
             self.index = json.loads(index_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):       # bad JSON or UTF-8, or nested too deeply
             raise InputError(f"corrupt index.json in {self.folder}") from None
+        if not isinstance(self.index, dict):
+            raise InputError(f"{index_path}: not a JSON object")
         if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
             raise InputError(f"{self.folder}: unsupported instances format "
                              f"{self.index.get('format')} v{self.index.get('version')} (want {FORMAT} v{VERSION})")
-        self.seq_len = int(self.index["seq_len"])
-        self.count = int(self.index["count"])
-        self.dtype = np.dtype(self.index["dtype"])
-        self.tokenizer = TokenizerInfo(**self.index["tokenizer"])
+        # every number that sizes a memory map or a read is checked first (a crafted index.json is one line)
+        seq_len, count, dtype, tok = (self.index.get(k) for k in ("seq_len", "count", "dtype", "tokenizer"))
+        try:
+            self.tokenizer = TokenizerInfo(**tok)
+        except TypeError:
+            self.tokenizer = None
+        ok = lambda v, lo, hi: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi  # noqa: E731
+        problem = ("seq_len" if not ok(seq_len, 2, 1 << 24) else "count" if not ok(count, 1, 1 << 48) else
+                   "dtype" if dtype not in ("uint16", "uint32") else
+                   "tokenizer" if self.tokenizer is None or not ok(self.tokenizer.vocab_size, 1, 1 << 32) else "")
+        if problem:
+            raise InputError(f"{index_path}: bad {problem}")
+        self.seq_len, self.count, self.dtype = seq_len, count, np.dtype(dtype)
         bin_path = self.folder / "tokens.bin"
         expected = self.count * self.seq_len * self.dtype.itemsize
         actual = bin_path.stat().st_size if bin_path.is_file() else -1
@@ -128,6 +138,7 @@ class Instances:
             raise InputError(f"{bin_path}: truncated or wrong size ({actual} bytes, index says {expected})")
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.count, self.seq_len))
         self._docs: list[dict] | None = None
+        self._starts: np.ndarray | None = None
         self._subset: dict | None = None
 
     def __len__(self) -> int:
@@ -136,32 +147,85 @@ class Instances:
     def __getitem__(self, i):
         return self.tokens[i]
 
+    def check_ids(self, rows: np.ndarray, which) -> None:
+        """Token ids of rows read for a model must be in the vocabulary: past it, an embedding lookup is an
+        IndexError on a CPU and a device-side assert on a GPU. O(rows read), next to the model's cost."""
+        if rows.size and int(rows.max()) >= self.tokenizer.vocab_size:
+            bad = int(np.flatnonzero((rows >= self.tokenizer.vocab_size).any(-1))[0]) if rows.ndim > 1 else 0
+            raise InputError(f"{self.folder / 'tokens.bin'}: row {list(which)[bad]} has a token id "
+                             f"{int(rows.max())} outside the vocabulary ({self.tokenizer.vocab_size}); corrupt file")
+
     def verify(self) -> None:
         """Full checksum of tokens.bin against the index (catches bit flips, not only truncation)."""
         if sha256_file(self.folder / "tokens.bin") != self.index["tokens_sha256"]:
             raise InputError(f"{self.folder / 'tokens.bin'}: checksum mismatch (corrupt file)")
 
+    def _read_json(self, name: str):
+        path = self.folder / name
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as e:
+            raise InputError(f"{path}: unreadable or corrupt ({type(e).__name__})") from None
+
     @property
     def subset(self) -> dict:
         if self._subset is None:
-            self._subset = json.loads((self.folder / "subset.json").read_text())
+            subset = self._read_json("subset.json")
+            if not (isinstance(subset, dict) and isinstance(subset.get("doc_ids"), list)
+                    and len(subset["doc_ids"]) == self.count):
+                raise InputError(f"{self.folder / 'subset.json'}: not {self.count} rows of document ids")
+            self._subset = subset
         return self._subset
 
     @property
     def docs(self) -> list[dict]:
         if self._docs is None:
-            self._docs = json.loads((self.folder / "docs.json").read_text())
+            self._docs = self._read_json("docs.json")
         return self._docs
 
+    def _doc_starts(self) -> np.ndarray:
+        """Every document's first stream offset, built once: a per-call rebuild made ``doc_ids`` O(documents)
+        (63 ms a call at 1M documents, ~8 min per pass over 7.8k rows)."""
+        if self._starts is None:
+            docs = self.docs
+            try:
+                starts = np.fromiter((d["start"] for d in docs), dtype=np.int64, count=len(docs))
+            except (TypeError, KeyError, ValueError, OverflowError):
+                raise InputError(f"{self.folder / 'docs.json'}: not a list of documents with integer starts") from None
+            if len(starts) and (starts[0] != 0 or (np.diff(starts) <= 0).any()):
+                raise InputError(f"{self.folder / 'docs.json'}: document starts are not increasing from 0")
+            self._starts = starts
+        return self._starts
+
     def doc_ids(self, i: int) -> list[str]:
-        """Ids of the documents that instance ``i`` overlaps, in stream order."""
+        """Ids of the documents that instance ``i`` overlaps, in stream order (O(log documents) a call)."""
         if "subset_of" in self.index:
             return self.subset["doc_ids"][i]
-        starts = [d["start"] for d in self.docs]
+        starts = self._doc_starts()
         lo, hi = i * self.seq_len, (i + 1) * self.seq_len
-        first = bisect.bisect_right(starts, lo) - 1
-        last = bisect.bisect_left(starts, hi) - 1
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, hi, side="left")) - 1
         return [self.docs[j]["id"] for j in range(max(first, 0), last + 1)]
+
+    def stream_root(self, within: Path | None = None) -> Instances:
+        """The packed stream at the end of this folder's ``subset_of`` chain (itself when it is no subset).
+        Every link is checked: a packed-instances folder (inside ``within`` when given) holding the tokens the
+        subset was made from (``parent_sha256``); a chain that comes back to a folder already seen is refused,
+        so a self-referencing one cannot loop forever."""
+        node, seen = self, {self.folder.resolve()}
+        while "subset_of" in node.index:
+            where, parent = node.folder / "index.json", node.index["subset_of"]
+            path = Path(parent).resolve() if isinstance(parent, str) and parent else None
+            if path is None or within is not None and not path.is_relative_to(Path(within).resolve()):
+                raise InputError(f"{where}: subset_of {str(parent)[:200]!r} is not a folder inside {within}")
+            if path in seen:
+                raise InputError(f"{where}: the subset_of chain comes back to {path} (a cycle)")
+            seen.add(path)
+            up = Instances(path)
+            if up.index.get("tokens_sha256") != node.index.get("parent_sha256"):
+                raise InputError(f"{where}: subset_of {path} does not hold the tokens this subset was made from")
+            node = up
+        return node
 
     def check_tokenizer(self, tokenizer_hash: str, what: str = "the model") -> None:
         if self.tokenizer.hash != tokenizer_hash:

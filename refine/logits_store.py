@@ -188,6 +188,37 @@ class LogitsWriter:
         return index
 
 
+MAX_POSITIONS = 1 << 20   # predicted positions per instance: far beyond any context, so no bound on real data
+MAX_VOCAB = 1 << 32       # ids are at most uint32
+
+
+def _check_index(path: Path, h: StoreHeader, index: dict) -> None:
+    """store.json's numbers, before any of them sizes an allocation or a read: one line naming what is wrong."""
+    def ok_int(v, lo, hi) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    shards = index.get("shards")
+    problem = ("vocab_size" if not ok_int(h.vocab_size, 1, MAX_VOCAB) else
+               "positions" if not ok_int(h.positions, 1, MAX_POSITIONS) else
+               "id_dtype" if h.id_dtype not in ("uint16", "uint32") or np.dtype(h.id_dtype).itemsize < 4
+               and h.vocab_size > 65536 else
+               "logprob_dtype" if h.logprob_dtype not in ("float16", "float32") else
+               "shards" if not isinstance(shards, list) or not all(isinstance(e, dict) for e in shards) else "")
+    for i, e in enumerate(shards if not problem else []):
+        f, n = e.get("file"), e.get("instances")
+        if not (isinstance(f, str) and f not in ("", ".", "..") and "/" not in f and "\\" not in f):
+            problem = f"shard {i} file {f!r} (a file name inside the store, please)"
+        elif not ok_int(n, 0, 1 << 40) or not ok_int(e.get("pairs"), 0, n * h.positions * MAX_K) \
+                or not ok_int(e.get("bytes"), 0, 1 << 50) or not isinstance(e.get("sha256"), str):
+            problem = f"shard {i} instances/pairs/bytes/sha256"
+        if problem:
+            break
+    if not problem and index.get("count") != sum(e["instances"] for e in shards):
+        problem = "count (not the sum of the shards' instances)"
+    if problem:
+        raise InputError(f"{path}: bad {problem}")
+
+
 @contextmanager
 def _corrupt_is_input_error(path: Path):
     try:
@@ -212,12 +243,13 @@ class LogitsStore:
         try:
             index = json.loads(path.read_text())
             self.header = StoreHeader(**index["header"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):   # ValueError: bad JSON or UTF-8
             raise InputError(f"corrupt store.json in {self.folder}") from None
         h = self.header
         if h.format != FORMAT or h.version not in (1, 2, VERSION) or h.codec not in CODECS:
             raise InputError(f"{self.folder}: unsupported logits format {self.header.format} v{self.header.version} "
                              f"codec {self.header.codec}")
+        _check_index(path, self.header, index)
         self.index, self.count = index, int(index["count"])
         self._shards = [self._open(s, verify is True) for s in index["shards"]]
         self._unverified = set(range(len(self._shards))) if verify == "lazy" and self.header.codec == "raw" else set()
@@ -225,6 +257,8 @@ class LogitsStore:
 
     def _open(self, entry: dict, verify: bool):
         path = self.folder / entry["file"]
+        if not path.resolve().is_relative_to(self.folder.resolve()):      # a link out of the store
+            raise InputError(f"{self.folder / 'store.json'}: shard {entry['file']!r} leads outside the store")
         n, pos = entry["instances"], self.header.positions
         id_dt, lp_dt = np.dtype(self.header.id_dtype), np.dtype(self.header.logprob_dtype)
         sizes = [n * pos, (n + 1) * 8, entry["pairs"] * id_dt.itemsize, entry["pairs"] * lp_dt.itemsize]
@@ -236,10 +270,16 @@ class LogitsStore:
             raise InputError(f"{path}: checksum mismatch (corrupt logits shard)")
         if self.header.codec == "zstd":
             with _corrupt_is_input_error(path):
+                if actual < 8:                      # (an empty file cannot even be memory-mapped)
+                    raise CorruptShard(f"{actual} bytes, not a compact shard")
                 return ShardDecoder(np.memmap(path, dtype=np.uint8, mode="r"), n, pos, self.header.vocab_size)
         starts = np.cumsum([0] + sizes)
         mm = lambda i, dt, count: np.memmap(path, dtype=dt, mode="r", offset=int(starts[i]), shape=(count,))
-        return (mm(0, np.uint8, n * pos).reshape(n, pos), mm(1, np.int64, n + 1), mm(2, id_dt, entry["pairs"]),
+        offsets = mm(1, np.int64, n + 1)
+        if offsets[0] != 0 or offsets[-1] != entry["pairs"] or (np.diff(offsets) < 0).any():
+            raise InputError(f"{path}: corrupt logits shard (instance offsets not increasing from 0 to "
+                             f"{entry['pairs']})")
+        return (mm(0, np.uint8, n * pos).reshape(n, pos), offsets, mm(2, id_dt, entry["pairs"]),
                 mm(3, lp_dt, entry["pairs"]))
 
     def __len__(self) -> int:
@@ -264,7 +304,15 @@ class LogitsStore:
                 return SparseRows(*self._shards[s].decode(j))
         counts, offsets, ids, lps = self._shards[s]
         a, b = int(offsets[j]), int(offsets[j + 1])
-        return SparseRows(np.asarray(counts[j]), np.asarray(ids[a:b]), np.asarray(lps[a:b]))
+        rows = SparseRows(np.asarray(counts[j]), np.asarray(ids[a:b]), np.asarray(lps[a:b]))
+        # a wrong id reaches torch.gather (a device-side assert on a GPU), a NaN the loss: checked per read
+        problem = ("counts that do not add up to its pairs" if int(rows.counts.sum(dtype=np.int64)) != b - a else
+                   "a token id outside the vocabulary" if b > a and int(rows.ids.max()) >= self.header.vocab_size
+                   else "a NaN or +inf log-prob" if b > a and not (rows.logprobs < np.inf).all() else "")
+        if problem:
+            raise InputError(f"{self.folder / self.index['shards'][s]['file']}: corrupt logits shard (instance {j} "
+                             f"has {problem})")
+        return rows
 
     def check_tokenizer(self, tokenizer_hash: str) -> None:
         if self.header.tokenizer_hash != tokenizer_hash:

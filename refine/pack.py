@@ -15,7 +15,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from refine.corpus import iter_documents
+from refine.corpus import MAX_DOC_BYTES, CorpusStats, is_link_below, iter_documents
 from refine.errors import InputError, exit_on_input_error
 from refine.instances import Instances, InstanceWriter, TokenizerInfo
 from refine.manifest import manifest_matches, sha256_file, write_manifest
@@ -29,7 +29,9 @@ def corpus_fingerprint(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise InputError(f"corpus not found: {path}")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    # links inside a folder are not read (refine.corpus), so they are not part of the key either
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
+                                                 if p.is_file() and not is_link_below(p, path))
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(path) if f != path else f.name).encode())
@@ -38,17 +40,20 @@ def corpus_fingerprint(path: str | Path) -> str:
 
 
 def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_field: str = "text",
-         quiet: bool = False) -> Instances:
+         quiet: bool = False, max_doc_bytes: int = MAX_DOC_BYTES) -> Instances:
     """Pack ``corpus`` into ``out`` unless an identical packing is already there; return the reader."""
     info = TokenizerInfo.of(tokenizer)
     key = {"corpus": corpus_fingerprint(corpus), "tokenizer_hash": info.hash, "seq_len": seq_len,
            "text_field": text_field}
+    if max_doc_bytes != MAX_DOC_BYTES:          # (the default stays out: existing packings stay valid)
+        key["max_doc_bytes"] = max_doc_bytes
     if manifest_matches(out, key):
         return Instances(out)
     t0 = time.perf_counter()
     writer = InstanceWriter(out, seq_len, info)
+    stats = CorpusStats()
     try:
-        docs = iter_documents(corpus, text_field=text_field)
+        docs = iter_documents(corpus, text_field=text_field, stats=stats, max_doc_bytes=max_doc_bytes)
         batch: list = []
         for doc in docs:
             batch.append(doc)
@@ -62,8 +67,13 @@ def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_fiel
         raise
     index = writer.close(extra={"corpus": str(corpus)})
     elapsed = time.perf_counter() - t0
+    skipped = {k: v for k, v in (("skipped_too_large", stats.skipped_too_large), ("too_large_ids", stats.too_large_ids),
+                                 ("skipped_links", stats.skipped_links)) if v}
+    if skipped and not quiet:
+        print(f"warning: {corpus}: {stats.skipped_too_large} documents over {max_doc_bytes} bytes and "
+              f"{stats.skipped_links} links skipped (first: {', '.join(stats.too_large_ids[:3]) or '-'})")
     write_manifest(out, key, corpus=str(corpus), tokenizer=info.__dict__, count=index["count"],
-                   stream_tokens=index["stream_tokens"], seconds=round(elapsed, 2))
+                   stream_tokens=index["stream_tokens"], seconds=round(elapsed, 2), **skipped)
     if not quiet:
         print(f"packed {index['documents']} docs, {index['stream_tokens']} tokens -> {index['count']} x "
               f"{seq_len} in {elapsed:.1f}s ({index['stream_tokens'] / max(elapsed, 1e-9):,.0f} tok/s) -> {out}")
@@ -83,9 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizer", required=True, help="local tokenizer folder (e.g. the teacher's)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--text-field", default="text")
+    ap.add_argument("--max-doc-bytes", type=int, default=MAX_DOC_BYTES, help="larger documents are skipped")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    pack(a.corpus, load_tokenizer(a.tokenizer), a.seq_len, a.out, a.text_field)
+    pack(a.corpus, load_tokenizer(a.tokenizer), a.seq_len, a.out, a.text_field, max_doc_bytes=a.max_doc_bytes)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Default ``<repo>/.cache``; set ``RD_CACHE=/some/dir`` to share one cache between
 """
 
 import os
+import re
 from pathlib import Path
 
 from refine.errors import InputError
@@ -41,8 +42,18 @@ def resolve_model(path: str | Path) -> Path:
     p = Path(path)
     pointer = p / "checkpoints" / "latest"
     if pointer.is_file():
-        p = p / "checkpoints" / pointer.read_text().strip()
+        p = p / "checkpoints" / checked_step_name(pointer)
     if not (p / "config.json").is_file():
         hint = " (run `make reference`)" if "reference" in str(path) else ""
         raise InputError(f"no model at {path}{hint}")
     return p
+
+
+def checked_step_name(pointer: Path) -> str:
+    """The ``step_*`` folder name a ``checkpoints/latest`` file holds; one line for anything else (``../x``, an
+    absolute path, a link out of the checkpoints folder): the pointer may not lead outside its folder."""
+    name = pointer.read_text(errors="replace").strip()
+    target = pointer.parent / name
+    if not re.fullmatch(r"step_\d+", name) or not target.resolve().is_relative_to(pointer.parent.resolve()):
+        raise InputError(f"{pointer} names {name[:100]!r}, not a step_* folder inside {pointer.parent}")
+    return name

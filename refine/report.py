@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -9,6 +10,20 @@ import numpy as np
 
 from refine.instances import Instances
 from refine.logits_store import LogitsStore
+
+# Corpus text is data, not markup: every character that could start HTML, a link, a (remote) image, emphasis
+# or a table cell is backslash-escaped, which CommonMark renders as the character itself.
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()!|<>&~#])")
+
+
+def md_text(s: str) -> str:
+    """``s`` as inert markdown text on one line."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(s).split()))
+
+
+def md_code(s: str) -> str:
+    """``s`` as a code span (literal in markdown: no HTML, no links) that no backtick in it can close."""
+    return "`" + " ".join(str(s).replace("`", "'").split()) + "`"
 
 
 def source_of(inst: Instances, i: int, doc_source: dict[str, str]) -> str:
@@ -40,9 +55,7 @@ def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path) -> None:
 def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndarray, kept: np.ndarray, tok,
                  stores: dict[str, LogitsStore], tpass: dict, rpass: dict, examples: int) -> dict:
     """``stores``: the kept instances' logits stores by folder name (``logits``, ``logits_rs``)."""
-    root = inst
-    while "subset_of" in root.index:                     # the packed stream at the end of the subset chain
-        root = Instances(root.index["subset_of"])
+    root = inst.stream_root(within=out)                  # the packed stream at the end of the subset chain
     doc_source = {d["id"]: d["source"] for d in root.docs}
     per_source: dict[str, Counter] = {}
     kept_set = set(kept.tolist())
@@ -66,7 +79,7 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
 
     def quote(i: int) -> str:
         text = tok.decode(np.asarray(inst.tokens[i]).tolist()).replace("\n", " ")
-        return f"- **{scores[i]:+.3f}** `{', '.join(inst.doc_ids(i))[:80]}`: {text[:400]}…"
+        return f"- **{scores[i]:+.3f}** {md_code(', '.join(inst.doc_ids(i))[:80])}: {md_text(text[:400])}…"
 
     lines = [
         f"# Refine report: {out.name}", "",
@@ -86,7 +99,8 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
                   f"| `{name}/` ids per position | {figures[f'{name}_ids_per_position']:.1f} |",
                   f"| `{name}/` mean kept probability mass | {figures[f'{name}_mean_kept_mass']:.3f} |"]
     lines += ["", "| source | instances | kept |", "|---|---|---|"]
-    lines += [f"| {s} | {c['total']:,} | {c['kept'] / c['total']:.0%} |" for s, c in sorted(per_source.items())]
+    lines += [f"| {md_text(s)} | {c['total']:,} | {c['kept'] / c['total']:.0%} |"
+              for s, c in sorted(per_source.items())]
     lines += ["", "![score histogram](score_hist.png)", "", "## Highest-scored instances (kept)", ""]
     lines += [quote(int(i)) for i in order[:examples]]
     lines += ["", "## Lowest-scored instances (dropped)", ""]

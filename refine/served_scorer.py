@@ -29,9 +29,9 @@ ties), the fp32 sums differing with the batch composition.
 
 Several endpoints at once: at most ``max_concurrency`` requests in flight over all of them, each request to
 the live endpoint with the fewest requests in flight (round robin among equals). A connection error,
-timeout (``timeout`` seconds per socket operation) or 5xx/408/429 answer is retried ``retries`` times with
-exponential backoff; then that endpoint is set aside (for ``revive_after`` seconds) and the request moves
-to another one. Results follow the input rows whatever order the answers arrive in.
+timeout (a deadline of ``timeout`` seconds for the whole request, not per socket read) or 5xx/408/429 answer
+is retried ``retries`` times with exponential backoff; then that endpoint is set aside (for ``revive_after``
+seconds) and the request moves to another one. Results follow the input rows whatever order the answers arrive in.
 
 At start every endpoint is checked: ``/v1/models`` (it must serve ``served_model``, or exactly one model
 when it is not given; its ``max_model_len`` bounds the rows), its vocabulary size (``_served_vocab``, before
@@ -42,7 +42,9 @@ error). An endpoint that does not answer is left out with a warning; when none a
 model/vocabulary, or refuses K, it is a one-line ``InputError``. The local ``model_dir`` is the teacher's
 folder (``config.json`` + tokenizer; the weights are not read): it gives the tokenizer, its BOS rule
 (``bos_id``) and the vocabulary.
-HTTP proxies from the environment are not used (teacher servers sit on the cluster's own network).
+HTTP proxies from the environment are not used (teacher servers sit on the cluster's own network), redirects
+are not followed, an answer is read up to a cap sized by what was asked, and every token id in it must be in
+the vocabulary: a misbehaving server is one error line, never a hang, a memory blow-up or a wrong id stored.
 """
 
 from __future__ import annotations
@@ -55,8 +57,7 @@ import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,8 @@ from refine.scoring import Scores, check_rows
 
 PROBE_TEXT = "The river, 1813: Miss Bennet's letter to the king. Ünïcode — 日本語.\n"
 CLAMPED_NEG_INF = -9999.0        # what vLLM's server sends for a -inf log-prob
+SMALL_RESPONSE = 4 << 20         # bytes: the cap on any answer's overhead (model list, tokenize, errors)
+ENTRY_BYTES = 1024               # bytes per requested log-prob entry (vLLM sends ~100 for one)
 
 
 class _Retryable(Exception):
@@ -135,7 +138,6 @@ class ServedScorer:
         self.last_timing: dict[str, float] = {}
         self._lock = threading.Lock()
         self._turn = itertools.count()
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="served-scorer")
         self.max_concurrency = max_concurrency
         try:
@@ -146,30 +148,86 @@ class ServedScorer:
 
     # ---- HTTP ---------------------------------------------------------------------------------------------
     def _http(self, ep: Endpoint, path: str, body: dict | None = None) -> dict:
-        """One request; ``_Retryable`` for transient failures, ``InputError`` when the server refuses it."""
+        """One request; ``_Retryable`` for transient failures, ``InputError`` when the server refuses it.
+
+        Hostile or broken servers are bounded: ``timeout`` is a deadline for the whole request (a timer shuts
+        the socket, so a server dripping a byte at a time cannot stretch it), the body is read up to a cap
+        sized by the request, redirects are not followed (plain ``http.client``), and JSON nested too
+        deeply for the parser is a bad answer like any other."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(ep.url + path, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+        cap = self._response_cap(body)
+        parts = urllib.parse.urlsplit(ep.url)
+        conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = conn_type(parts.hostname, parts.port, timeout=self.timeout)
+        expired, sockets = threading.Event(), []
+
+        def expire() -> None:
+            expired.set()
+            for sock in sockets:          # (conn.sock is None once a closing answer began: keep our own)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(self.timeout, expire)
+        timer.daemon = True
+        timer.start()
+        resp = None
         try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
+            conn.connect()
+            sockets.append(conn.sock)
+            if expired.is_set():                          # the deadline passed while connecting
+                raise TimeoutError
+            conn.request("GET" if body is None else "POST", parts.path + path, body=data,
+                         headers={"Content-Type": "application/json", "Accept": "application/json"})
+            resp = conn.getresponse()
+            chunks, size = [], 0
+            while chunk := resp.read1(1 << 16):
+                size += len(chunk)
+                if size > cap:
+                    raise InputError(f"teacher server {ep.url} answered {path} with more than {cap:,} bytes (the "
+                                     f"cap for this request); not read further")
+                chunks.append(chunk)
+            raw = b"".join(chunks)
+        except (OSError, http.client.HTTPException) as e:   # refused, reset, timeout, cut off, shut at the deadline
+            timed_out = expired.is_set() or isinstance(e, (TimeoutError, socket.timeout))
+            raise _Retryable("timed out" if timed_out else str(e) or type(e).__name__) from None
+        finally:
+            timer.cancel()
+            if resp is not None:
+                resp.close()                              # (its file keeps the socket open otherwise)
+            conn.close()
+        if expired.is_set():
+            raise _Retryable("timed out")
+        if resp.status >= 300:
+            if 300 <= resp.status < 400:
+                raise _Refused(resp.status, f"a redirect to {resp.getheader('Location')!r}, not followed")
             try:
-                detail = json.loads(e.read()).get("error", {})
+                detail = json.loads(raw).get("error", {})
                 msg = detail.get("message", "") if isinstance(detail, dict) else str(detail)
-            except (ValueError, OSError, http.client.HTTPException):
+            except (ValueError, RecursionError, AttributeError):
                 msg = ""
-            if e.code >= 500 or e.code in (408, 429):
-                raise _Retryable(f"HTTP {e.code} {msg}".strip()) from None
-            raise _Refused(e.code, msg or e.reason) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:   # refused, reset, timeout, cut
-            reason = getattr(e, "reason", e)
-            timed_out = isinstance(reason, (TimeoutError, socket.timeout))
-            raise _Retryable("timed out" if timed_out else str(reason) or type(e).__name__) from None
+            msg = " ".join(str(msg).split())[:500]        # one line, whatever the server sends
+            if resp.status >= 500 or resp.status in (408, 429):
+                raise _Retryable(f"HTTP {resp.status} {msg}".strip())
+            raise _Refused(resp.status, msg or resp.reason)
         try:
-            return json.loads(raw)
-        except ValueError:
-            raise _Retryable(f"not JSON ({len(raw)} bytes)") from None
+            out = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            what = "JSON nested too deeply" if isinstance(e, RecursionError) else "not JSON"
+            raise _Retryable(f"{what} ({len(raw)} bytes)") from None
+        if not isinstance(out, dict):
+            raise _Retryable(f"a JSON {type(out).__name__}, not an object")
+        return out
+
+    def _response_cap(self, body: dict | None) -> int:
+        """Largest answer read: room for every requested log-prob entry (~100 B in vLLM's form, 1 KiB allowed),
+        or 4 MiB for the small requests (model list, tokenize)."""
+        if not body or "prompt_logprobs" not in body:
+            return SMALL_RESPONSE
+        k = body["prompt_logprobs"]
+        k = (self.vocab_size or len(self.tokenizer)) if k < 0 else k
+        return SMALL_RESPONSE + ENTRY_BYTES * (len(body["prompt"]) + 1) * (k + 2)
 
     def _with_retries(self, ep: Endpoint, path: str, body: dict | None = None) -> dict:
         for attempt in range(self.retries + 1):
@@ -195,7 +253,7 @@ class ServedScorer:
             ep.inflight += 1
             return ep
 
-    def _request(self, body: dict) -> dict:
+    def _request(self, body: dict) -> tuple[dict, str]:
         """POST one completion to the least-loaded live endpoint, failing over to the others."""
         tried: set[str] = set()
         while True:
@@ -207,7 +265,7 @@ class ServedScorer:
                 out = self._with_retries(ep, "/v1/completions", body)
                 with self._lock:
                     ep.down_since, ep.reason = None, ""
-                return out
+                return out, ep.url
             except _EndpointDown as e:
                 with self._lock:
                     if ep.down_since is None and not self.quiet:
@@ -239,7 +297,9 @@ class ServedScorer:
             return False
         except _Refused as e:
             raise InputError(f"{ep.url} is not an OpenAI-compatible server (/v1/models: {e})") from None
-        entries = {m.get("id"): m for m in models.get("data", []) if isinstance(m, dict)}
+        data = models.get("data")
+        entries = {m["id"]: m for m in (data if isinstance(data, list) else [])
+                   if isinstance(m, dict) and isinstance(m.get("id"), str)}
         ep.served = list(entries)
         with self._lock:
             if self.model is None:
@@ -249,7 +309,10 @@ class ServedScorer:
                 self.model = ep.served[0]
         if self.model not in entries:
             raise InputError(f"{ep.url} serves {ep.served}, not the teacher {self.model!r}")
-        ep.max_model_len = int(entries[self.model].get("max_model_len") or 0) or 1 << 30
+        max_len = entries[self.model].get("max_model_len") or 0
+        if not isinstance(max_len, int) or max_len < 0:
+            raise InputError(f"{ep.url} reports max_model_len {str(max_len)[:40]!r} for {self.model}, not a count")
+        ep.max_model_len = max_len or 1 << 30
         try:
             # The model's vocabulary size, before any id near its end is sent: a server started with
             # --skip-tokenizer-init does not check ids, and an out-of-vocabulary one kills its engine.
@@ -266,7 +329,7 @@ class ServedScorer:
         except _Refused as e:
             hint = f" (start it with --max-logprobs {self.top_k} or more)" if "logprobs" in str(e) else ""
             raise InputError(f"teacher server {ep.url} ({self.model}) refused a probe: {e}{hint}") from None
-        self._parse(out, np.array([0, top_id]), ep.url)
+        self._parse(out, ep.url, np.array([0, top_id]))
         # Same vocabulary: the server's tokenizer (when it has one) splits a probe text as ours does.
         try:
             tok = self._http(ep, "/tokenize", {"model": self.model, "prompt": PROBE_TEXT,
@@ -274,7 +337,7 @@ class ServedScorer:
         except (_Retryable, _Refused):
             return True                  # no tokenizer on the server (--skip-tokenizer-init) or no endpoint
         ours = self._probe_ids
-        if tok.get("tokens") is not None and list(tok["tokens"]) != list(ours):
+        if isinstance(tok.get("tokens"), list) and list(tok["tokens"]) != list(ours):
             raise InputError(f"teacher server {ep.url} ({self.model}) uses another vocabulary than the local "
                              f"tokenizer: the probe text is {tok['tokens'][:8]}... there, {ours[:8]}... here")
         return True
@@ -299,7 +362,7 @@ class ServedScorer:
         return {"model": self.model, "prompt": prefix + ids, "max_tokens": 1, "prompt_logprobs": self.top_k,
                 "temperature": 0.0, "stream": False}
 
-    def _parse(self, out: dict, row: np.ndarray, url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _parse(self, out: dict, url: str, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One response -> (token log-probs [L-1], top-K ids [L-1, K], top-K log-probs [L-1, K])."""
         k, length = self.top_k, len(row)
         try:
@@ -307,34 +370,51 @@ class ServedScorer:
         except (KeyError, IndexError, TypeError):
             raise InputError(f"teacher server {url} answered without prompt_logprobs: is it vLLM?") from None
         skip = 1 + (self.bos_id is not None)      # position 0 has no context; with BOS, its prediction of x_0
-        if positions is None or len(positions) != length - 1 + skip:
-            raise RuntimeError(f"{url} returned {len(positions or [])} prompt positions for a row of {length} "
-                               f"tokens, expected {length - 1 + skip}")
+        if not isinstance(positions, list) or len(positions) != length - 1 + skip:
+            got = len(positions) if isinstance(positions, list) else type(positions).__name__
+            raise InputError(f"teacher server {url} returned {got} prompt positions for a row of {length} tokens, "
+                             f"expected {length - 1 + skip}")
         token = np.empty(length - 1, dtype=np.float32)
         ids = np.empty((length - 1, k), dtype=np.int32)
         lps = np.empty((length - 1, k), dtype=np.float32)
         actual = row[1:].tolist()
+        vocab = self.vocab_size or len(self.tokenizer)
         for t, pos in enumerate(positions[skip:]):
-            entry = pos.get(str(actual[t]))
-            if entry is None:
-                raise RuntimeError(f"{url} returned prompt log-probs for other tokens than the ones sent")
-            token[t] = entry["logprob"]
-            if k:
-                items = list(pos.items())
-                if len(items) == k + 1:          # the actual token first, outside the top-K (or tied with it)
-                    items = items[1:]
-                elif len(items) != k:
-                    raise RuntimeError(f"{url} returned {len(items)} log-probs at a position, expected {k} or "
-                                       f"{k + 1}")
-                items.sort(key=lambda kv: kv[1]["rank"])
-                ids[t] = [int(i) for i, _ in items]
-                lps[t] = [v["logprob"] for _, v in items]
+            try:
+                self._parse_position(url, vocab, t, pos, str(actual[t]), k, token, ids, lps)
+            except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
+                raise InputError(f"teacher server {url} answered malformed prompt_logprobs at position {t + skip} "
+                                 f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        if np.isnan(token).any() or np.isnan(lps).any() or (token > 1e-3).any() or (lps > 1e-3).any():
+            raise InputError(f"teacher server {url} answered a NaN or positive log-prob")
         for a in (token, lps):
             a[a == CLAMPED_NEG_INF] = -np.inf
         return token, ids, lps
 
+    @staticmethod
+    def _parse_position(url: str, vocab: int, t: int, pos: dict, actual: str, k: int, token, ids, lps) -> None:
+        entry = pos.get(actual)
+        if entry is None:
+            raise ValueError("log-probs for other tokens than the ones sent")
+        token[t] = float(entry["logprob"])
+        if k:
+            items = list(pos.items())
+            if len(items) == k + 1:          # the actual token first, outside the top-K (or tied with it)
+                items = items[1:]
+            elif len(items) != k:
+                raise ValueError(f"{len(items)} log-probs at a position, expected {k} or {k + 1}")
+            items.sort(key=lambda kv: int(kv[1]["rank"]))
+            # checked as Python ints, before the int32 array could wrap a huge one
+            row_ids = [int(i) for i, _ in items]
+            bad = [i for i in row_ids if not 0 <= i < vocab]
+            if bad:
+                raise InputError(f"teacher server {url} answered token id {bad[0]}, outside the vocabulary "
+                                 f"0..{vocab - 1}")
+            ids[t] = row_ids
+            lps[t] = [float(v["logprob"]) for _, v in items]
+
     def _score_row(self, row: np.ndarray):
-        return self._parse(self._request(self._body(row.tolist())), row, "a teacher server")
+        return self._parse(*self._request(self._body(row.tolist())), row)
 
     def score(self, rows: np.ndarray) -> Scores:
         rows = check_rows(rows, self.max_model_len, self.bos_id, "the teacher server")

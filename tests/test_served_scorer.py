@@ -264,7 +264,7 @@ def fake_vllm(models=("tiny",), vocab=VOCAB, fail=0, refuse=None):
             return 400, {"error": {"message": refuse}}
         if path == "/v1/completions":
             prompt, k = body["prompt"], body["prompt_logprobs"]
-            pos = [None] + [{str(t): {"logprob": -1.0, "rank": 1}} | {str(1000 + j): {"logprob": -2.0 - j,
+            pos = [None] + [{str(t): {"logprob": -1.0, "rank": 1}} | {str(100 + j): {"logprob": -2.0 - j,
                                                                                        "rank": j + 1}
                                                                     for j in range(k)} for t in prompt[1:]]
             return 200, {"choices": [{"index": 0, "prompt_logprobs": pos}]}
@@ -310,3 +310,111 @@ def test_served_scorer_failures(tiny_model_dir, capfd):
         make_scorer("onnx", d)
     with pytest.raises(InputError, match="no data parallelism"):
         make_scorer("vllm", d, top_k=K, data_parallel_size=2)   # refused before vLLM is imported
+
+
+# ---- hostile servers: each misbehaviour is one InputError line, bounded in time and memory ----------------
+
+@contextmanager
+def raw_server(respond):
+    """A loopback server whose ``respond(handler, path)`` writes whatever bytes it likes; yields its URL."""
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(n)) if n else None
+            try:
+                respond(self, self.path, body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass                                     # the client hung up on us: what is being tested
+
+        do_GET = do_POST = _any
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads, srv.block_on_close = True, False     # a dripping handler must not hold up the test
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _send(h, status: int, data: bytes, headers: dict | None = None) -> None:
+    h.send_response(status)
+    for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
+        h.send_header(k, v)
+    h.end_headers()
+    h.wfile.write(data)
+
+
+def _vllm_then(completions):
+    """The fake vLLM's model list and vocabulary check, then ``completions(h, body)`` for the rest."""
+    handle, _ = fake_vllm()
+
+    def respond(h, path, body):
+        if path == "/v1/completions" and body["prompt_logprobs"] >= 0:
+            return completions(h, body)
+        status, out = handle("GET" if body is None else "POST", path, body)
+        _send(h, status, json.dumps(out).encode())
+    return respond
+
+
+def _positions(body, bad_id=None, shape=None):
+    k = body["prompt_logprobs"]
+    pos = [None] + [{str(t): {"logprob": -1.0, "rank": 1}} | {str(100 + j): {"logprob": -2.0 - j, "rank": j + 1}
+                                                              for j in range(k)} for t in body["prompt"][1:]]
+    if bad_id is not None:
+        top = pos[1].pop(str(100 + k - 1))
+        pos[1][str(bad_id)] = top
+    if shape is not None:
+        pos[1] = shape
+    return json.dumps({"choices": [{"index": 0, "prompt_logprobs": pos}]}).encode()
+
+
+def test_hostile_servers_are_one_line(tiny_model_dir):
+    d, fast = str(tiny_model_dir), dict(retries=1, backoff=0.01, timeout=1.0)
+
+    def fails(respond, match, **kw):
+        with raw_server(respond) as url, pytest.raises(InputError, match=match) as e:
+            make_scorer("served", d, top_k=3, urls=[url], **{**fast, **kw})
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    # token ids out of range: a huge one and a negative one (the raw store would wrap it, bincount would blow)
+    for bad in (2_000_000_000, -3):
+        fails(_vllm_then(lambda h, b, bad=bad: _send(h, 200, _positions(b, bad_id=bad))),
+              f"token id {bad}, outside the vocabulary 0..399")
+    # a malformed position (a list where an object belongs) and a wrong number of positions
+    fails(_vllm_then(lambda h, b: _send(h, 200, _positions(b, shape=[1, 2]))),
+          "malformed prompt_logprobs at position 1")
+    fails(_vllm_then(lambda h, b: _send(h, 200, b'{"choices": [{"prompt_logprobs": {"a": 1}}]}')),
+          "returned dict prompt positions")
+    # deeply nested JSON: the parser's RecursionError is a bad answer, retried, then one line
+    nested = b"[" * 200_000 + b"]" * 200_000
+    fails(lambda h, path, body: _send(h, 200, nested), r"JSON nested too deeply \(400000 bytes\) \(after 2 attempts\)")
+    # an answer bigger than the request's cap is not read to the end (the model list: 4 MiB)
+    t = time.perf_counter()
+    fails(lambda h, path, body: _send(h, 200, b" " * (64 << 20)), r"answered /v1/models with more than 4,194,304 bytes")
+    assert time.perf_counter() - t < 10
+
+    # a redirect to another host is not followed (the other server never hears from us)
+    hits = []
+    with raw_server(lambda h, path, body: hits.append(path) or _send(h, 200, b"{}")) as elsewhere:
+        fails(lambda h, path, body: _send(h, 302, b"", {"Location": elsewhere + path}),
+              r"HTTP 302: a redirect to '.*/v1/models', not followed")
+    assert hits == []
+
+    # a server dripping one byte every 0.2 s: the deadline is the whole request, not each socket read
+    def drip(h, path, body):
+        h.send_response(200)
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        for _ in range(1000):
+            h.wfile.write(b" ")
+            h.wfile.flush()
+            time.sleep(0.2)
+    t = time.perf_counter()
+    fails(drip, r"timed out \(after 2 attempts\)")
+    assert time.perf_counter() - t < 4                   # 2 attempts x 1 s deadline, not 200 s of drip
