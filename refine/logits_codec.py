@@ -7,10 +7,10 @@ Values. ``v = exp(logprob) / scale`` (``scale``: the shard's largest ``v``, at l
 importance weights can exceed 1 at a sampling temperature != 1) is stored as a *level*
 ``clip(round(sqrt(v) * L), 1, L)``. Uniform steps in ``sqrt(p)`` make every kept token's share of
 KL(teacher || stored) about ``1 / (6 L^2)`` nats whatever its p (a log-p grid spends its bits on the head);
-a kept id never falls to level 0, so a level-1 value decodes no lower than that level's centroid: the floor is
-about ``scale / (4 L^2)`` (p ~ 1e-4 at 48 levels), and a smaller kept p comes back that large. A level decodes to
-the mean ``v`` of that level in the shard (its centroid, stored per shard), so the kept mass is unbiased per
-shard, not per position (off by ~0.01 at a position). The missing-mass ``tail`` policy needs each position's
+a kept id never falls to level 0. A level decodes to the mean ``v`` of that level in the shard (its centroid,
+stored per shard). The floor: every kept ``v`` below ``(1.5 / L)^2`` (about 1e-3 at 48 levels and scale 1)
+lands in level 1 and decodes to that level's mean, so the codec cannot tell kept probabilities below ~1e-3
+apart. The centroids keep the kept mass unbiased per shard, not per position. The missing-mass ``tail`` policy needs each position's
 missing mass ``1 - sum p`` to a few parts in 1e4, so each position's kept mass is stored as ``log(sum p)`` in
 float16 (relative error below 1e-3 for the kept and the missing mass alike, whether the kept mass is near 0 or
 near 1; RS-KD weights may sum above 1), and each position's decoded values are scaled to sum to it.
@@ -20,8 +20,8 @@ full stop, inside a word, ...). The writer clusters the shard's positions by the
 mixture of independent Bernoullis) and stores, per cluster, every id seen in it, ordered by frequency class
 (``floor(log2(count))``, most frequent first) and by id within a class (so a table is cheap: sorted gaps).
 An id's *rank* is its index in its position's cluster table; each position's ranks are sorted and stored
-as gaps (LEB128 varints), its levels in the same order. On the SmolLM2 top-0.95-50 store 16 clusters cut the
-ids from 35 B to 30 B per position, tables included (``bench/logits_store_bench.py``).
+as gaps (LEB128 varints), its levels in the same order. What the clusters save, and the codec's bytes per
+token and KL against the raw store, are measured by ``bench/logits_store_bench.py`` (bench/README.md).
 
 Layout (little-endian)::
 
@@ -34,8 +34,7 @@ Layout (little-endian)::
 Shards of the first version (``b"RDLZ"``: four frames, no kept mass) still decode, without the per-position
 mass correction; ``refine.logits_store`` refuses the ``tail`` policy on them.
 
-Separate frames (not one frame with four blocks) measured 1 B/position smaller: each gets its own entropy
-tables. Every frame carries zstd's checksum and its sizes are in the checksummed index, so a flipped or
+Separate frames, not one frame with several blocks: each stream gets its own entropy tables (smaller). Every frame carries zstd's checksum and its sizes are in the checksummed index, so a flipped or
 missing byte is an error on read, never wrong values. Decoding is numpy over whole arrays.
 """
 
