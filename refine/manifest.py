@@ -72,7 +72,9 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(final)            # a failed write() names no file: the error line names this one
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
