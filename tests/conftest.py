@@ -70,7 +70,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_overrides(tiny_tokenizer_dir, tiny_corpus, tmp_path) -> list[str]:
     """Hydra overrides that point a debug run at the tiny assets and a private cache/run folder."""
-    return ["+experiment=lm_baseline", "+debug=tiny", f"model.tokenizer={tiny_tokenizer_dir}",
+    return ["+experiment=lm_baseline", "+debug=tiny", "data.seq_len=64", f"model.tokenizer={tiny_tokenizer_dir}",
             f"paths.corpus={tiny_corpus}", f"paths.cache={tmp_path / 'cache'}", f"paths.runs={tmp_path / 'runs'}",
             f"run_dir={tmp_path / 'runs' / 'run'}"]
 
