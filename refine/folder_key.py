@@ -73,13 +73,13 @@ def saved_settings(out: Path) -> dict | None:
 
 def claim_json(path: Path, obj: dict) -> dict:
     """Create ``path`` holding ``obj`` unless it exists; return what it holds (``obj``, or an earlier writer's)."""
-    if path.is_file():
-        return json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.claim-{_HOST}-*"):    # a writer killed mid-claim
         pid = stale.name.rpartition("-")[2]
         if pid.isdigit() and not alive(int(pid)):
             stale.unlink(missing_ok=True)
+    if path.is_file():
+        return json.loads(path.read_text())
     tmp = path.with_name(f".{path.name}.claim-{_HOST}-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
