@@ -77,9 +77,11 @@ def test_other_settings_refused_same_settings_share_the_folder(small, tmp_path):
         line = _one_error_line(_refine_cli(small + [f"out={shared}"]))
         assert f"being written by another refine run (host {os.uname().nodename} pid {first.pid})" in line, line
         assert first.poll() is None                                       # both refusals came while it ran
-        # ... and part 1 with the same settings writes the same folder at the same time, as designed.
+        # ... and part 1 with the same settings writes the same folder at the same time, as designed (the part
+        # that finds every shard finished when it ends also finishes the passes and selects).
         part1 = _refine_cli(small + [f"out={shared}", "--shard", "1/2"])
-        assert part1.returncode == 0 and "part 1/2 scored" in part1.stdout, part1.stderr[-3000:]
+        assert part1.returncode == 0 and ("part 1/2 scored" in part1.stdout or "kept 48" in part1.stdout), \
+            part1.stderr[-3000:]
         out, err = first.communicate(timeout=900)
         assert first.returncode == 0, err[-3000:]
     finally:
