@@ -4,7 +4,8 @@ Run::
 
     python -m refine                                   # the bundled corpus (make refine)
     python -m refine corpus=my.jsonl name=mine         # any corpus refine.corpus reads
-    python -m refine select.alpha=0.3                  # re-select from saved scores, no rescoring (make select)
+    python -m refine select.alpha=0.3                  # same settings, another alpha: the passes are reused
+    python -m refine select_only=true select.alpha=0.3 # re-select from <out>'s saved scores only (make select)
     python -m refine pack.max_instances=512            # a quick look: 512 instances spread over the corpus
 
 Stages, each reusing a finished result: (1) pack the corpus with the teacher's tokenizer; (2) teacher pass
@@ -15,6 +16,9 @@ top alpha by ``NLL_ref - NLL_teacher`` in corpus order and write ``<out>/``: ``i
 ``scores.npz``, ``report.md`` + ``score_hist.png``, ``manifest.json``. The teacher pass keeps the logits of
 *every* scored instance in ``teacher/logits/`` (aligned with ``instances_scored/``), so re-selecting with
 another alpha never rescores, and offline KD on the unselected data can use them.
+
+A folder scored with other settings is refused, never rescored over (``refine.folder_key``; ``overwrite=true``
+replaces it), and its writers lock it (``refine.folder_lock``).
 """
 
 from __future__ import annotations
@@ -184,10 +188,14 @@ def write_text_export(inst: Instances, rows: np.ndarray, scores: np.ndarray, tok
 def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size: int) -> LogitsStore:
     tmp_dir = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    writer = LogitsWriter(tmp_dir, src.header)
-    shards = [writer.write_rows(s, [src[int(r)] for r in rows[start:start + shard_size]])
-              for s, start in enumerate(range(0, len(rows), shard_size))]
-    writer.finish(shards, extra={"rows_of": "instances/"})
+    try:
+        writer = LogitsWriter(tmp_dir, src.header)
+        shards = [writer.write_rows(s, [src[int(r)] for r in rows[start:start + shard_size]])
+                  for s, start in enumerate(range(0, len(rows), shard_size))]
+        writer.finish(shards, extra={"rows_of": "instances/"})
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)    # a full disk: no half store left; the previous one stands
+        raise
     shutil.rmtree(out, ignore_errors=True)
     tmp_dir.rename(out)
     return LogitsStore(out)
