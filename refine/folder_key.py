@@ -48,14 +48,15 @@ def normal(obj) -> dict:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
-def differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """``name (A in the folder, B here)`` for every leaf that differs; long values (fingerprints) by name."""
+def differences(saved: dict, wanted: dict, prefix: str = "", unknown_ok: bool = False) -> list[str]:
+    """``name (A in the folder, B here)`` for every leaf that differs; long values (fingerprints) by name.
+    ``unknown_ok``: a setting the folder's record does not have (an older version's manifest) is no difference."""
     out = []
     for k in sorted(set(saved) | set(wanted)):
         a, b = saved.get(k), wanted.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{k}.")
-        elif a != b:
+            out += differences(a, b, f"{prefix}{k}.", unknown_ok)
+        elif a != b and not (unknown_ok and a is None):
             shown = f" ({a} in the folder, {b} here)" if len(f"{a}{b}") < 80 else ""
             out.append(f"{prefix}{k}{shown}")
     return out
@@ -102,10 +103,11 @@ def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
     The caller holds the folder's lock, exclusive when ``overwrite``: no other writer on this host is in it."""
     settings = normal(settings)
     saved = saved_settings(out)
-    if saved is not None and saved != settings:
+    diff = [] if saved is None else differences(saved, settings, unknown_ok=not (out / SETTINGS).is_file())
+    if diff:
         if not overwrite:
-            raise refusal(out, differences(saved, settings))
-        print(f"overwrite=true: replacing {out} (scored with {'; '.join(differences(saved, settings))})", flush=True)
+            raise refusal(out, diff)
+        print(f"overwrite=true: replacing {out} (scored with {'; '.join(diff)})", flush=True)
         for entry in out.iterdir():
             if entry.name != LOCK_NAME:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()

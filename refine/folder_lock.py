@@ -46,14 +46,25 @@ class FolderLock:
                              f"end, or {self.hint}") from None
         if not self.shared:
             os.ftruncate(fd, 0)            # alone: the lines of earlier holders are history
-        os.write(fd, f"{HOST} {os.getpid()} {'shared' if self.shared else 'exclusive'}\n".encode())
+        self._line = f"{HOST} {os.getpid()} {'shared' if self.shared else 'exclusive'}\n"
+        os.write(fd, self._line.encode())
         self._fd = fd
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)             # releases the flock
-            self._fd = None
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:                               # leave only the holders still there named (best effort)
+            os.lseek(fd, 0, os.SEEK_SET)
+            rest = os.read(fd, 1 << 16).decode(errors="replace").replace(self._line, "", 1)
+            os.ftruncate(fd, 0)
+            if self.shared and rest:
+                os.write(fd, rest.encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)                   # releases the flock
 
 
 def _holders(fd: int) -> str:
