@@ -37,7 +37,7 @@ from distill.losses import lm_loss
 from distill.models import build_student
 from distill.schedules import check as check_schedule
 from distill.schedules import lr_multiplier, plot_schedules
-from refine.errors import InputError, everyone, exit_on_input_error
+from refine.errors import InputError, everyone, exit_on_input_error, write_error_line
 from refine.folder_lock import FolderLock
 from refine.hydra_cli import precheck_overrides
 from refine.manifest import atomic_path, code_version, write_json_atomic
@@ -66,8 +66,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class Metrics:
     """Append-only JSONL (+ tensorboard). On resume, records after the checkpoint's step are dropped."""
 
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, enabled: bool = True):
-        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, enabled: bool = True,
+                 defer_errors: bool = False):
+        # defer_errors (under torchrun): a failed write is kept for the next checkpoint, where every rank ends
+        # with it (distributed.on_main); raised here, it would end rank 0 alone and leave the others in a collective
+        self.path, self.enabled, self.defer_errors, self.failed = run_dir / "metrics.jsonl", enabled, defer_errors, None
         if not enabled:                   # ranks other than 0 under torchrun
             return
         if self.path.exists():
@@ -85,14 +88,17 @@ class Metrics:
             self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, record: dict) -> None:
-        if not self.enabled:
+        if not self.enabled or self.failed:   # after a failed write nothing more: a resume rewrites from there
             return
         try:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
         except OSError as e:              # a failed write() names no file: the one-line error names this one
             e.filename = e.filename or str(self.path)
-            raise
+            if not self.defer_errors:
+                raise
+            self.failed = self.failed or write_error_line(e) or f"cannot write {self.path}: {e}"
+            return
         if self._tb is not None:
             for k, v in record.items():
                 if k not in ("step", "split") and isinstance(v, (int, float)):
@@ -234,7 +240,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device, tokenize
         if d.is_main:
             print(f"resuming {run_dir} from {ckpt.name} (step {step})", file=sys.stderr)
 
-    if d.is_main:
+    def write_run_record() -> Metrics:     # rank 0's writes, their errors every rank's (a full disk: one line)
         write_json_atomic(run_dir / "run.json", {
             "config": resolved, "code_version": code_version(), "tokenizer_hash": tokenizer_hash(tokenizer),
             "train_instances": {"path": str(train_set.folder), "count": len(train_set),
@@ -245,8 +251,14 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device, tokenize
             "parallel": d.mode if d.world > 1 else "none", "precision": str(amp or torch.float32),
             "torch": torch.__version__,
         })
-        plot_schedules(run_dir / "schedules.png", cfg, distiller.enabled)
-    metrics = Metrics(run_dir, step, tc.tensorboard, enabled=d.is_main)
+        try:
+            plot_schedules(run_dir / "schedules.png", cfg, distiller.enabled)
+        except OSError as e:              # matplotlib's failed write names no file
+            e.filename = e.filename or str(run_dir / "schedules.png")
+            raise
+        return Metrics(run_dir, step, tc.tensorboard, defer_errors=d.world > 1)
+
+    metrics = distributed.on_main(d, write_run_record) or Metrics(run_dir, step, tc.tensorboard, enabled=False)
     vbatches = val_batches(val_set, dc.batch_size, tc.eval_batches)
     tokens_per_step = dc.batch_size * dc.grad_accum * dc.seq_len
 
@@ -255,6 +267,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device, tokenize
         weights, opt_state = distributed.model_state(module, d), distributed.optimizer_state(module, opt, d)
 
         def write() -> None:              # a full disk here ends every rank with rank 0's one line
+            if metrics.failed:            # metrics could not be written since the last checkpoint: resume there
+                raise InputError(metrics.failed)
             state = {"step": step, "tokens": tokens_seen, "optimizer": opt_state, "scheduler": sched.state_dict(),
                      "data": stream.state_dict(), "rng": checkpoint.rng_state()}
             checkpoint.save(run_dir, step, model, tokenizer, state, tc.keep_checkpoints, weights)

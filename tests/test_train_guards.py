@@ -123,3 +123,27 @@ def test_an_input_error_under_torchrun_is_one_line(tiny_overrides, tiny_tokenize
     print(f"torchrun, rank-0 error: {time.perf_counter() - t0:.0f} s, {line}")
     assert "malformed JSON" in line
     assert "Connection closed" not in out and "gloo" not in out.lower()
+
+
+def test_a_full_disk_under_torchrun_is_one_line(tiny_overrides, tmp_path):
+    """Rank 0 writes metrics.jsonl alone, at every step: its failed write (a file-size limit) still ends every
+    rank with one line, at the next checkpoint (written by nobody: the run resumes from the one before)."""
+    base = [o for o in tiny_overrides if not o.startswith("run_dir=")]
+    run = tmp_path / "run"
+    assert _train(base + [f"run_dir={run}", "trainer.max_steps=10", "trainer.ckpt_every=10"]).returncode == 0
+    # room for Hydra's files, run.json and the plot, not for the metrics of 200 steps
+    limit = max((run / "metrics.jsonl").stat().st_size * 5, (run / "schedules.png").stat().st_size * 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distill.train"]
+    res = subprocess.run(cmd + base + [f"run_dir={run}", "trainer.max_steps=200", "trainer.ckpt_every=1000"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+                         preexec_fn=_file_size_limit(limit))
+    line = _one_error_line(res)
+    print(f"limit {limit} B under torchrun: {line}")
+    assert f"cannot write {run / 'metrics.jsonl'}: File too large (EFBIG)" in line
+    assert "Connection closed" not in res.stderr and "gloo" not in res.stderr.lower()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000010"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000010"]
+    # room again: the rerun resumes at step 10 and the metrics (cut mid-record) hold every step once
+    res = _train(base + [f"run_dir={run}", "trainer.max_steps=200", "trainer.ckpt_every=1000"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [s for s, split, _ in _curve(run) if split == "train"] == list(range(1, 201))
