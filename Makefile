@@ -60,7 +60,9 @@ REFINE_NAME = $(if $(CORPUS),$(basename $(notdir $(CORPUS))),default)
 refine: reference ## score + difference-sample CORPUS (default: the bundled train split) -> .cache/refined/<name>
 	$(PY) -m refine $(if $(CORPUS),corpus=$(abspath $(CORPUS))) name=$(REFINE_NAME) select.alpha=$(ALPHA) $(REFINE_ARGS)
 
-select: refine ## re-select with another ALPHA from the saved scores (no rescoring)
+# Reads what was scored from the folder's own record (scoring.json), whatever REFINE_ARGS the scoring run had.
+select: install ## re-select with another ALPHA from the saved scores (no packing, no scoring: seconds)
+	$(PY) -m refine select_only=true name=$(REFINE_NAME) select.alpha=$(ALPHA)
 
 # make eval CKPT=runs/kd_wsd [TASKS=rd_piqa,rd_hellaswag] [LIMIT=500]
 CKPT ?=

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from refine.errors import InputError
+from refine.errors import InputError, write_error_line
 from refine.manifest import atomic_path
 from refine.paths import checked_step_name
 
@@ -38,15 +38,51 @@ def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: in
     """``weights``: the full state dict when ``model``'s own tensors are shards (FSDP)."""
     root = ckpt_root(run_dir)
     final = step_dir(run_dir, step)
-    with atomic_path(final) as tmp:
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-        torch.save(state, tmp / STATE)
-    with atomic_path(root / "latest") as tmp:
-        tmp.write_text(final.name + "\n")
+    try:
+        with atomic_path(final) as tmp:
+            tmp.mkdir(parents=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+            tokenizer.save_pretrained(tmp)
+            _torch_save(state, tmp / STATE)
+        with atomic_path(root / "latest") as tmp:
+            tmp.write_text(final.name + "\n")
+    except Exception as e:  # noqa: BLE001 - safetensors and torch.save wrap the OSError of a full disk in their own
+        line = write_error_line(e, getattr(e, "filename", None) or final)
+        if line is None:
+            raise
+        raise InputError(line) from None   # atomic_path removed the temporary; the previous checkpoint stands
     _prune(root, keep, final)
     return final
+
+
+class _Recording:
+    """A file whose failed write is remembered: torch.save turns the OSError of a full disk into a RuntimeError
+    ("unexpected pos"), losing the path and the cause that the one-line error needs."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        rec = _Recording(f)
+        try:
+            torch.save(obj, rec)
+        except RuntimeError:
+            if rec.error is None:
+                raise
+            rec.error.filename = str(path)
+            raise rec.error from None
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from refine.errors import InputError
+from refine.errors import InputError, everyone, write_error_line
 
 MODES = ("ddp", "fsdp")
 
@@ -57,6 +57,34 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def together(d: Dist, error: str | None) -> None:
+    """Every rank raises the same one-line ``InputError`` if any rank brought one, else none does. A collective:
+    every rank calls it at the same point, so an input error on one rank ends all of them with that one line
+    (printed by rank 0) instead of leaving the others in a barrier until gloo reports a closed connection."""
+    if d.world > 1:
+        errors: list = [None] * d.world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise everyone(InputError(error))
+
+
+def on_main(d: Dist, fn):
+    """``fn()`` on rank 0 only (writing, packing), its input or write error raised on every rank (``together``)."""
+    result, error = None, None
+    if d.is_main:
+        try:
+            result = fn()
+        except InputError as e:
+            error = str(e)
+        except OSError as e:
+            error = write_error_line(e)
+            if error is None:
+                raise
+    together(d, error)
+    return result
 
 
 def setup(device: torch.device, mode: str, batch_size: int) -> tuple[Dist, torch.device]:

@@ -16,6 +16,7 @@ checkpoint and reproduces the uninterrupted run's losses exactly (``resume=false
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -36,9 +37,10 @@ from distill.losses import lm_loss
 from distill.models import build_student
 from distill.schedules import check as check_schedule
 from distill.schedules import lr_multiplier, plot_schedules
-from refine.errors import InputError, exit_on_input_error
+from refine.errors import InputError, everyone, exit_on_input_error, write_error_line
+from refine.folder_lock import FolderLock
 from refine.hydra_cli import precheck_overrides
-from refine.manifest import code_version, write_json_atomic
+from refine.manifest import atomic_path, code_version, write_json_atomic
 from refine.tokenizer import bos_prefix, load_tokenizer, tokenizer_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -64,14 +66,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class Metrics:
     """Append-only JSONL (+ tensorboard). On resume, records after the checkpoint's step are dropped."""
 
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, enabled: bool = True):
-        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, enabled: bool = True,
+                 defer_errors: bool = False):
+        # defer_errors (under torchrun): a failed write is kept for the next checkpoint, where every rank ends
+        # with it (distributed.on_main); raised here, it would end rank 0 alone and leave the others in a collective
+        self.path, self.enabled, self.defer_errors, self.failed = run_dir / "metrics.jsonl", enabled, defer_errors, None
         if not enabled:                   # ranks other than 0 under torchrun
             return
         if self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            if lines and not _parses(lines[-1]):
+                lines.pop()               # a record cut short by a full disk: written again after the resume
+            keep = [line for line in lines if json.loads(line)["step"] <= resume_step]
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in keep))
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
@@ -80,10 +88,17 @@ class Metrics:
             self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, record: dict) -> None:
-        if not self.enabled:
+        if not self.enabled or self.failed:   # after a failed write nothing more: a resume rewrites from there
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:              # a failed write() names no file: the one-line error names this one
+            e.filename = e.filename or str(self.path)
+            if not self.defer_errors:
+                raise
+            self.failed = self.failed or write_error_line(e) or f"cannot write {self.path}: {e}"
+            return
         if self._tb is not None:
             for k, v in record.items():
                 if k not in ("step", "split") and isinstance(v, (int, float)):
@@ -95,6 +110,14 @@ class Metrics:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 @torch.no_grad()
@@ -126,48 +149,76 @@ def _check_resumable(run_dir: Path, resolved: dict) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """One run; under torchrun, one rank of it (``distill.distributed``)."""
+    """One run; under torchrun, one rank of it (``distill.distributed``). Input errors end every rank with one
+    line: what can be checked alone is checked on every rank before the process group exists (each raises the
+    same error); what one rank does alone (packing, writing) reports through ``distributed.together``."""
     tc = cfg.trainer
-    d, device = distributed.setup(pick_device(tc.device), tc.parallel, cfg.data.batch_size)
     try:
-        return _train(cfg, d, device)
-    finally:
-        distributed.shutdown(d)
+        device = pick_device(tc.device)
+        tokenizer = _check_inputs(cfg, device)
+        d, device = distributed.setup(device, tc.parallel, cfg.data.batch_size)
+    except InputError as e:
+        raise everyone(e) from None
+    with contextlib.ExitStack() as held:
+        try:
+            return _train(cfg, d, device, tokenizer, held)
+        finally:
+            distributed.shutdown(d)
 
 
-def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _check_inputs(cfg: TrainConfig, device: torch.device):
+    """Checks that need no other process and no writes; returns the tokenizer."""
     tc, dc = cfg.trainer, cfg.data
     check_schedule(cfg.schedule, tc.max_steps)
     if tc.nan_policy not in ("stop", "skip"):
         raise InputError(f"trainer.nan_policy must be stop | skip, got {tc.nan_policy!r}")
+    autocast_dtype(tc.precision, device)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    for path in (dc.train, dc.val):
+        if (Path(path) / "index.json").is_file():   # packed instances (refine output): seq_len, tokenizer
+            open_instances(path, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=True)
+        elif not Path(path).exists():
+            raise InputError(f"corpus not found: {path}")
+    return tokenizer
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device, tokenizer,
+           held: contextlib.ExitStack) -> dict:
+    run_dir = Path(cfg.run_dir)
+    tc, dc = cfg.trainer, cfg.data
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     amp = autocast_dtype(tc.precision, device)
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
-    if not d.is_main:
-        d.barrier()                       # rank 0 packs a raw corpus into the cache first; the others reuse it
-    train_set = open_instances(dc.train, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.is_main,
-                               max_doc_bytes=dc.max_doc_bytes)
-    val_set = open_instances(dc.val, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=not d.is_main,
-                             max_doc_bytes=dc.max_doc_bytes)
-    if d.is_main:
-        d.barrier()
-    resolved = asdict(cfg)
+    def claim_and_pack():
+        # One trainer per run folder: a second run with this run_name refuses, naming the first's host and pid.
+        held.enter_context(FolderLock(run_dir, "trainer", "use another run_name"))
+        return [open_instances(p, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field,
+                               max_doc_bytes=dc.max_doc_bytes) for p in (dc.train, dc.val)]
 
-    ckpt = checkpoint.latest(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        _check_resumable(run_dir, resolved)
-    torch.manual_seed(cfg.seed)
-    model = build_student(cfg.model, tokenizer, cfg.seed)
-    if ckpt is not None:
-        model = checkpoint.load_model(ckpt, model.config)
+    # rank 0 takes the run folder and packs a raw corpus into the cache first; the others then reuse it
+    train_set, val_set = distributed.on_main(d, claim_and_pack) or (None, None)
+    resolved = asdict(cfg)
+    error = None
+    try:                                  # every rank alike, no collectives: errors are agreed on below
+        if not d.is_main:
+            train_set, val_set = (open_instances(p, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=True,
+                                                 max_doc_bytes=dc.max_doc_bytes) for p in (dc.train, dc.val))
+        ckpt = checkpoint.latest(run_dir) if cfg.resume else None
+        if ckpt is not None:
+            _check_resumable(run_dir, resolved)
+        torch.manual_seed(cfg.seed)
+        model = build_student(cfg.model, tokenizer, cfg.seed)
+        if ckpt is not None:
+            model = checkpoint.load_model(ckpt, model.config)
+        state = checkpoint.load_state(ckpt) if ckpt is not None else None
+        distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tokenizer), device, tc.max_steps, cfg.seed,
+                              bos_id=bos_prefix(tokenizer))
+    except InputError as e:
+        error = str(e)
+    distributed.together(d, error)
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tokenizer), device, tc.max_steps, cfg.seed,
-                          bos_id=bos_prefix(tokenizer))
     module = distributed.wrap(distributed.LossModule(model, distiller), d, device)
     student = distributed.eval_module(module)     # what evaluation calls with input_ids=
 
@@ -180,8 +231,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
     stream = BatchStream(train_set, dc.batch_size, cfg.seed)
     step, tokens_seen = 0, 0
     if ckpt is not None:
-        state = checkpoint.load_state(ckpt)
-        distributed.load_optimizer_state(module, opt, state["optimizer"], d)
+        try:
+            distributed.load_optimizer_state(module, opt, state["optimizer"], d)
+        except InputError as e:           # raised alike on every rank, before any collective
+            raise everyone(e) from None
         sched.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
@@ -189,7 +242,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
         if d.is_main:
             print(f"resuming {run_dir} from {ckpt.name} (step {step})", file=sys.stderr)
 
-    if d.is_main:
+    def write_run_record() -> Metrics:     # rank 0's writes, their errors every rank's (a full disk: one line)
         write_json_atomic(run_dir / "run.json", {
             "config": resolved, "code_version": code_version(), "tokenizer_hash": tokenizer_hash(tokenizer),
             "train_instances": {"path": str(train_set.folder), "count": len(train_set),
@@ -200,19 +253,29 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device) -> dict:
             "parallel": d.mode if d.world > 1 else "none", "precision": str(amp or torch.float32),
             "torch": torch.__version__,
         })
-        plot_schedules(run_dir / "schedules.png", cfg, distiller.enabled)
-    metrics = Metrics(run_dir, step, tc.tensorboard, enabled=d.is_main)
+        try:
+            plot_schedules(run_dir / "schedules.png", cfg, distiller.enabled)
+        except OSError as e:              # matplotlib's failed write names no file
+            e.filename = e.filename or str(run_dir / "schedules.png")
+            raise
+        return Metrics(run_dir, step, tc.tensorboard, defer_errors=d.world > 1)
+
+    metrics = distributed.on_main(d, write_run_record) or Metrics(run_dir, step, tc.tensorboard, enabled=False)
     vbatches = val_batches(val_set, dc.batch_size, tc.eval_batches)
     tokens_per_step = dc.batch_size * dc.grad_accum * dc.seq_len
 
     def save_checkpoint() -> Path:
         # FSDP gathers the full weights and optimizer state (collectives on every rank); rank 0 writes
         weights, opt_state = distributed.model_state(module, d), distributed.optimizer_state(module, opt, d)
-        if d.is_main:
+
+        def write() -> None:              # a full disk here ends every rank with rank 0's one line
+            if metrics.failed:            # metrics could not be written since the last checkpoint: resume there
+                raise InputError(metrics.failed)
             state = {"step": step, "tokens": tokens_seen, "optimizer": opt_state, "scheduler": sched.state_dict(),
                      "data": stream.state_dict(), "rng": checkpoint.rng_state()}
             checkpoint.save(run_dir, step, model, tokenizer, state, tc.keep_checkpoints, weights)
-        d.barrier()
+
+        distributed.on_main(d, write)
         return checkpoint.step_dir(run_dir, step)
 
     val_loss = float("nan")

@@ -4,7 +4,8 @@ Run::
 
     python -m refine                                   # the bundled corpus (make refine)
     python -m refine corpus=my.jsonl name=mine         # any corpus refine.corpus reads
-    python -m refine select.alpha=0.3                  # re-select from saved scores, no rescoring (make select)
+    python -m refine select.alpha=0.3                  # same settings, another alpha: the passes are reused
+    python -m refine select_only=true select.alpha=0.3 # re-select from <out>'s saved scores only (make select)
     python -m refine pack.max_instances=512            # a quick look: 512 instances spread over the corpus
 
 Stages, each reusing a finished result: (1) pack the corpus with the teacher's tokenizer; (2) teacher pass
@@ -15,6 +16,9 @@ top alpha by ``NLL_ref - NLL_teacher`` in corpus order and write ``<out>/``: ``i
 ``scores.npz``, ``report.md`` + ``score_hist.png``, ``manifest.json``. The teacher pass keeps the logits of
 *every* scored instance in ``teacher/logits/`` (aligned with ``instances_scored/``), so re-selecting with
 another alpha never rescores, and offline KD on the unselected data can use them.
+
+A folder scored with other settings is refused, never rescored over (``refine.folder_key``; ``overwrite=true``
+replaces it), and its writers lock it (``refine.folder_lock``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +38,8 @@ from omegaconf import DictConfig
 
 from refine.config import LogitsConfig, ModelPassConfig, RefineConfig, to_refine_config
 from refine.errors import InputError, exit_on_input_error
+from refine.folder_key import check_settings, claim_json, differences, normal, refusal, saved_settings, scoring_settings
+from refine.folder_lock import FolderLock
 from refine.hydra_cli import precheck_overrides
 from refine.instances import Instances, write_subset
 from refine.logits_store import LogitsStore, LogitsWriter, convert
@@ -52,11 +59,12 @@ def _model_fingerprint(model: Path) -> str:
 
 
 def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, logits: LogitsConfig | None,
-          shard_size: int, shard: str = "0/1", merge_from: list[str] = ()) -> dict:
+          shard_size: int, shard: str = "0/1", merge_from: list[str] = (), overwrite: bool = False) -> dict:
     """Run (or reuse) one model's scoring pass in a child process; return its pass summary. ``logits``: what
     to capture besides the NLL (the teacher pass), None for NLL only (the reference pass). ``shard``: this
     machine's part (a partial summary); ``merge_from``: refine outputs of other parts, whose finished shards
-    of this same pass are copied in first."""
+    of this same pass are copied in first. A pass folder holding another key is refused (``overwrite``:
+    replaced); the caller holds the refine folder's lock."""
     logits = logits or LogitsConfig(top_p=1.0, top_k=0)
     top_k, top_p = logits.top_k, logits.top_p
     key = {"model": _model_fingerprint(model), "instances": inst.index["tokens_sha256"], **asdict(logits),
@@ -69,12 +77,15 @@ def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, lo
                 print(f"converting {out / name} to the {logits.codec} codec (no rescoring)", flush=True)
                 convert(out / name, out / name, logits.codec)
         write_json_atomic(key_file, key)
+    elif old != key and not overwrite:        # another model/config/data: its shards must not be mixed in
+        raise refusal(out, differences(normal(old), normal(key)))
     elif old != key:
-        shutil.rmtree(out)                    # another model/config/data: its shards must not be mixed in
+        shutil.rmtree(out)
     if (out / "pass.json").is_file() and key_file.is_file():
         return json.loads((out / "pass.json").read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(key_file, key)
+    held = claim_json(key_file, key)          # exclusive: a part starting at the same moment elsewhere loses
+    if held != normal(key):
+        raise refusal(out, differences(held, normal(key)))
     for src in merge_from:
         _copy_shards(Path(src) / out.name, out, key)
     cmd = [sys.executable, "-m", "refine.score_pass", "--model", str(model), "--instances", str(inst.folder),
@@ -83,19 +94,44 @@ def score(pass_cfg: ModelPassConfig, model: Path, inst: Instances, out: Path, lo
            "--rs-temperature", str(logits.rs_temperature), "--seed", str(logits.seed), "--codec", logits.codec,
            "--shard-size", str(shard_size), "--shard", shard, "--batch-rows", str(pass_cfg.batch_rows),
            "--write-workers", str(pass_cfg.write_workers),
-           "--engine-opts", json.dumps(pass_cfg.engine), *(["--urls", *pass_cfg.urls] if pass_cfg.urls else [])]
+           "--engine-opts", json.dumps(pass_cfg.engine), *(["--urls", *pass_cfg.urls] if pass_cfg.urls else []),
+           *(["--api-key-env", pass_cfg.api_key_env] if pass_cfg.backend == "served" else [])]
     print(f"scoring {len(inst)} instances with {model} ({pass_cfg.backend}, {pass_cfg.dtype}"
           f"{f', top-{top_p}-{top_k} logits' if top_k else ''})", flush=True)
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if res.returncode != 0:
-        raise InputError(f"scoring with {model} failed (exit {res.returncode}); rerun to resume its shards")
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    returncode, stdout, error = _run_child(cmd)
+    if error:                                 # the child's one-line error is this run's one line
+        raise InputError(error)
+    if returncode != 0:
+        raise InputError(f"scoring with {model} failed (exit {returncode}); rerun to resume its shards")
+    summary = json.loads(stdout.strip().splitlines()[-1])
     if "partial" in summary:
         print(f"  part {summary['partial']}: {summary['shards_done']} of {summary['shards']} shards scored here")
         return summary
     print(f"  {summary['tokens']:,} tokens in {summary['score_seconds']:.0f} s: {summary['tok_s']:,.0f} tok/s "
           f"(+{summary['engine_load_seconds']:.0f} s engine start)")
     return summary
+
+
+def _run_child(cmd: list[str]) -> tuple[int, str, str | None]:
+    """Run a scoring child; its stderr passes through but for its ``error: ...`` line, which is returned (the
+    parent ends with that one line instead of adding its own)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stderr:
+            if line.startswith("error: "):
+                errors.append(line[len("error: "):].strip())
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    reader.join()
+    return proc.returncode, stdout, errors[-1] if proc.returncode == 2 and errors else None
 
 
 def _copy_shards(src: Path, dst: Path, key: dict) -> None:
@@ -161,12 +197,20 @@ def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size:
 
 
 def refine(cfg: RefineConfig) -> dict:
-    from refine.report import write_report
-
-    t0 = time.perf_counter()
-    parse_shard(cfg.shard)
+    """The whole stage (``select_only``: re-selection from the folder's saved scores), holding the folder's
+    lock: exclusive, but shared among the parts of a sharded run (``refine.folder_lock`` says why)."""
+    _, parts = parse_shard(cfg.shard)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.select_only:
+        _check_saved_scores(out)                 # before the lock creates anything
+    shared = parts > 1 and not cfg.overwrite and not cfg.select_only
+    with FolderLock(out, "refine run", "use another out= (or name=)", shared=shared):
+        return reselect(cfg) if cfg.select_only else _refine(cfg)
+
+
+def _refine(cfg: RefineConfig) -> dict:
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
     teacher, reference = resolve_model(cfg.teacher.path), resolve_model(cfg.reference.path)
     tok = load_tokenizer(teacher)
     ref_hash = tokenizer_hash(load_tokenizer(reference))
@@ -175,9 +219,10 @@ def refine(cfg: RefineConfig) -> dict:
                          f"sampling compares per-token NLLs of the same tokens")
 
     previous = read_manifest(out)
-    if previous and previous.get("tokenizer_hash") not in (None, tokenizer_hash(tok)):
+    if previous and not cfg.overwrite and previous.get("tokenizer_hash") not in (None, tokenizer_hash(tok)):
         raise InputError(f"{out} holds the refine output of a teacher with another tokenizer; choose another "
                          f"name= (e.g. name=gemma with paths=gemma) or delete the folder")
+    check_settings(out, scoring_settings(asdict(cfg)), cfg.overwrite)   # before anything is written
     inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field,
                 max_doc_bytes=cfg.max_doc_bytes)
     if 0 < cfg.pack.max_instances < len(inst):
@@ -204,14 +249,24 @@ def refine(cfg: RefineConfig) -> dict:
 
     t_pass = time.perf_counter()
     tpass = score(cfg.teacher, teacher, inst, out / "teacher", cfg.logits, cfg.shard_size, cfg.shard,
-                  cfg.merge_from)
+                  cfg.merge_from, cfg.overwrite)
     rpass = score(cfg.reference, reference, inst, out / "reference", None, cfg.shard_size, cfg.shard,
-                  cfg.merge_from)
+                  cfg.merge_from, cfg.overwrite)
     t_scored = time.perf_counter()
     if "partial" in tpass or "partial" in rpass:
         print(f"part {cfg.shard} scored -> {out}; when every part is done, finish on one machine with "
               f"merge_from=[<each part's out>] (nothing to merge if they share {out})")
         return {"partial": cfg.shard, "teacher_pass": tpass, "reference_pass": rpass}
+    corpus_key = corpus_fingerprint(cfg.corpus)
+    return _write_selection(cfg, out, inst, tok, emb, dedup_info, tpass, rpass, str(teacher), str(reference),
+                            corpus_key, t0, t_scored - t_pass)
+
+
+def _write_selection(cfg: RefineConfig, out: Path, inst: Instances, tok, emb: np.ndarray | None, dedup_info: dict,
+                     tpass: dict, rpass: dict, teacher: str, reference: str, corpus_key: str | None, t0: float,
+                     scoring_s: float) -> dict:
+    """Select from the two passes' NLLs and write every selection output, the manifest last."""
+    from refine.report import write_report
 
     teacher_nll = np.load(out / "teacher" / "nll.npy", allow_pickle=False)
     ref_nll = np.load(out / "reference" / "nll.npy", allow_pickle=False)
@@ -244,14 +299,82 @@ def refine(cfg: RefineConfig) -> dict:
             f.write(f"\n## Diversity (mean pairwise cosine distance of reference-model embeddings)\n\n"
                     f"scored {d['scored']:.4f} · refined {d['refined']:.4f} · random {cfg.select.alpha:.0%} "
                     f"{d['random_same_size']:.4f}\n")
-    key = {"corpus": corpus_fingerprint(cfg.corpus), "config": asdict(cfg)}
-    manifest = write_manifest(out, key, teacher=str(teacher), reference=str(reference),
+    key = {"corpus": corpus_key, "config": asdict(cfg)}
+    manifest = write_manifest(out, key, teacher=teacher, reference=reference,
                               tokenizer_hash=tokenizer_hash(tok), instances_scored=len(inst),
                               instances_kept=len(refined), teacher_pass=tpass, reference_pass=rpass,
-                              seconds={"total": time.perf_counter() - t0, "scoring": t_scored - t_pass},
+                              seconds={"total": time.perf_counter() - t0, "scoring": scoring_s},
                               report=report, code=code_version())
     print(f"kept {len(refined):,} of {len(inst):,} instances (alpha {cfg.select.alpha}) -> {out}")
     return manifest
+
+
+SAVED_SCORES = ("instances_scored/index.json", "teacher/pass.json", "teacher/nll.npy", "reference/pass.json",
+                "reference/nll.npy")
+
+
+def _check_saved_scores(out: Path) -> None:
+    missing = [p for p in SAVED_SCORES if not (out / p).is_file()]
+    if missing or saved_settings(out) is None:
+        why = f"no {missing[0]}" if missing else "no record of its settings"
+        raise InputError(f"{out} holds no saved scores to select from ({why}): score it first with python -m "
+                         f"refine (without select_only=true)")
+
+
+def reselect(cfg: RefineConfig) -> dict:
+    """``select_only=true`` (``make select``): select again from the scores ``out`` holds, with this command's
+    ``select.*``. What was scored (corpus, packing, dedup, models, capture) comes from the folder's own record,
+    whatever this command says about it, so nothing is packed, embedded or scored; only the selection outputs
+    are rewritten, and they equal a full run's with the same settings."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    _check_saved_scores(out)
+    cfg = _as_scored(cfg, saved_settings(out))
+    inst = Instances(out / "instances_scored")
+    tok = load_tokenizer(resolve_model(cfg.teacher.path))
+    if inst.tokenizer.hash != tokenizer_hash(tok):
+        raise InputError(f"the teacher at {cfg.teacher.path} is not the one {out} was scored with (another "
+                         f"tokenizer)")
+    previous = read_manifest(out) or {}
+    emb = _saved_embeddings(out, inst) if cfg.dedup.enabled or cfg.dedup.diversity else None
+    print(f"select_only: selecting from the saved scores of {len(inst):,} instances in {out} (nothing rescored)",
+          flush=True)
+    passes = [json.loads((out / name / "pass.json").read_text()) for name in ("teacher", "reference")]
+    return _write_selection(cfg, out, inst, tok, emb, previous.get("report", {}).get("dedup", {}), *passes,
+                            previous.get("teacher", cfg.teacher.path), previous.get("reference", cfg.reference.path),
+                            previous.get("key", {}).get("corpus"), t0, 0.0)
+
+
+def _as_scored(cfg: RefineConfig, saved: dict) -> RefineConfig:
+    """``cfg`` with the scoring settings replaced by those the folder records (``refine.folder_key``)."""
+    from dataclasses import fields, replace
+
+    def model(mine: ModelPassConfig, rec: dict) -> ModelPassConfig:
+        return replace(mine, path=rec["path"], dtype=rec["dtype"], backend=rec["backend"])
+
+    known = {f.name for f in fields(LogitsConfig)}
+    logits = replace(cfg.logits, **{k: v for k, v in saved["logits"].items() if k in known})
+    dedup = replace(cfg.dedup, enabled=saved["dedup"]["enabled"],
+                    threshold=saved["dedup"].get("threshold", cfg.dedup.threshold))
+    return replace(cfg, corpus=saved["corpus"], text_field=saved["text_field"], pack=replace(cfg.pack, **saved["pack"]),
+                   dedup=dedup, teacher=model(cfg.teacher, saved["teacher"]),
+                   reference=model(cfg.reference, saved["reference"]), logits=logits, shard_size=saved["shard_size"])
+
+
+def _saved_embeddings(out: Path, inst: Instances) -> np.ndarray | None:
+    """The cached embeddings of the scored instances (rows of a dedup subset picked out), or None."""
+    parent, rows = inst.index.get("parent_sha256"), None
+    if (out / "instances_dedup" / "index.json").is_file():
+        dedup = Instances(out / "instances_dedup")
+        if dedup.index["tokens_sha256"] == parent:
+            parent, rows = dedup.index.get("parent_sha256"), dedup.subset["parent_rows"]
+    try:
+        if json.loads((out / "embeddings.json").read_text())["instances"] != parent:
+            return None
+        emb = np.load(out / "embeddings.npy", allow_pickle=False)
+    except (OSError, ValueError, KeyError):
+        return None
+    return emb if rows is None else emb[rows]
 
 
 def _subset(parent: Instances, rows: np.ndarray, folder: Path) -> Instances:

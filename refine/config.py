@@ -34,6 +34,9 @@ class ModelPassConfig:
     write_workers: int = 0                 # shards encoded + written while the next is scored (0: cores / 4, 1..4)
     engine: dict = field(default_factory=dict)   # extra engine kwargs, e.g. {tensor_parallel_size: 2}
     urls: list[str] = field(default_factory=list)  # backend served: base URLs, e.g. [http://gpu1:8000]
+    # backend served: the NAME of the environment variable holding the servers' --api-key (never the key itself:
+    # configs end up in manifests and logs); unset or empty: no key sent
+    api_key_env: str = "VLLM_API_KEY"
 
 
 @dataclass
@@ -74,6 +77,8 @@ class RefineConfig:
     report_examples: int = 3               # top- and bottom-scored instances quoted in the report
     shard: str = "0/1"                     # i/N: this machine scores every N-th scoring shard, then stops
     merge_from: list[str] = field(default_factory=list)  # refine outputs of the parts: their shards are copied in
+    overwrite: bool = False                # replace an out folder scored with other settings (default: refuse)
+    select_only: bool = False              # re-select from out's saved scores only (make select): never scores
     paths: PathsConfig = field(default_factory=PathsConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     teacher: ModelPassConfig = field(default_factory=lambda: ModelPassConfig(path="${paths.teacher}"))

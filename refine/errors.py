@@ -2,18 +2,50 @@
 
 Raise ``InputError("what is wrong and what to do")`` anywhere; command entry points wrap their
 ``main`` in ``exit_on_input_error`` which prints ``error: <message>`` to stderr and exits with code 2.
+A failed write (a full disk, a file-size limit, an I/O error) is one such line too, naming the path and the
+cause: every writer goes through ``refine.manifest.atomic_path``, so the previous version stays and the
+half-written temporary is gone, and the rerun finishes the work.
 """
 
+import errno
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
+# Errors of the storage, not of the program: the same command succeeds once there is room again.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EDQUOT, errno.EROFS}
 
 
 class InputError(Exception):
-    """Bad input from the user (missing file, corrupt shard, unknown key...). Message is one line."""
+    """Bad input from the user (missing file, corrupt shard, unknown key...). Message is one line.
+
+    ``everyone``: raised alike on every process of a torchrun job, so only rank 0 prints it."""
+
+    everyone = False
+
+
+def write_error_line(e: BaseException, path: object = None) -> str | None:
+    """One line for a failed write (``None`` if ``e`` is not one): the path, the cause, what to do. Also reads
+    errors that Rust writers (safetensors) wrap in their own exception text (``(os error 27)``)."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        import re
+
+        m = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(e))
+        code = int(m.group(1) or m.group(2)) if m else None
+    if code not in WRITE_ERRNOS:
+        return None
+    where = path or getattr(e, "filename", None) or "a file"
+    return (f"cannot write {where}: {os.strerror(code)} ({errno.errorcode[code]}); what was finished before is "
+            f"kept: rerun the same command when there is room")
+
+
+def everyone(e: InputError) -> InputError:
+    e.everyone = True
+    return e
 
 
 def exit_on_input_error(fn: F) -> F:
@@ -22,7 +54,15 @@ def exit_on_input_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
+            # Under torchrun an error every rank raised alike is printed once, by rank 0.
+            if not (e.everyone and os.environ.get("RANK", "0") != "0"):
+                print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:
+            line = write_error_line(e)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

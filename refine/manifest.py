@@ -85,6 +85,10 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
         _fsync_dir(final.parent)
+    except BaseException as e:
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(final)            # a failed write() names no file: the error line names this one
+        raise
     finally:
         if (box / OLD).is_dir() and not final.exists() and not final.is_symlink():
             (box / OLD).rename(final)              # failed between the two renames: keep the old data

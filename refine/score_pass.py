@@ -73,6 +73,7 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
                                                                  sample_temperature=rs_temperature))
     n_cand = max(top_k, candidates)
     load_s = 0.0
+    check_key = _key_guard(out_dir)
     if todo:
         t_load = time.perf_counter()
         own = scorer is None
@@ -85,6 +86,7 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
         def write(s: int, rows: np.ndarray, parts: list, score_s: float) -> None:
             """A scored shard's files, ``shard-XXXXX.json`` last (what marks it finished)."""
             t0 = time.perf_counter()
+            check_key(f"before shard {s} was written")
             nll = np.concatenate([p.mean_nll() for p in parts]).astype(np.float32)
             entry = rs_entry = None
             if writer is not None:
@@ -98,6 +100,13 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
                 "shard": s, "instances": len(rows), "tokens": int(rows.size), "seconds": score_s,
                 "tok_s": rows.size / score_s, "write_seconds": time.perf_counter() - t0, "logits": entry,
                 "logits_rs": rs_entry})
+            try:
+                check_key(f"while shard {s} was written")
+            except InputError:                # ours landed in a folder that is no longer ours: take it back out
+                for f in [out_dir / f"shard-{s:05d}.json", out_dir / f"nll-{s:05d}.npy",
+                          *out_dir.glob(f"logits*/shard-{s:05d}.bin")]:
+                    f.unlink(missing_ok=True)
+                raise
             if not quiet:
                 print(f"  {Path(model).name}: shard {s + 1}/{n_shards}, {rows.size / score_s:,.0f} tok/s",
                       file=sys.stderr, flush=True)
@@ -127,7 +136,23 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
         done = sum((out_dir / f"shard-{s:05d}.json").is_file() for s in range(n_shards))
         return {"model": str(model), "partial": f"{part}/{part_count}", "shards_done": done, "shards": n_shards,
                 "engine_load_seconds": load_s}
+    check_key("before the pass was finished")
     return finish(out_dir, n_shards, writer, rs_writer, model, load_s, inst)
+
+
+def _key_guard(out_dir: Path):
+    """A check that ``out_dir/key.json`` still holds what it held when this pass started. On shared storage
+    another machine's run may replace the folder (``overwrite=true``) at any moment; checking before and after
+    each shard means no shard of this configuration is mixed into another's folder, nor kept there."""
+    key_file = out_dir / "key.json"
+    started = key_file.read_bytes() if key_file.is_file() else None   # None: a bare score_pass, no key to keep
+
+    def check(when: str) -> None:
+        if started is not None and (key_file.read_bytes() if key_file.is_file() else None) != started:
+            raise InputError(f"{key_file} changed {when} (another run with other settings took {out_dir} over); "
+                             f"this pass stopped and left that folder as it found it")
+
+    return check
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
@@ -177,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--backend", choices=["vllm", "hf", "served"], default="vllm")
     ap.add_argument("--urls", nargs="+", default=[], help="served: base URLs of running vLLM servers")
+    ap.add_argument("--api-key-env", default=None, help="served: NAME of the environment variable holding the "
+                    "servers' API key (the key never goes on a command line)")
     ap.add_argument("--served-model", default=None, help="served: the model name the servers serve (default: "
                     "their only one)")
     ap.add_argument("--dtype", default="float32")
@@ -198,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     engine_opts = json.loads(a.engine_opts)
     if a.backend == "served":   # --model stays the local folder (config.json + tokenizer)
         engine_opts = {**engine_opts, **({"urls": a.urls} if a.urls else {}),
-                       **({"served_model": a.served_model} if a.served_model else {})}
+                       **({"served_model": a.served_model} if a.served_model else {}),
+                       **({"api_key_env": a.api_key_env} if a.api_key_env is not None else {})}
     summary = run_pass(a.model, a.instances, a.out, a.backend, a.dtype, a.top_k, a.top_p, a.shard_size,
                        a.batch_rows, candidates=a.candidates, rs_samples=a.rs_samples,
                        rs_temperature=a.rs_temperature, seed=a.seed, codec=a.codec, shard=a.shard,

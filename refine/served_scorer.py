@@ -52,6 +52,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
+import os
 import re
 import socket
 import sys
@@ -109,15 +110,19 @@ class ServedScorer:
     def __init__(self, model_dir: str, top_k: int = 0, dtype: str = "float32", urls: list[str] | str = (),
                  served_model: str | None = None, max_concurrency: int = 8, timeout: float = 300.0, retries: int = 3,
                  backoff: float = 0.5, revive_after: float = 60.0, bos_id: int | None = None,
-                 trust_remote_code: bool = False, quiet: bool = False, **unknown):
+                 trust_remote_code: bool = False, quiet: bool = False, api_key_env: str | None = "VLLM_API_KEY",
+                 **unknown):
         """``urls``: base URLs of the servers (``http://host:8000``; a trailing ``/v1`` is fine). ``served_model``:
         the model name to ask for (their ``--served-model-name``; default: the one model the servers serve).
-        ``dtype`` is the server's business (its ``--dtype``); it is accepted for the common interface only."""
+        ``dtype`` is the server's business (its ``--dtype``); it is accepted for the common interface only.
+        ``api_key_env``: the name of the environment variable holding the servers' ``--api-key``, sent as
+        ``Authorization: Bearer``; the key itself is never taken as an argument, stored or printed."""
         from refine.tokenizer import load_tokenizer
 
         if unknown:
             raise InputError(f"unknown option(s) for the served scorer: {sorted(unknown)} (urls, "
-                             f"served_model, max_concurrency, timeout, retries, backoff, revive_after)")
+                             f"served_model, max_concurrency, timeout, retries, backoff, revive_after, "
+                             f"api_key_env)")
         if isinstance(urls, str):
             urls = [u for u in urls.replace(",", " ").split() if u]
         if not urls:
@@ -140,6 +145,9 @@ class ServedScorer:
         self._turn = itertools.count()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="served-scorer")
         self.max_concurrency = max_concurrency
+        self.api_key_env = api_key_env or None
+        key = os.environ.get(api_key_env) if api_key_env else None
+        self._auth = {"Authorization": f"Bearer {key}"} if key else {}
         try:
             self._check_endpoints()
         except BaseException:
@@ -179,7 +187,7 @@ class ServedScorer:
             if expired.is_set():                          # the deadline passed while connecting
                 raise TimeoutError
             conn.request("GET" if body is None else "POST", parts.path + path, body=data,
-                         headers={"Content-Type": "application/json", "Accept": "application/json"})
+                         headers={"Content-Type": "application/json", "Accept": "application/json", **self._auth})
             resp = conn.getresponse()
             chunks, size = [], 0
             while chunk := resp.read1(1 << 16):
@@ -296,6 +304,8 @@ class ServedScorer:
             ep.down_since, ep.reason = time.monotonic(), str(e)
             return False
         except _Refused as e:
+            if e.code == 401:
+                raise InputError(self._key_refused(ep)) from None
             raise InputError(f"{ep.url} is not an OpenAI-compatible server (/v1/models: {e})") from None
         data = models.get("data")
         entries = {m["id"]: m for m in (data if isinstance(data, list) else [])
@@ -341,6 +351,14 @@ class ServedScorer:
             raise InputError(f"teacher server {ep.url} ({self.model}) uses another vocabulary than the local "
                              f"tokenizer: the probe text is {tok['tokens'][:8]}... there, {ours[:8]}... here")
         return True
+
+    def _key_refused(self, ep: Endpoint) -> str:
+        """The one line for an HTTP 401: it names the variable, never the key."""
+        where = f"the environment variable {self.api_key_env}" if self.api_key_env else "an environment variable"
+        if self._auth:
+            return f"teacher server {ep.url} rejected the API key in {where} (HTTP 401): is it the server's --api-key?"
+        return (f"teacher server {ep.url} requires an API key (HTTP 401): put its --api-key in {where} "
+                f"(teacher.api_key_env names the variable)")
 
     def _served_vocab(self, ep: Endpoint) -> int | None:
         """The served model's vocabulary size: ``prompt_logprobs=-1`` asks for all of it, which the server
@@ -450,3 +468,4 @@ class _Refused(Exception):
 
     def __init__(self, code: int, message: str):
         super().__init__(f"HTTP {code}: {message}")
+        self.code = code

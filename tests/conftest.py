@@ -70,7 +70,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_overrides(tiny_tokenizer_dir, tiny_corpus, tmp_path) -> list[str]:
     """Hydra overrides that point a debug run at the tiny assets and a private cache/run folder."""
-    return ["+experiment=lm_baseline", "+debug=tiny", f"model.tokenizer={tiny_tokenizer_dir}",
+    return ["+experiment=lm_baseline", "+debug=tiny", "data.seq_len=64", f"model.tokenizer={tiny_tokenizer_dir}",
             f"paths.corpus={tiny_corpus}", f"paths.cache={tmp_path / 'cache'}", f"paths.runs={tmp_path / 'runs'}",
             f"run_dir={tmp_path / 'runs' / 'run'}"]
 
@@ -138,14 +138,15 @@ def tiny_reference_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
 
 def refine_output_differences(a: Path, b: Path) -> list[str]:
     """Files of two refine outputs that differ (or exist in one only), ignoring what records time or place:
-    manifests, pass summaries and the report (timings), a scoring shard's seconds, a subset's parent path.
+    manifests, pass summaries and the report (timings), the folder lock (its last writer's pid), a scoring
+    shard's seconds, a subset's parent path.
     Everything else (stores, scores, instances, text exports) must match byte for byte."""
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     differ = sorted(str(f) for f in set(files_a) ^ set(files_b))
     for f in set(files_a) & set(files_b):
         x, y = (a / f).read_bytes(), (b / f).read_bytes()
-        if f.name in ("manifest.json", "pass.json", "report.md"):
+        if f.name in ("manifest.json", "pass.json", "report.md", ".writer.lock"):   # timings; the writer's pid
             continue
         if f.name == "index.json":                                    # a subset names its parent's folder
             y = y.replace(str(b).encode(), str(a).encode())

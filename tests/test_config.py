@@ -30,6 +30,8 @@ def test_every_experiment_composes(experiment, debug):
     assert cfg.run_name == experiment
     if debug:
         assert cfg.model.name == "llama_tiny" and cfg.trainer.max_steps <= 50
+        # the smoke run keeps the experiment's row length: packed (refined) data has only that one
+        assert cfg.data.seq_len == _compose([f"+experiment={experiment}"]).data.seq_len
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -87,7 +87,9 @@ def test_real_multirun_with_joblib_then_report(tiny_overrides, tmp_path):
     sweep = tmp_path / "sweep"
     # The tokenizer through paths.teacher (model.tokenizer's default): paths are not part of sweep folder names.
     tok = next(o for o in tiny_overrides if o.startswith("model.tokenizer=")).split("=", 1)[1]
-    args = [o for o in tiny_overrides if not o.startswith(("run_dir=", "+experiment=", "model.tokenizer="))]
+    # data.seq_len left at the experiment's: a sweep folder is named by every override it has
+    args = [o for o in tiny_overrides if not o.startswith(("run_dir=", "+experiment=", "model.tokenizer=",
+                                                          "data.seq_len="))]
     args.append(f"paths.teacher={tok}")
     res = subprocess.run([sys.executable, "-m", "distill.train", "--multirun", "hydra/launcher=joblib",
                           "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "+experiment=lm_baseline",

@@ -74,7 +74,7 @@ def fake_server(handle):
 
 
 class Server:
-    def __init__(self, model_dir: Path, log: Path):
+    def __init__(self, model_dir: Path, log: Path, extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -83,7 +83,7 @@ class Server:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
                "--max-model-len", "256", "--max-logprobs", str(K), "--enforce-eager", "--disable-log-stats",
-               "--uvicorn-log-level", "warning"]
+               "--uvicorn-log-level", "warning", *extra_args]
         self.t0 = time.perf_counter()
         with open(log, "w") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO,

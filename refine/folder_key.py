@@ -1,0 +1,122 @@
+"""What a refine folder's scores were made with, and the refusal to mix in or destroy anything else.
+
+``<out>/scoring.json`` records every setting that changes a scored number or which instances get scored (the
+corpus, packing, dedup, both models' path/dtype/backend, the logit capture, the shard size); each pass folder
+also keeps its ``key.json`` (model fingerprint, instances hash, capture settings). A run whose settings differ
+from what the folder holds stops with one line naming them: hours of someone else's scoring are never
+deleted by a stray setting. ``overwrite=true`` replaces the folder on purpose.
+
+Records are created exclusively (a hard link of a finished temporary, atomic on local disks and NFS): of two
+writers that start together on shared storage with different settings, exactly one record wins and the
+other writer refuses, rather than both writing shards of two configurations into one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from refine.errors import InputError
+from refine.folder_lock import LOCK_NAME, alive
+
+SETTINGS = "scoring.json"
+_HOST = socket.gethostname()
+
+
+def scoring_settings(c: dict) -> dict:
+    """The scoring-relevant part of a refine config (``asdict(RefineConfig)``, or an older manifest's copy).
+    Selection, report, threads, URLs and the codec (converted in place, no rescoring) are left out: they may
+    change from run to run."""
+    def model(p: dict) -> dict:
+        return {"path": os.path.abspath(p.get("path", "")), "dtype": p.get("dtype"), "backend": p.get("backend")}
+
+    dedup = c.get("dedup", {})
+    return normal({"corpus": os.path.abspath(c.get("corpus", "")), "text_field": c.get("text_field"),
+                   "pack": c.get("pack"), "dedup": {"enabled": dedup.get("enabled"),
+                                                    **({"threshold": dedup.get("threshold")}
+                                                       if dedup.get("enabled") else {})},
+                   "teacher": model(c.get("teacher", {})), "reference": model(c.get("reference", {})),
+                   "logits": {k: v for k, v in c.get("logits", {}).items() if k != "codec"},
+                   "shard_size": c.get("shard_size")})
+
+
+def normal(obj) -> dict:
+    """As JSON reads it back (tuples are lists, keys are strings), so a fresh dict compares with a saved one."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def differences(saved: dict, wanted: dict, prefix: str = "", unknown_ok: bool = False) -> list[str]:
+    """``name (A in the folder, B here)`` for every leaf that differs; long values (fingerprints) by name.
+    ``unknown_ok``: a setting the folder's record does not have (an older version's manifest) is no difference."""
+    out = []
+    for k in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(k), wanted.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.", unknown_ok)
+        elif a != b and not (unknown_ok and a is None):
+            shown = f" ({a} in the folder, {b} here)" if len(f"{a}{b}") < 80 else ""
+            out.append(f"{prefix}{k}{shown}")
+    return out
+
+
+def saved_settings(out: Path) -> dict | None:
+    """``scoring.json``, or for a folder written before it existed, what its last finished run's manifest says."""
+    if (out / SETTINGS).is_file():
+        return json.loads((out / SETTINGS).read_text())
+    try:
+        return scoring_settings(json.loads((out / "manifest.json").read_text())["key"]["config"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def claim_json(path: Path, obj: dict) -> dict:
+    """Create ``path`` holding ``obj`` unless it exists; return what it holds (``obj``, or an earlier writer's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.claim-{_HOST}-*"):    # a writer killed mid-claim
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    if path.is_file():
+        return json.loads(path.read_text())
+    tmp = path.with_name(f".{path.name}.claim-{_HOST}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)                  # fails if another writer's record got there first
+    except FileExistsError:
+        pass
+    except OSError:                         # a filesystem without hard links: a plain rename, last one wins
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return json.loads(path.read_text())
+
+
+def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse (one line) when ``out`` holds scores made with other settings; with ``overwrite``, empty it first.
+    The caller holds the folder's lock, exclusive when ``overwrite``: no other writer on this host is in it."""
+    settings = normal(settings)
+    saved = saved_settings(out)
+    diff = [] if saved is None else differences(saved, settings, unknown_ok=not (out / SETTINGS).is_file())
+    if diff:
+        if not overwrite:
+            raise refusal(out, diff)
+        print(f"overwrite=true: replacing {out} (scored with {'; '.join(diff)})", flush=True)
+        for entry in out.iterdir():
+            if entry.name != LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    held = claim_json(out / SETTINGS, settings)
+    if held != settings:                    # another writer claimed the folder a moment ago
+        raise refusal(out, differences(held, settings))
+
+
+def refusal(folder: Path, diff: list[str]) -> InputError:
+    return InputError(f"{folder} holds scores made with other settings: {'; '.join(diff)}; nothing was changed: "
+                      f"use another out= (or name=), or overwrite=true to replace them")
+
