@@ -3,17 +3,17 @@
 ``refine.logits_store`` owns the store format and is the only caller. A shard is self-contained (no table
 shared with other shards: shards may be written on different machines), and one instance decodes alone.
 
-Values. ``v = exp(logprob) / scale`` (``scale``: the shard's largest ``v``, at least 1, because RS-KD
-importance weights can exceed 1 at a sampling temperature != 1) is stored as a *level*
-``clip(round(sqrt(v) * L), 1, L)``. Uniform steps in ``sqrt(p)`` make every kept token's share of
-KL(teacher || stored) about ``1 / (6 L^2)`` nats whatever its p (a log-p grid spends its bits on the head);
-a kept id never falls to level 0. A level decodes to the mean ``v`` of that level in the shard (its centroid,
-stored per shard). The floor: every kept ``v`` below ``(1.5 / L)^2`` (about 1e-3 at 48 levels and scale 1)
-lands in level 1 and decodes to that level's mean, so the codec cannot tell kept probabilities below ~1e-3
-apart. The centroids keep the kept mass unbiased per shard, not per position. The missing-mass ``tail`` policy needs each position's
-missing mass ``1 - sum p`` to a few parts in 1e4, so each position's kept mass is stored as ``log(sum p)`` in
-float16 (relative error below 1e-3 for the kept and the missing mass alike, whether the kept mass is near 0 or
-near 1; RS-KD weights may sum above 1), and each position's decoded values are scaled to sum to it.
+Values. ``v = exp(logprob) / scale`` (``scale``: the shard's largest ``v``, at least 1, because RS-KD importance
+weights can exceed 1 at a sampling temperature != 1) is stored as a *level* ``clip(round(sqrt(v) * L), 1, L)``.
+Uniform steps in ``sqrt(p)`` make every kept token's share of KL(teacher || stored) about ``1 / (6 L^2)`` nats
+whatever its p (a log-p grid spends its bits on the head); a kept id never falls to level 0. A level decodes to
+the mean ``v`` of that level in the shard (its centroid, stored per shard). The floor: every kept ``v`` below
+``(1.5 / L)^2`` (about 1e-3 at 48 levels and scale 1) lands in level 1 and decodes to that level's mean, so the
+codec cannot tell kept probabilities below ~1e-3 apart. The centroids keep the kept mass unbiased per shard, not
+per position. The missing-mass ``tail`` policy needs each position's missing mass ``1 - sum p`` to a few parts
+in 1e4, so each position's kept mass is stored as ``log(sum p)`` in float16 (relative error below 1e-3 for the
+kept and the missing mass alike, whether the kept mass is near 0 or near 1; RS-KD weights may sum above 1), and
+each position's decoded values are scaled to sum to it.
 
 Ids. A position's ids are a set out of the vocabulary whose make-up depends on the kind of context (after a
 full stop, inside a word, ...). The writer clusters the shard's positions by their id sets (hard EM on a
@@ -34,8 +34,9 @@ Layout (little-endian)::
 Shards of the first version (``b"RDLZ"``: four frames, no kept mass) still decode, without the per-position
 mass correction; ``refine.logits_store`` refuses the ``tail`` policy on them.
 
-Separate frames, not one frame with several blocks: each stream gets its own entropy tables (smaller). Every frame carries zstd's checksum and its sizes are in the checksummed index, so a flipped or
-missing byte is an error on read, never wrong values. Decoding is numpy over whole arrays.
+Separate frames, not one frame with several blocks: each stream gets its own entropy tables (smaller). Every
+frame carries zstd's checksum and its sizes are in the checksummed index, so a flipped or missing byte is an
+error on read, never wrong values. Decoding is numpy over whole arrays.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ positions per instance, codec, shards with sha256) and one binary file per shard
 ``zstd`` (``refine.logits_codec``, the default for new stores): ids exact, ``sqrt(p)`` quantised to 48 levels,
 zstd frames per instance; under a third of raw's bytes (``bench/logits_store_bench.py``: bench/README.md). Its
 reader returns each position's pairs most likely first (ties by id) with float32 log-probs of the quantised
-values. A copy into another compact store (the refine stage's kept subset) keeps every id; a value stays
-within its level's width (each shard decodes a level to its own mean, and each position to its stored mass). ``convert`` changes a store's codec;
-``retruncate --codec`` cuts and converts in one go.
+values. A copy into another compact store (the refine stage's kept subset) keeps every id; a value stays within
+its level's width (each shard decodes a level to its own mean, and each position to its stored mass).
+``convert`` changes a store's codec; ``retruncate --codec`` cuts and converts in one go.
 
 Shards are written atomically; reads are by instance index (memory-mapped raw arrays, or one instance's zstd
 frames); a truncated or corrupt shard is one clear error.
