@@ -22,6 +22,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from refine.logits_codec import MAGIC, STREAMS  # noqa: E402  (the child imports this file by path)
+
 VOCAB, POSITIONS, K = 49_152, 31, 20
 CAP_BYTES = 1 << 30          # address-space cap of the child: under one bomb, so an inflated one fails
 BOMB = 1 << 30               # a decompression bomb's content: 1 GiB of zeros in a ~32 KB frame
@@ -54,8 +56,8 @@ def parse_compact(data: bytes) -> dict:
     at = 28 + 4 * (levels + 1)
     sizes = np.frombuffer(index[at:at + 4 * k * 32], dtype="<u4").copy()
     at += 4 * k * 32
-    frame_sizes = np.frombuffer(index[at:at + 16 * n], dtype="<u4").copy()
-    at += 16 * n
+    frame_sizes = np.frombuffer(index[at:at + 4 * STREAMS * n], dtype="<u4").copy()
+    at += 4 * STREAMS * n
     ends = np.cumsum(frame_sizes.astype(np.int64)) + 8 + index_len
     frames = [data[int(a):int(b)] for a, b in zip(np.concatenate([[8 + index_len], ends[:-1]]), ends)]
     return {"head": [n, t, vocab, k, levels], "scale": struct.unpack("<d", index[20:28])[0],
@@ -72,7 +74,7 @@ def assemble_compact(p: dict, index_frame: bytes | None = None, index_len: int |
                       frame_sizes.tobytes(), p["table"]])
     index = index_frame if index_frame is not None else zstandard.ZstdCompressor().compress(index)
     length = len(index) if index_len is None else index_len
-    return b"".join([b"RDLZ", struct.pack("<I", length), index, *p["frames"]])
+    return b"".join([MAGIC, struct.pack("<I", length), index, *p["frames"]])
 
 
 def zero_bomb(size: int, declare: bool) -> bytes:
