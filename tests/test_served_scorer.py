@@ -43,34 +43,12 @@ def free_port() -> int:
 @contextmanager
 def fake_server(handle):
     """A loopback HTTP server answering ``handle(method, path, body) -> (status, dict)``; yields its URL."""
-    class Handler(BaseHTTPRequestHandler):
-        def _answer(self, method):
-            n = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(n)) if n else None
-            status, out = handle(method, self.path, body)
-            data = json.dumps(out).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(h, path, body):
+        status, out = handle(h.command, path, body)
+        _send(h, status, json.dumps(out).encode())
 
-        def do_GET(self):
-            self._answer("GET")
-
-        def do_POST(self):
-            self._answer("POST")
-
-        def log_message(self, *args):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with raw_server(respond) as url:
+        yield url
 
 
 class Server:
