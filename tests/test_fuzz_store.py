@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -278,7 +277,10 @@ def run_cases(root: Path, cases: int, seed: int) -> dict:
             bad.append(f"{what}: {outcome}")
         if name:
             crafted[name] = outcome
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process image's own peak. (ru_maxrss keeps the forking parent's peak across exec: in a long
+    # pytest session that is the test runner's, GBs, not the child's.)
+    status = Path("/proc/self/status").read_text()
+    peak_mib = int(status.split("VmHWM:")[1].split()[0]) / 1024
     return {"cases": len(jobs), "random": cases, "counts": counts, "peak_rss_mib": round(peak_mib, 1),
             "cap_gib": CAP_BYTES / 2**30, "crafted": crafted, "bad": bad[:10]}
 
