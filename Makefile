@@ -104,7 +104,7 @@ demo: ## fresh clone -> data, teacher, reference LM, refine (a slice), short lm_
 	$(PY) -m distill.train +experiment=lm_baseline run_name=demo_lm_baseline trainer.max_steps=$(DEMO_STEPS) && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"
 
-test: install ## the default test tier (offline, CPU, a few minutes)
+test: install ## the default test tier (offline, CPU, ~20 min of tests)
 	$(PY) -m pytest -q
 
 test-slow: install ## tests that download from the registries or run for minutes
