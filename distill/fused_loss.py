@@ -45,11 +45,6 @@ def lm_head_weight(model) -> torch.Tensor | None:
     return head.weight
 
 
-def last_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The body's final (normed) hidden states [B, L, D]: what the LM head would multiply."""
-    return model.base_model(input_ids=input_ids).last_hidden_state
-
-
 @torch.no_grad()
 def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk_rows: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.fused_loss import fused_lm_kd, last_hidden, lm_head_weight, topk_logprobs
+from distill.fused_loss import fused_lm_kd, lm_head_weight, topk_logprobs
 from distill.losses import adaptive_temperature, kd_loss
 from distill.signal import from_sorted_topk
+from refine.hf_scorer import forward_logits
 
 B, T, D, V, K = 2, 9, 16, 50, 7
 
@@ -84,7 +85,8 @@ def test_hidden_times_head_is_the_models_logits(arch):
         x = torch.randint(0, 97, (2, 12))
         weight = lm_head_weight(model)
         assert weight is not None
-        torch.testing.assert_close(last_hidden(model, x) @ weight.T, model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+        hidden = forward_logits(model, x, None, hidden=True)
+        torch.testing.assert_close(hidden @ weight.T, model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_topk_logprobs_from_hidden_states():

@@ -105,24 +105,23 @@ def test_an_input_error_under_torchrun_is_one_line(tiny_overrides, tiny_tokenize
     inst = pack(tiny_corpus / "val.jsonl", load_tokenizer(tiny_tokenizer_dir), 64, tmp_path / "inst", quiet=True)
     base = [o for o in tiny_overrides if not o.startswith(("run_dir=", "data.seq_len="))] + [
         f"run_dir={tmp_path / 'run'}"]
+    def one_line(label: str, overrides: list[str]) -> tuple[str, subprocess.CompletedProcess]:
+        t0 = time.perf_counter()
+        res = _torchrun(base + overrides)
+        line = _one_error_line(res)
+        print(f"torchrun, {label}: {time.perf_counter() - t0:.0f} s, {line}")
+        out = res.stdout + res.stderr
+        assert "Connection closed" not in out and "gloo" not in out.lower()
+        return line, res
+
     # Every rank finds it (packed 64-token instances, data.seq_len 32), before any process group exists.
-    t0 = time.perf_counter()
-    res = _torchrun(base + [f"data.train={inst.folder}", "data.seq_len=32"])
-    line = _one_error_line(res)
-    out = res.stdout + res.stderr
-    print(f"torchrun, seq_len error: {time.perf_counter() - t0:.0f} s, {line}")
-    assert "holds instances of 64 tokens, but data.seq_len is 32" in line
-    assert "Connection closed" not in out and "gloo" not in out.lower() and "Traceback" not in res.stdout
+    line, res = one_line("seq_len error", [f"data.train={inst.folder}", "data.seq_len=32"])
+    assert "holds instances of 64 tokens, but data.seq_len is 32" in line and "Traceback" not in res.stdout
     # Only rank 0 finds it (packing a malformed corpus, which it alone does): the others learn it, end alike.
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a fine first line"}\n{"text": "cut\n')
-    t0 = time.perf_counter()
-    res = _torchrun(base + [f"data.train={bad}", "data.seq_len=64"])
-    line = _one_error_line(res)
-    out = res.stdout + res.stderr
-    print(f"torchrun, rank-0 error: {time.perf_counter() - t0:.0f} s, {line}")
+    line, _ = one_line("rank-0 error", [f"data.train={bad}", "data.seq_len=64"])
     assert "malformed JSON" in line
-    assert "Connection closed" not in out and "gloo" not in out.lower()
 
 
 def test_a_full_disk_under_torchrun_is_one_line(tiny_overrides, tmp_path):
