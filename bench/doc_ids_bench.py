@@ -6,7 +6,7 @@ Run::
     python bench/doc_ids_bench.py [--docs 1000000 10000000]
 
 Each size is a real packed-instances folder (``tokens.bin`` a sparse file of the right size, ``docs.json``
-written in stream order) read through ``refine.instances.Instances``; "before" is the removed code, copied
+written in stream order) read through ``refine.core.instances.Instances``; "before" is the removed code, copied
 here. Prints a table and writes ``bench/results/doc_ids.json``.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from refine.instances import FORMAT, VERSION, Instances  # noqa: E402
+from refine.core.instances import FORMAT, VERSION, Instances  # noqa: E402
 
 SEQ_LEN = 512
 RESULTS = Path(__file__).resolve().parent / "results" / "doc_ids.json"

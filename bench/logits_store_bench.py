@@ -36,9 +36,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from refine.errors import InputError  # noqa: E402
-from refine.logits_store import LogitsStore, SparseRows, convert  # noqa: E402
-from refine.manifest import sha256_file  # noqa: E402
+from refine.core.errors import InputError  # noqa: E402
+from refine.core.logits_store import LogitsStore, SparseRows, convert  # noqa: E402
+from refine.core.manifest import sha256_file  # noqa: E402
 
 
 def read_speed(store: LogitsStore) -> float:
@@ -95,9 +95,9 @@ def kl_on_instances(raw: LogitsStore, compact: LogitsStore, instances: Path, tea
     import torch
     from transformers import AutoModelForCausalLM
 
-    from refine.hf_scorer import forward_logits
-    from refine.instances import Instances
-    from refine.tokenizer import bos_prefix, load_tokenizer
+    from refine.core.forward import forward_logits
+    from refine.core.instances import Instances
+    from refine.core.tokenizer import bos_prefix, load_tokenizer
 
     inst = Instances(instances)
     if len(inst) != len(raw) or inst.seq_len - 1 != raw.header.positions:

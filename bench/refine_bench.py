@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 HF_SCRIPT = """
 import sys, time, numpy as np
-from refine.scoring import make_scorer
+from refine.scorers.registry import make_scorer
 rows = np.load(sys.argv[2])
 s = make_scorer("hf", sys.argv[1], top_k=int(sys.argv[3]), batch_size=8)
 s.score(rows[:2])                                  # warm-up
@@ -54,13 +54,13 @@ def machine() -> dict:
 
 
 def main() -> None:
-    from refine.instances import Instances, write_subset
-    from refine.logits_store import LogitsStore
-    from refine.pack import pack
-    from refine.paths import cache_dir, corpus_dir, teacher_dir
+    from refine.core.instances import Instances, write_subset
+    from refine.core.logits_store import LogitsStore
+    from refine.core.pack import pack
+    from refine.core.paths import cache_dir, corpus_dir, teacher_dir
+    from refine.core.tokenizer import load_tokenizer
     from refine.score_pass import run_pass
-    from refine.scoring import make_scorer
-    from refine.tokenizer import load_tokenizer
+    from refine.scorers.registry import make_scorer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=128)

@@ -77,7 +77,7 @@ def make_step(variant: str, refined: str, vocab: int, model=None):
     from distill.losses import kd_loss, lm_loss
     from distill.models import hf_config
     from distill.train import CONF_DIR, autocast_dtype, pick_device
-    from refine.tokenizer import load_tokenizer, tokenizer_hash
+    from refine.core.tokenizer import load_tokenizer, tokenizer_hash
 
     exp = {"lm_plain": "lm_baseline", "lm": "lm_baseline", "kd_naive": "kd_offline", "kd_offline": "kd_offline",
            "kd_online": "kd_online"}[variant]

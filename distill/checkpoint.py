@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from refine.errors import InputError, write_error_line
-from refine.manifest import atomic_path
-from refine.paths import checked_step_name
+from refine.core.errors import InputError, write_error_line
+from refine.core.manifest import atomic_path
+from refine.core.paths import checked_step_name
 
 STATE = "trainer_state.pt"
 # Fields that define the architecture: a checkpoint that differs in any of them belongs to another model.

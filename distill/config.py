@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from refine.config import PathsConfig  # one schema for the shared paths group
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 
 @dataclass
@@ -37,11 +37,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """``train``/``val``: a packed-instances folder, or any corpus ``refine.corpus`` reads (packed on first use)."""
+    """``train``/``val``: a packed-instances folder, or any corpus ``refine.core.corpus`` reads (packed on first
+    use)."""
     train: str = "${paths.corpus}/train.jsonl"
     val: str = "${paths.corpus}/val.jsonl"
     text_field: str = "text"
-    max_doc_bytes: int = 64 << 20          # larger documents are skipped and counted (refine.corpus)
+    max_doc_bytes: int = 64 << 20          # larger documents are skipped and counted (refine.core.corpus)
     seq_len: int = 256
     batch_size: int = 4                    # sequences per micro-batch
     grad_accum: int = 1                    # micro-batches per optimizer step

@@ -1,7 +1,7 @@
 """Training data: packed token instances and a batch stream whose position is explicit state.
 
 ``open_instances`` accepts a packed-instances folder (e.g. the refine stage's output) or any corpus that
-``refine.corpus`` reads; a corpus is packed once with the student's tokenizer into the cache and reused.
+``refine.core.corpus`` reads; a corpus is packed once with the student's tokenizer into the cache and reused.
 
 ``BatchStream`` walks a seeded permutation of the instances epoch by epoch. Its whole state is
 ``{"epoch", "cursor"}``: saved in a checkpoint and loaded back, the stream continues with exactly the batch it
@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refine.corpus import MAX_DOC_BYTES
-from refine.instances import Instances
-from refine.pack import pack
+from refine.core.corpus import MAX_DOC_BYTES
+from refine.core.instances import Instances
+from refine.core.pack import pack
 
 
 def open_instances(path: str | Path, tokenizer, seq_len: int, cache: str | Path, text_field: str = "text",
                    quiet: bool = False, max_doc_bytes: int = MAX_DOC_BYTES) -> Instances:
     """Instances for ``path`` with ``seq_len`` tokens each, tokenized by ``tokenizer`` (checked by hash)."""
-    from refine.tokenizer import tokenizer_hash
+    from refine.core.tokenizer import tokenizer_hash
 
     path = Path(path)
     tok_hash = tokenizer_hash(tokenizer)
@@ -32,7 +32,7 @@ def open_instances(path: str | Path, tokenizer, seq_len: int, cache: str | Path,
         inst = Instances(path)
         inst.check_tokenizer(tok_hash, "the student")
         if inst.seq_len != seq_len:
-            from refine.errors import InputError
+            from refine.core.errors import InputError
 
             raise InputError(f"{path} holds instances of {inst.seq_len} tokens, but data.seq_len is {seq_len}")
         return inst
@@ -86,7 +86,7 @@ class BatchStream:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "count": len(self.instances)}
 
     def load_state_dict(self, state: dict) -> None:
-        from refine.errors import InputError
+        from refine.core.errors import InputError
 
         if state["count"] != len(self.instances) or state["seed"] != self.seed:
             raise InputError(f"checkpoint's data position is for {state['count']} instances with seed "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from refine.errors import InputError, everyone, write_error_line
+from refine.core.errors import InputError, everyone, write_error_line
 
 MODES = ("ddp", "fsdp")
 
@@ -123,7 +123,7 @@ class LossModule(torch.nn.Module):
         if input_ids is not None:
             from transformers.modeling_outputs import CausalLMOutput
 
-            from refine.hf_scorer import forward_logits
+            from refine.core.forward import forward_logits
 
             return CausalLMOutput(logits=forward_logits(self.model, input_ids, self.distiller.bos_id))
         return self.distiller.loss(self.model, batch, rows, step)

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refine.errors import InputError, exit_on_input_error
-from refine.manifest import write_json_atomic
-from refine.paths import REPO, benchmarks_dir, cache_dir, corpus_dir, resolve_model
+from refine.core.errors import InputError, exit_on_input_error
+from refine.core.manifest import write_json_atomic
+from refine.core.paths import REPO, benchmarks_dir, cache_dir, corpus_dir, resolve_model
 
 TASKS_DIR = REPO / "conf" / "eval" / "tasks"
 
@@ -44,9 +44,8 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
     i.e. document separators, count no bytes), which compares students with different tokenizers.
     """
     from distill.data import open_instances, val_batches
-    from refine.hf_scorer import forward_logits
-    from refine.report import source_of
-    from refine.tokenizer import bos_prefix
+    from refine.core.forward import forward_logits
+    from refine.core.tokenizer import bos_prefix
 
     inst = open_instances(val, tokenizer, seq_len, cache_dir(), quiet=True)
     batches = val_batches(inst, batch_size, max_batches or len(inst))
@@ -65,7 +64,7 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
                         for row in batch]
     model.train(was_training)
     nats, n_bytes = np.asarray(nats), np.asarray(n_bytes)
-    sources = np.asarray([source_of(inst, i, doc_source) if doc_source else "all" for i in range(len(nats))])
+    sources = np.asarray([inst.source_of(i, doc_source) if doc_source else "all" for i in range(len(nats))])
 
     def summary(rows: np.ndarray) -> dict:
         loss, tokens = nats[rows].sum(), (seq_len - 1) * int(rows.sum())
@@ -79,7 +78,7 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
 def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,
                 include_path: Path = TASKS_DIR, backend: str = "hf") -> dict:
     """lm-eval on ``model``: an in-memory HF model (``backend="hf"``) or, with ``backend="vllm"``, a model folder
-    that lm-eval's vLLM model serves (``refine.scorer.lm_eval_vllm``). Returns {task: {metric: value,
+    that lm-eval's vLLM model serves (``refine.scorers.vllm.lm_eval_vllm``). Returns {task: {metric: value,
     metric_stderr: value, samples: n}}."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -89,13 +88,13 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_siz
     if unknown:
         raise InputError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(sorted(tm.all_tasks))}")
     if backend == "vllm":
-        from refine.scorer import close_llm, lm_eval_vllm
+        from refine.scorers.vllm import close_llm, lm_eval_vllm
 
         lm = lm_eval_vllm(model, batch_size=batch_size)
     elif backend == "hf":
         from lm_eval.models.huggingface import HFLM
 
-        from refine.tokenizer import bos_prefix
+        from refine.core.tokenizer import bos_prefix
 
         # lm-eval adds BOS only when told: a model whose tokenizer adds one was trained with it in front
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
@@ -118,7 +117,7 @@ def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], limit: int | None = 
                         seq_len: int = 256, batch_size: int = 8, device: str = "cpu", backend: str = "hf") -> dict:
     from transformers import AutoModelForCausalLM
 
-    from refine.tokenizer import load_tokenizer
+    from refine.core.tokenizer import load_tokenizer
 
     path = resolve_model(ckpt)
     t0 = time.perf_counter()

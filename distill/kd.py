@@ -6,8 +6,8 @@
 matches the student (tokenizer hash, instance count and length), and returns the loss with its parts for
 logging. ``val_kl`` measures KL(teacher || student) on validation batches with the full teacher distribution.
 
-Every model pass here (student, live teacher, validation teacher) goes through ``refine.hf_scorer.forward_logits``
-with the BOS prefix its tokenizer asks for (``refine.tokenizer.bos_prefix``), as the refine scorers do.
+Every model pass here (student, live teacher, validation teacher) goes through ``refine.scorers.hf.forward_logits``
+with the BOS prefix its tokenizer asks for (``refine.core.tokenizer.bos_prefix``), as the refine scorers do.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from distill.config import KDConfig
 from distill.fused_loss import fused_lm_kd, lm_head_weight
 from distill.losses import LOSSES, MISSING_MASS, adaptive_temperature, kd_loss, lm_loss
 from distill.schedules import alpha_at
-from refine.errors import InputError
-from refine.hf_scorer import DTYPES, forward_logits
-from refine.instances import Instances
+from refine.core.errors import InputError
+from refine.core.forward import DTYPES, forward_logits
+from refine.core.instances import Instances
 
 
 def _check_teacher_tokenizer(teacher_dir: str, student_hash: str) -> None:
-    from refine.tokenizer import load_tokenizer, tokenizer_hash
+    from refine.core.tokenizer import load_tokenizer, tokenizer_hash
 
     if tokenizer_hash(load_tokenizer(teacher_dir)) != student_hash:
         raise InputError(f"teacher {teacher_dir} uses another tokenizer than the student; logit KD needs one "
@@ -63,7 +63,7 @@ class Distiller:
         _check_choices(cfg)
         if cfg.signal == "offline":
             from distill.signal import OfflineTeacher
-            from refine.logits_store import LogitsStore
+            from refine.core.logits_store import LogitsStore
 
             if not cfg.logits:
                 raise InputError("kd.signal=offline needs kd.logits (a refine logits store aligned with data.train)")

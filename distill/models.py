@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MambaConfig, PretrainedConfig, Qwen2Config
 
 from distill.config import ModelConfig
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 ARCHS = ("llama", "qwen2", "mamba")
 

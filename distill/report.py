@@ -26,8 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-from refine.errors import InputError, exit_on_input_error
-from refine.paths import REPO
+from refine.core.errors import InputError, exit_on_input_error
+from refine.core.paths import REPO
 
 
 def find_runs(roots: list[Path]) -> list[Path]:
@@ -66,7 +66,7 @@ def _label(folder: Path, run_name: str) -> str:
 
 def _store_bytes(kd: dict) -> float | None:
     """Bytes/token of an offline run's logits store, when it is still on disk."""
-    from refine.logits_store import LogitsStore
+    from refine.core.logits_store import LogitsStore
 
     path = Path(kd.get("logits") or "")
     if kd.get("signal") != "offline" or not (path / "store.json").is_file():

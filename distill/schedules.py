@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from distill.config import AlphaConfig, ScheduleConfig
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 
 def _decay(progress: float, shape: str) -> float:

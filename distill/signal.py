@@ -2,10 +2,10 @@
 
 ``TeacherSignal`` holds, for every predicted position of a batch ([B, T] with T = seq_len - 1, position t
 predicting token t+1), up to K candidate token ids with the teacher's *full-softmax* log-probs at
-temperature 1 (for a sampled RS-KD signal: log importance weights, ``refine.sparse_sampling``), padded to
+temperature 1 (for a sampled RS-KD signal: log importance weights, ``refine.core.sparse_sampling``), padded to
 the batch's largest K with ``mask``. Losses see only this type, never the teacher:
 
-* ``OfflineTeacher`` reads the refine stage's top-p-k store (``refine.logits_store``), aligned row by row with
+* ``OfflineTeacher`` reads the refine stage's top-p-k store (``refine.core.logits_store``), aligned row by row with
   the packed instances the student trains on;
 * ``OnlineTeacher`` runs a frozen HF teacher forward on the same batch and applies the same top-p-k rule
   (``top_k = 0`` keeps the full vocabulary).
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from distill.fused_loss import lm_head_weight, topk_logprobs
-from refine.hf_scorer import forward_logits
-from refine.logits_store import LogitsStore, truncate_top_p_k
-from refine.sparse_sampling import sample_sparse, seed_for
+from refine.core.forward import forward_logits
+from refine.core.logits_store import LogitsStore, truncate_top_p_k
+from refine.core.sparse_sampling import sample_sparse, seed_for
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TeacherSignal:
 
 
 def from_sorted_topk(ids: torch.Tensor, logprobs: torch.Tensor, top_p: float, top_k: int) -> TeacherSignal:
-    """Apply the top-p-then-top-k rule (``refine.logits_store.truncate_top_p_k``) to sorted candidates."""
+    """Apply the top-p-then-top-k rule (``refine.core.logits_store.truncate_top_p_k``) to sorted candidates."""
     ids, logprobs = ids[..., :top_k], logprobs[..., :top_k].float()
     counts = torch.from_numpy(truncate_top_p_k(logprobs.detach().cpu().numpy(), top_p, top_k).astype(np.int64))
     mask = torch.arange(ids.shape[-1], device=ids.device) < counts.to(ids.device)[..., None]
@@ -94,7 +94,7 @@ def load_teacher(model_dir: str, device: str, dtype: torch.dtype, trust_remote_c
     """A frozen HF teacher in its own dtype and the BOS prefix its tokenizer asks for (as the refine scorers)."""
     from transformers import AutoModelForCausalLM
 
-    from refine.tokenizer import bos_prefix, load_tokenizer
+    from refine.core.tokenizer import bos_prefix, load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
                                                  trust_remote_code=trust_remote_code).to(device).eval()

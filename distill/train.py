@@ -37,11 +37,11 @@ from distill.losses import lm_loss
 from distill.models import build_student
 from distill.schedules import check as check_schedule
 from distill.schedules import lr_multiplier, plot_schedules
-from refine.errors import InputError, everyone, exit_on_input_error, write_error_line
-from refine.folder_lock import FolderLock
-from refine.hydra_cli import precheck_overrides
-from refine.manifest import atomic_path, code_version, write_json_atomic
-from refine.tokenizer import bos_prefix, load_tokenizer, tokenizer_hash
+from refine.core.errors import InputError, everyone, exit_on_input_error, write_error_line
+from refine.core.folder_lock import FolderLock
+from refine.core.hydra_cli import precheck_overrides
+from refine.core.manifest import atomic_path, code_version, write_json_atomic
+from refine.core.tokenizer import bos_prefix, load_tokenizer, tokenizer_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Config sections that must match for a run folder to be resumed (the rest, e.g. max_steps, may change).

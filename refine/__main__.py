@@ -3,7 +3,7 @@
 Run::
 
     python -m refine                                   # the bundled corpus (make refine)
-    python -m refine corpus=my.jsonl name=mine         # any corpus refine.corpus reads
+    python -m refine corpus=my.jsonl name=mine         # any corpus refine.core.corpus reads
     python -m refine select.alpha=0.3                  # same settings, another alpha: the passes are reused
     python -m refine select_only=true select.alpha=0.3 # re-select from <out>'s saved scores only (make select)
     python -m refine pack.max_instances=512            # a quick look: 512 instances spread over the corpus
@@ -18,7 +18,7 @@ top alpha by ``NLL_ref - NLL_teacher`` in corpus order and write ``<out>/``: ``i
 another alpha never rescores, and offline KD on the unselected data can use them.
 
 A folder scored with other settings is refused, never rescored over (``refine.folder_key``; ``overwrite=true``
-replaces it), and its writers lock it (``refine.folder_lock``).
+replaces it), and its writers lock it (``refine.core.folder_lock``).
 """
 
 from __future__ import annotations
@@ -37,18 +37,25 @@ import numpy as np
 from omegaconf import DictConfig
 
 from refine.config import LogitsConfig, ModelPassConfig, RefineConfig, to_refine_config
-from refine.errors import InputError, exit_on_input_error
+from refine.core.errors import InputError, exit_on_input_error
+from refine.core.folder_lock import FolderLock
+from refine.core.hydra_cli import precheck_overrides
+from refine.core.instances import Instances, write_subset
+from refine.core.logits_store import LogitsStore, LogitsWriter, convert
+from refine.core.manifest import (
+    atomic_path,
+    code_version,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+    write_manifest,
+)
+from refine.core.pack import corpus_fingerprint, pack
+from refine.core.paths import resolve_model
+from refine.core.tokenizer import load_tokenizer, tokenizer_hash
 from refine.folder_key import check_settings, claim_json, differences, normal, refusal, saved_settings, scoring_settings
-from refine.folder_lock import FolderLock
-from refine.hydra_cli import precheck_overrides
-from refine.instances import Instances, write_subset
-from refine.logits_store import LogitsStore, LogitsWriter, convert
-from refine.manifest import atomic_path, code_version, read_manifest, sha256_file, write_json_atomic, write_manifest
-from refine.pack import corpus_fingerprint, pack
-from refine.paths import resolve_model
 from refine.score_pass import parse_shard
 from refine.select import difference_scores, select
-from refine.tokenizer import load_tokenizer, tokenizer_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -198,7 +205,7 @@ def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size:
 
 def refine(cfg: RefineConfig) -> dict:
     """The whole stage (``select_only``: re-selection from the folder's saved scores), holding the folder's
-    lock: exclusive, but shared among the parts of a sharded run (``refine.folder_lock`` says why)."""
+    lock: exclusive, but shared among the parts of a sharded run (``refine.core.folder_lock`` says why)."""
     _, parts = parse_shard(cfg.shard)
     out = Path(cfg.out)
     if cfg.select_only:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 
 @dataclass
@@ -71,7 +71,7 @@ class RefineConfig:
     name: str = "default"
     corpus: str = "${paths.corpus}/train.jsonl"
     text_field: str = "text"
-    max_doc_bytes: int = 64 << 20          # larger documents are skipped and counted (refine.corpus)
+    max_doc_bytes: int = 64 << 20          # larger documents are skipped and counted (refine.core.corpus)
     out: str = "${paths.cache}/refined/${name}"
     shard_size: int = 128                  # instances per scoring shard (the unit of crash-resume)
     report_examples: int = 3               # top- and bottom-scored instances quoted in the report

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from refine.instances import Instances
+from refine.core.instances import Instances
 
 
 @torch.inference_mode()

@@ -19,8 +19,8 @@ import shutil
 import socket
 from pathlib import Path
 
-from refine.errors import InputError
-from refine.folder_lock import LOCK_NAME, alive
+from refine.core.errors import InputError
+from refine.core.folder_lock import LOCK_NAME, alive
 
 SETTINGS = "scoring.json"
 _HOST = socket.gethostname()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refine.instances import Instances
-from refine.logits_store import LogitsStore
+from refine.core.instances import Instances
+from refine.core.logits_store import LogitsStore
 
 # Corpus text is data, not markup: every character that could start HTML, a link, a (remote) image, emphasis
 # or a table cell is backslash-escaped, which CommonMark renders as the character itself.
@@ -24,12 +24,6 @@ def md_text(s: str) -> str:
 def md_code(s: str) -> str:
     """``s`` as a code span (literal in markdown: no HTML, no links) that no backtick in it can close."""
     return "`" + " ".join(str(s).replace("`", "'").split()) + "`"
-
-
-def source_of(inst: Instances, i: int, doc_source: dict[str, str]) -> str:
-    """The corpus source of instance ``i``'s documents, or "mixed"."""
-    sources = {doc_source.get(d, "?") for d in inst.doc_ids(i)}
-    return sources.pop() if len(sources) == 1 else "mixed"
 
 
 def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path) -> None:
@@ -60,7 +54,7 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
     per_source: dict[str, Counter] = {}
     kept_set = set(kept.tolist())
     for i in range(len(inst)):
-        c = per_source.setdefault(source_of(inst, i, doc_source), Counter())
+        c = per_source.setdefault(inst.source_of(i, doc_source), Counter())
         c["total"] += 1
         c["kept"] += i in kept_set
     _histogram(scores, kept, out / "score_hist.png")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 
 def difference_scores(teacher_nll: np.ndarray, ref_nll: np.ndarray) -> np.ndarray:

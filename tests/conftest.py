@@ -91,7 +91,7 @@ def save_tiny_llama(tokenizer_dir: Path, out: Path, seed: int, hidden: int = 128
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from refine.tokenizer import load_tokenizer
+    from refine.core.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)

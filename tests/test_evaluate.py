@@ -35,7 +35,7 @@ def test_lm_eval_on_a_20_item_local_task_matches_scoring_by_hand(tiny_model_dir,
     from transformers import AutoModelForCausalLM
 
     from distill.evaluate import evaluate_checkpoint
-    from refine.tokenizer import load_tokenizer
+    from refine.core.tokenizer import load_tokenizer
 
     items = _piqa_items(20, seed=0)
     datasets.Dataset.from_list(items).save_to_disk(str(tmp_path / "bench" / "piqa" / "plain_text" / "validation"))
@@ -66,7 +66,7 @@ def test_every_task_yaml_is_indexed_and_missing_data_is_one_line(tmp_path, monke
     from lm_eval.tasks import TaskManager
 
     from distill.evaluate import TASKS_DIR, evaluate_checkpoint
-    from refine.errors import InputError
+    from refine.core.errors import InputError
 
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     names = {p.stem for p in TASKS_DIR.glob("[!_]*.yaml")}
@@ -87,7 +87,7 @@ def test_teacher_scores_through_our_path_equal_the_lm_eval_cli(tmp_path):
     import sys
 
     from distill.evaluate import TASKS_DIR, evaluate_checkpoint
-    from refine.paths import benchmarks_dir, teacher_dir
+    from refine.core.paths import benchmarks_dir, teacher_dir
 
     if not (teacher_dir() / "config.json").is_file() or not benchmarks_dir().is_dir():
         pytest.skip("needs `make models benchmarks`")

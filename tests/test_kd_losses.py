@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from distill.losses import adaptive_temperature, kd_loss
 from distill.signal import OfflineTeacher, OnlineTeacher, TeacherSignal, from_sorted_topk
-from refine.errors import InputError
-from refine.logits_store import LogitsStore, LogitsWriter, StoreHeader
+from refine.core.errors import InputError
+from refine.core.logits_store import LogitsStore, LogitsWriter, StoreHeader
 
 
 def _signal(ids, logprobs):
@@ -100,7 +100,7 @@ def test_adaptive_temperature_rises_with_confidence():
 
 
 def test_offline_and_online_teacher_give_the_same_loss(tiny_model_dir, tmp_path):
-    from refine.scoring import make_scorer
+    from refine.scorers.registry import make_scorer
 
     rows = np.random.default_rng(3).integers(0, 400, size=(3, 32))
     scores = make_scorer("hf", str(tiny_model_dir), top_k=20).score(rows)
@@ -146,7 +146,7 @@ def test_tau_squared_weights_each_position_by_its_own_tau(tiny_model_dir):
     tau_t^2 (it multiplied the whole KD loss by the batch mean of tau_t^2), in the trainer's loss too."""
     from distill.config import AlphaConfig, KDConfig
     from distill.kd import Distiller
-    from refine.tokenizer import load_tokenizer, tokenizer_hash
+    from refine.core.tokenizer import load_tokenizer, tokenizer_hash
 
     class _Train:
         def __len__(self):

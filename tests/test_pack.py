@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from distill.data import BatchStream, open_instances
-from refine.errors import InputError
-from refine.instances import Instances
-from refine.pack import pack
-from refine.tokenizer import load_tokenizer
+from refine.core.errors import InputError
+from refine.core.instances import Instances
+from refine.core.pack import pack
+from refine.core.tokenizer import load_tokenizer
 from tests.conftest import make_docs, write_jsonl
 
 
@@ -107,7 +107,7 @@ def test_batch_stream_resumes_exactly(tok, tiny_corpus, tmp_path):
 
 
 def test_subset_keeps_rows_and_document_ids(tok, tiny_corpus, tmp_path):
-    from refine.instances import write_subset
+    from refine.core.instances import write_subset
 
     inst = pack(tiny_corpus / "train.jsonl", tok, 32, tmp_path / "p", quiet=True)
     rows = [0, 5, len(inst) - 1]

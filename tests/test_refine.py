@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 
 from refine.__main__ import CONF_DIR, refine
 from refine.config import to_refine_config
-from refine.errors import InputError
-from refine.instances import Instances
-from refine.logits_store import LogitsStore
+from refine.core.errors import InputError
+from refine.core.instances import Instances
+from refine.core.logits_store import LogitsStore
 from refine.select import select
 from tests.conftest import REPO, refine_output_differences, save_tiny_llama, train_tiny_tokenizer
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from distill.report import build
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 
 def _run(root, name, seed, val_losses, kd="none", acc=None):

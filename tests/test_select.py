@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from refine.errors import InputError
-from refine.scoring import Scores
+from refine.core.errors import InputError
+from refine.scorers.base import Scores
 from refine.select import difference_scores, select
 
 

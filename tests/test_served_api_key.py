@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from refine.errors import InputError
-from refine.scoring import make_scorer
+from refine.core.errors import InputError
+from refine.scorers.registry import make_scorer
 from tests.conftest import REPO
 from tests.test_served_scorer import Server
 

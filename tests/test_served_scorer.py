@@ -1,4 +1,4 @@
-"""The served scorer (``refine.served_scorer``): a real ``vllm serve`` of the tiny Llama on loopback against the
+"""The served scorer (``refine.scorers.served``): a real ``vllm serve`` of the tiny Llama on loopback against the
 in-process vLLM engine on the same rows (same numbers), several endpoints at once (two names of the same
 server, a dead port, a proxy that starts failing mid-run: retries, then failover), the score_pass CLI with
 ``--backend served``; and, without vLLM, the failure paths against small fake servers.
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refine.errors import InputError
-from refine.scorer import _cpu_defaults
-from refine.scoring import make_scorer
+from refine.core.errors import InputError
+from refine.scorers.registry import make_scorer
+from refine.scorers.vllm import _cpu_defaults
 from tests.conftest import REPO, scoring_rows
 
 K = 20
@@ -103,7 +103,7 @@ def server(tiny_model_dir, tmp_path_factory):
 
 VLLM_SCRIPT = """
 import sys, time, numpy as np
-from refine.scoring import make_scorer
+from refine.scorers.registry import make_scorer
 rows = np.load(sys.argv[2])
 s = make_scorer("vllm", sys.argv[1], top_k=int(sys.argv[3]), dtype="float32", enforce_eager=True)
 s.score(rows[:1])
@@ -206,9 +206,9 @@ def test_served_matches_in_process_engine(server, tiny_model_dir, tiny_corpus, t
     assert out0.topk_ids is None and np.array_equal(out0.token_logprobs, out.token_logprobs)
 
     # The score_pass CLI on the served backend: the pass's NLLs are the HF scorer's (to 1e-4 in fp32).
-    from refine.pack import pack
+    from refine.core.pack import pack
+    from refine.core.tokenizer import load_tokenizer
     from refine.score_pass import main, run_pass
-    from refine.tokenizer import load_tokenizer
 
     inst = pack(tiny_corpus / "val.jsonl", load_tokenizer(tiny_model_dir), 64, tmp_path / "inst", quiet=True)
     main(["--model", str(tiny_model_dir), "--instances", str(inst.folder), "--out", str(tmp_path / "served"),

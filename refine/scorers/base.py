@@ -1,4 +1,4 @@
-"""What a scorer returns, and how to get one. No backend is imported here.
+"""What a scorer is and returns. No backend is imported here (``refine.scorers.registry`` picks one).
 
 A scorer runs a causal LM over packed rows ``x_0 .. x_{L-1}`` and returns, for every position
 ``t = 1 .. L-1`` (the first token has no context, so no score):
@@ -9,20 +9,16 @@ A scorer runs a causal LM over packed rows ``x_0 .. x_{L-1}`` and returns, for e
   full-softmax log-probs (not renormalised), sorted by descending probability: the raw material of the top-p-k
   truncated teacher logits for distillation. ``None`` when K = 0 (the reference model needs no top-K).
 
-Three backends share this interface: ``refine.scorer`` (vLLM, the fast path; the only module importing vLLM),
-``refine.hf_scorer`` (transformers: for tests, odd models and as a cross-check) and ``refine.served_scorer``
-(running ``vllm serve`` endpoints over HTTP, same numbers as the in-process engine).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 
 @dataclass
@@ -60,31 +56,3 @@ class Scorer(Protocol):
 
     def close(self) -> None:
         """Release the engine (vLLM needs an explicit shutdown)."""
-
-
-def make_scorer(kind: str, model_dir: str, top_k: int = 0, dtype: str = "float32", **opts) -> Scorer:
-    """``kind``: "vllm" (``refine.scorer.VLLMScorer``), "hf" (``refine.hf_scorer.HFScorer``) or "served"
-    (``refine.served_scorer.ServedScorer``); the backend is imported here, on demand. ``opts`` go to the backend
-    (vLLM: max_model_len, engine kwargs; HF: batch_size; served: urls, served_model, max_concurrency, timeout, retries;
-    ``model_dir`` is then the local folder with the teacher's config.json and tokenizer).
-    ``bos_id`` (default: ``refine.tokenizer.bos_prefix`` of the model's tokenizer) is put in front of every row;
-    the scores stay those of the row's own tokens 1..L-1."""
-    if kind not in ("vllm", "hf", "served"):
-        raise InputError(f"unknown scorer {kind!r} (vllm | hf | served)")
-    if not (Path(model_dir) / "config.json").is_file():
-        raise InputError(f"not a model folder (no config.json): {model_dir}")
-    if "bos_id" not in opts:
-        from refine.tokenizer import bos_prefix, load_tokenizer
-
-        opts["bos_id"] = bos_prefix(load_tokenizer(model_dir, opts.get("trust_remote_code", False)))
-    if kind == "vllm":
-        from refine.scorer import VLLMScorer
-
-        return VLLMScorer(model_dir, top_k=top_k, dtype=dtype, **opts)
-    if kind == "served":
-        from refine.served_scorer import ServedScorer
-
-        return ServedScorer(model_dir, top_k=top_k, dtype=dtype, **opts)
-    from refine.hf_scorer import HFScorer
-
-    return HFScorer(model_dir, top_k=top_k, dtype=dtype, **opts)

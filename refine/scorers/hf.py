@@ -1,4 +1,4 @@
-"""The transformers scorer: same interface and numbers as the vLLM scorer (``refine.scoring``), plain torch.
+"""The transformers scorer: same interface and numbers as the vLLM scorer (``refine.scorers.base``), plain torch.
 
 Used by tests, for models vLLM cannot load, and to cross-check vLLM (they agree to ~1e-4 in fp32).
 """
@@ -10,22 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refine.errors import InputError
-from refine.scoring import Scores
-
-
-def forward_logits(model, batch: torch.Tensor, bos_id: int | None, hidden: bool = False) -> torch.Tensor:
-    """Next-token logits [B, L, V] of ``batch``'s positions (``hidden``: the final hidden states [B, L, D] the
-    LM head would multiply); with ``bos_id`` the model sees BOS first and the BOS position's output is dropped,
-    so position t still predicts token t+1 of the row."""
-    if bos_id is not None:
-        bos = torch.full((batch.shape[0], 1), bos_id, dtype=batch.dtype, device=batch.device)
-        batch = torch.cat([bos, batch], dim=1)
-    out = model.base_model(input_ids=batch).last_hidden_state if hidden else model(input_ids=batch).logits
-    return out if bos_id is None else out[:, 1:]
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from refine.core.errors import InputError
+from refine.core.forward import DTYPES, forward_logits
+from refine.scorers.base import Scores
 
 
 class HFScorer:

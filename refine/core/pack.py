@@ -1,8 +1,8 @@
-"""Tokenize a corpus with a tokenizer and pack it into fixed-length instances (see ``refine.instances``).
+"""Tokenize a corpus with a tokenizer and pack it into fixed-length instances (see ``refine.core.instances``).
 
 Run::
 
-    python -m refine.pack --corpus .cache/data/corpus/train.jsonl --tokenizer .cache/models/smollm2-135m \
+    python -m refine.core.pack --corpus .cache/data/corpus/train.jsonl --tokenizer .cache/models/smollm2-135m \
         --seq-len 256 --out .cache/packed/train-L256
 
 A finished output whose manifest matches (same corpus bytes, tokenizer hash, seq_len, text field) is reused.
@@ -15,11 +15,11 @@ import hashlib
 import time
 from pathlib import Path
 
-from refine.corpus import MAX_DOC_BYTES, CorpusStats, is_link_below, iter_documents
-from refine.errors import InputError, exit_on_input_error
-from refine.instances import Instances, InstanceWriter, TokenizerInfo
-from refine.manifest import manifest_matches, sha256_file, write_manifest
-from refine.tokenizer import load_tokenizer
+from refine.core.corpus import MAX_DOC_BYTES, CorpusStats, is_link_below, iter_documents
+from refine.core.errors import InputError, exit_on_input_error
+from refine.core.instances import Instances, InstanceWriter, TokenizerInfo
+from refine.core.manifest import manifest_matches, sha256_file, write_manifest
+from refine.core.tokenizer import load_tokenizer
 
 BATCH_DOCS = 256  # documents per fast-tokenizer call: large enough to use its threads, small in memory
 
@@ -29,7 +29,7 @@ def corpus_fingerprint(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise InputError(f"corpus not found: {path}")
-    # links inside a folder are not read (refine.corpus), so they are not part of the key either
+    # links inside a folder are not read (refine.core.corpus), so they are not part of the key either
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
                                                  if p.is_file() and not is_link_below(p, path))
     h = hashlib.sha256()

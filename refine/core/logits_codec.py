@@ -1,6 +1,6 @@
 """The compact ("zstd") encoding of one logits-store shard: pure encode/decode functions.
 
-``refine.logits_store`` owns the store format and is the only caller. A shard is self-contained (no table
+``refine.core.logits_store`` owns the store format and is the only caller. A shard is self-contained (no table
 shared with other shards: shards may be written on different machines), and one instance decodes alone.
 
 Values. ``v = exp(logprob) / scale`` (``scale``: the shard's largest ``v``, at least 1, because RS-KD importance
@@ -32,7 +32,7 @@ Layout (little-endian)::
                                    | f16 log kept mass [positions]
 
 Shards of the first version (``b"RDLZ"``: four frames, no kept mass) still decode, without the per-position
-mass correction; ``refine.logits_store`` refuses the ``tail`` policy on them.
+mass correction; ``refine.core.logits_store`` refuses the ``tail`` policy on them.
 
 Separate frames, not one frame with several blocks: each stream gets its own entropy tables (smaller). Every
 frame carries zstd's checksum and its sizes are in the checksummed index, so a flipped or missing byte is an

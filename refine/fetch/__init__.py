@@ -1,0 +1,1 @@
+"""Fetchers: corpora, models, tokenizers and benchmarks into the cache, from pinned package archives."""
