@@ -78,7 +78,7 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
 def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,
                 include_path: Path = TASKS_DIR, backend: str = "hf") -> dict:
     """lm-eval on ``model``: an in-memory HF model (``backend="hf"``) or, with ``backend="vllm"``, a model folder
-    that lm-eval's vLLM model serves (``refine.scorers.vllm.lm_eval_vllm``). Returns {task: {metric: value,
+    that lm-eval's vLLM model serves (``distill.lm_eval_vllm``). Returns {task: {metric: value,
     metric_stderr: value, samples: n}}."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -88,7 +88,8 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_siz
     if unknown:
         raise InputError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(sorted(tm.all_tasks))}")
     if backend == "vllm":
-        from refine.scorers.vllm import close_llm, lm_eval_vllm
+        from distill.lm_eval_vllm import lm_eval_vllm
+        from refine.core.engine_settings import close_llm
 
         lm = lm_eval_vllm(model, batch_size=batch_size)
     elif backend == "hf":

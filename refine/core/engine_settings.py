@@ -1,0 +1,51 @@
+"""vLLM engine settings shared by the scorer (``refine.scorers.vllm``) and lm-eval's vLLM model
+(``distill.lm_eval_vllm``); imports no vLLM.
+
+CPU defaults (each only if unset): ``VLLM_CPU_KVCACHE_SPACE=2`` GiB (unset, vLLM reserves most of RAM),
+``VLLM_CPU_OMP_THREADS_BIND`` = all cores (the default leaves one idle), ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+(in-process engine: starts in seconds, no exit-time crash).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+DEFAULT_MAX_MODEL_LEN = 2048       # packed instances are <= 1024 tokens; a cap keeps the KV cache check cheap
+
+
+def cpu_defaults(env=None) -> None:
+    """Set the CPU engine defaults in ``env`` (default ``os.environ``; a copy for a ``vllm serve`` child)."""
+    env = os.environ if env is None else env
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = list(cores)
+    contiguous = cores == list(range(cores[0], cores[-1] + 1))
+    bind = f"{cores[0]}-{cores[-1]}" if contiguous and len(cores) > 1 else ",".join(map(str, cores))
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def _model_max_len(model_dir: str) -> int | None:
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    n = cfg.get("max_position_embeddings")
+    return int(n) if n else None
+
+
+def engine_max_len(model_dir: str | Path) -> int:
+    """The default ``max_model_len``: the model's own limit, capped at ``DEFAULT_MAX_MODEL_LEN``."""
+    return min(_model_max_len(str(model_dir)) or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+
+
+def close_llm(llm) -> None:
+    """Shut a ``vllm.LLM``'s engine down now (its threads and KV cache), not whenever it is collected."""
+    engine = getattr(llm, "llm_engine", None)
+    shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+    if callable(shutdown):
+        shutdown()
