@@ -9,10 +9,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CACHE ?= .cache
-# No hub access at run time, whatever a library would like to do.
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
+# Offline by default: the targets fetch from the package registries only. With a network, hub ids work as model
+# paths (teacher.path=org/name) after `make ... HF_HUB_OFFLINE=0` (or any value other than 1).
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= $(HF_HUB_OFFLINE)
+export HF_DATASETS_OFFLINE ?= 1
 export RD_CACHE := $(CACHE)
 # pip prints one harmless warning per package for this machine's empty extra indexes; keep the log readable.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true

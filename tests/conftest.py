@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Tests never reach a hub (the packages do not force this: users with a network may use hub ids).
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "

@@ -61,7 +61,7 @@ ALLOWED = {
 
 def test_layers_import_only_what_is_below_them():
     bad = [f"{m} imports {n}" for m, deps in _graph().items() for n in deps
-           if _layer(n) not in ALLOWED[_layer(m)] and n != "refine"]   # `import refine` = the package's env setup
+           if _layer(n) not in ALLOWED[_layer(m)]]
     assert not bad, "\n".join(bad)
 
 

@@ -38,8 +38,11 @@ def benchmarks_dir() -> Path:
 
 
 def resolve_model(path: str | Path) -> Path:
-    """An HF folder, or a training run folder (``runs/<name>``), which means its latest checkpoint."""
-    p = Path(path)
+    """An HF folder, a hub id (``org/name[@revision]``, through the hub cache), or a training run folder
+    (``runs/<name>``), which means its latest checkpoint."""
+    from refine.core.hub import local_model
+
+    p = local_model(path)
     pointer = p / "checkpoints" / "latest"
     if pointer.is_file():
         p = p / "checkpoints" / checked_step_name(pointer)

@@ -16,10 +16,12 @@ from refine.core.errors import InputError
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    """A fast HF tokenizer from a local folder; never touches a hub."""
+    """A fast HF tokenizer from a local folder or a hub id (``refine.core.hub``)."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    from refine.core.hub import local_model
+
+    path = local_model(path)
     if not path.is_dir():
         raise InputError(f"tokenizer folder not found: {path} (run `make models` for the default teacher)")
     try:

@@ -26,7 +26,8 @@ class HFScorer:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.top_k, self.batch_size, self.device, self.bos_id = top_k, batch_size, torch.device(device), bos_id
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
+            model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True,
+            use_safetensors=True,   # never a pickled *.bin, even where one sits beside the safetensors
         ).to(self.device).eval()
         vocab = self.model.get_output_embeddings().weight.shape[0]
         if not 0 <= top_k <= vocab:
