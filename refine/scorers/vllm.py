@@ -28,7 +28,7 @@ How the numbers come out of vLLM 0.32 (read from its source, ``vllm/logprobs.py`
 Engine defaults for CPU (each only if unset): ``VLLM_CPU_KVCACHE_SPACE=2`` GiB (unset, vLLM reserves most
 of RAM), ``VLLM_CPU_OMP_THREADS_BIND`` = all cores (the default leaves one idle),
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (in-process engine: starts in seconds, no exit-time crash). Call
-``close()`` when done. Run it in a process without transformers models beside it (2x slower otherwise).
+``close()`` when done. Run it in a process without transformers models beside it (it runs markedly slower beside them).
 """
 
 from __future__ import annotations
