@@ -13,7 +13,7 @@ teacher logits cover every row) for ``--steps`` steps of the trainer defaults (4
 * ``kd_offline``    stored top-0.95-50 logits, alpha 0.9 constant, KLD, cosine lr (PD paper's best static)
 * ``kd_wsd``        the same logits, WSD alpha + WSD lr (PD paper's best)
 * ``kd_rs``         RS-KD sampled store (``teacher/logits_rs``), alpha 0.9, KLD
-* ``kd_topk_equal`` a top-p-k store re-truncated (``refine.core.logits_store.retruncate``) to the RS store's
+* ``kd_topk_equal`` a top-p-k store re-truncated (``refine.core.logits.retruncate``) to the RS store's
                     bytes/token, alpha 0.9, KLD: RS-KD vs top-k at equal storage
 
 Prints a table and writes ``bench/results/kd_compare_cpu.json``: final held-out val LM loss, the val
@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from refine.core.logits_store import LogitsStore, retruncate  # noqa: E402
+from refine.core.logits import LogitsStore, retruncate  # noqa: E402
 
 RUNS = ("lm_baseline", "lm_wsd", "kd_offline", "kd_wsd", "kd_rs", "kd_topk_equal")
 

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from refine.core.errors import InputError  # noqa: E402
-from refine.core.logits_store import LogitsStore, SparseRows, convert  # noqa: E402
+from refine.core.logits import LogitsStore, SparseRows, convert  # noqa: E402
 from refine.core.manifest import sha256_file  # noqa: E402
 
 

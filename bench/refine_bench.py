@@ -55,7 +55,7 @@ def machine() -> dict:
 
 def main() -> None:
     from refine.core.instances import Instances, write_subset
-    from refine.core.logits_store import LogitsStore
+    from refine.core.logits import LogitsStore
     from refine.core.pack import pack
     from refine.core.paths import cache_dir, corpus_dir, teacher_dir
     from refine.core.tokenizer import load_tokenizer

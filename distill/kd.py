@@ -63,7 +63,7 @@ class Distiller:
         _check_choices(cfg)
         if cfg.signal == "offline":
             from distill.signal import OfflineTeacher
-            from refine.core.logits_store import LogitsStore
+            from refine.core.logits import LogitsStore
 
             if not cfg.logits:
                 raise InputError("kd.signal=offline needs kd.logits (a refine logits store aligned with data.train)")

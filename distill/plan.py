@@ -41,7 +41,7 @@ def _load(name: str) -> dict | None:
 
 def pairs_per_position(store_dir: str | None, top_p: float, top_k: int, sample: int = 64) -> tuple[float, str]:
     """Mean ids kept per position at (top_p, top_k), from a real store when it holds at least that budget."""
-    from refine.core.logits_store import LogitsStore, truncate_top_p_k
+    from refine.core.logits import LogitsStore, truncate_top_p_k
 
     if store_dir and (Path(store_dir) / "store.json").is_file():
         store = LogitsStore(store_dir)

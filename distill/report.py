@@ -66,7 +66,7 @@ def _label(folder: Path, run_name: str) -> str:
 
 def _store_bytes(kd: dict) -> float | None:
     """Bytes/token of an offline run's logits store, when it is still on disk."""
-    from refine.core.logits_store import LogitsStore
+    from refine.core.logits import LogitsStore
 
     path = Path(kd.get("logits") or "")
     if kd.get("signal") != "offline" or not (path / "store.json").is_file():

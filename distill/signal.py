@@ -5,7 +5,7 @@ predicting token t+1), up to K candidate token ids with the teacher's *full-soft
 temperature 1 (for a sampled RS-KD signal: log importance weights, ``refine.core.sparse_sampling``), padded to
 the batch's largest K with ``mask``. Losses see only this type, never the teacher:
 
-* ``OfflineTeacher`` reads the refine stage's top-p-k store (``refine.core.logits_store``), aligned row by row with
+* ``OfflineTeacher`` reads the refine stage's top-p-k store (``refine.core.logits``), aligned row by row with
   the packed instances the student trains on;
 * ``OnlineTeacher`` runs a frozen HF teacher forward on the same batch and applies the same top-p-k rule
   (``top_k = 0`` keeps the full vocabulary).
@@ -28,7 +28,7 @@ import torch
 
 from distill.fused_loss import lm_head_weight, topk_logprobs
 from refine.core.forward import forward_logits
-from refine.core.logits_store import LogitsStore, truncate_top_p_k
+from refine.core.logits import LogitsStore, truncate_top_p_k
 from refine.core.sparse_sampling import sample_sparse, seed_for
 
 
@@ -46,7 +46,7 @@ class TeacherSignal:
 
 
 def from_sorted_topk(ids: torch.Tensor, logprobs: torch.Tensor, top_p: float, top_k: int) -> TeacherSignal:
-    """Apply the top-p-then-top-k rule (``refine.core.logits_store.truncate_top_p_k``) to sorted candidates."""
+    """Apply the top-p-then-top-k rule (``refine.core.logits.truncate_top_p_k``) to sorted candidates."""
     ids, logprobs = ids[..., :top_k], logprobs[..., :top_k].float()
     counts = torch.from_numpy(truncate_top_p_k(logprobs.detach().cpu().numpy(), top_p, top_k).astype(np.int64))
     mask = torch.arange(ids.shape[-1], device=ids.device) < counts.to(ids.device)[..., None]

@@ -41,7 +41,7 @@ from refine.core.errors import InputError, exit_on_input_error
 from refine.core.folder_lock import FolderLock
 from refine.core.hydra_cli import precheck_overrides
 from refine.core.instances import Instances, write_subset
-from refine.core.logits_store import LogitsStore, LogitsWriter, convert
+from refine.core.logits import LogitsStore, LogitsWriter, convert
 from refine.core.manifest import (
     atomic_path,
     code_version,

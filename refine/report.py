@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from refine.core.instances import Instances
-from refine.core.logits_store import LogitsStore
+from refine.core.logits import LogitsStore
 
 # Corpus text is data, not markup: every character that could start HTML, a link, a (remote) image, emphasis
 # or a table cell is backslash-escaped, which CommonMark renders as the character itself.

@@ -7,7 +7,7 @@ each engine's memory goes back to the OS when the pass ends)::
     python -m refine.score_pass --backend served --urls http://host1:8000 http://host2:8000 --model DIR ...
 
 For each shard of ``--shard-size`` instances it writes ``nll-XXXXX.npy`` (mean per-token NLL per instance) and,
-when ``--top-k > 0``, the top-p-k truncated logits shard of ``refine.core.logits_store``; then ``shard-XXXXX.json``
+when ``--top-k > 0``, the top-p-k truncated logits shard of ``refine.core.logits``; then ``shard-XXXXX.json``
 last. A shard whose json exists is finished: a rerun after a crash scores only the missing shards.
 ``finish`` assembles ``nll.npy`` and the store's ``store.json``.
 """
@@ -27,7 +27,7 @@ import numpy as np
 
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.instances import Instances
-from refine.core.logits_store import CODECS, LogitsWriter, StoreHeader
+from refine.core.logits import CODECS, LogitsWriter, StoreHeader
 from refine.core.manifest import atomic_path, write_json_atomic
 
 
@@ -46,7 +46,7 @@ def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dt
     The engine returns the top ``max(top_k, candidates)`` per position; the top-p-k store keeps a prefix of
     them, and with ``rs_samples`` > 0 the same candidates (plus their remaining mass) also give an RS-KD
     sampled store in ``logits_rs/`` (draws seeded by ``seed`` and the shard: a rerun writes the same bytes).
-    ``codec``: both stores' (``refine.core.logits_store``: zstd | raw). ``shard``: "i/N", this machine's part of a
+    ``codec``: both stores' (``refine.core.logits``: zstd | raw). ``shard``: "i/N", this machine's part of a
     run spread over N (a partial summary until a folder holds every part's shard files). ``write_workers``:
     threads encoding and writing scored shards while the next ones are scored (0: a quarter of the cores, 1..4).
     """

@@ -100,7 +100,7 @@ def test_online_teacher_equals_the_stored_signal_under_the_students_autocast(bos
     """Issue 16: the live teacher runs in its own dtype outside the student's bf16 autocast and with its BOS, so
     its targets are the ones a stored (fp32) teacher pass gives for the same rows."""
     from distill.signal import OfflineTeacher, OnlineTeacher
-    from refine.core.logits_store import LogitsStore, LogitsWriter, StoreHeader
+    from refine.core.logits import LogitsStore, LogitsWriter, StoreHeader
 
     tok = load_tokenizer(bos_model_dir)
     rows = np.random.default_rng(3).integers(0, len(tok) - 1, size=(3, 32))

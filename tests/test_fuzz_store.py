@@ -21,7 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from refine.core.logits_codec import MAGIC, STREAMS  # noqa: E402  (the child imports this file by path)
+from refine.core.logits.format import MAGIC, STREAMS  # noqa: E402  (the child imports this file by path)
 
 VOCAB, POSITIONS, K = 49_152, 31, 20
 CAP_BYTES = 1 << 30          # address-space cap of the child: under one bomb, so an inflated one fails
@@ -29,7 +29,7 @@ BOMB = 1 << 30               # a decompression bomb's content: 1 GiB of zeros in
 
 
 def build_stores(root: Path) -> None:
-    from refine.core.logits_store import LogitsWriter, StoreHeader
+    from refine.core.logits import LogitsWriter, StoreHeader
 
     rng = np.random.default_rng(0)
     for codec in ("raw", "zstd"):
@@ -218,7 +218,7 @@ def _fix_up(folder: Path, files: dict) -> None:
 def _read_all(folder: Path, verify) -> str:
     """'ok' when every row is sound, 'error: <line>' for an InputError; anything else escapes."""
     from refine.core.errors import InputError
-    from refine.core.logits_store import LogitsStore
+    from refine.core.logits import LogitsStore
 
     try:
         store = LogitsStore(folder, verify=verify)
@@ -312,7 +312,7 @@ def test_fuzzed_stores_end_in_sound_rows_or_one_line(tmp_path):
 
 
 def test_a_crafted_store_is_one_line_from_the_cli(tmp_path):
-    """``python -m refine.core.logits_store info`` on a scale-NaN compact store: exit 2, one stderr line."""
+    """``python -m refine.core.logits info`` on a scale-NaN compact store: exit 2, one stderr line."""
     build_stores(tmp_path)
     name, _, fn = crafted_cases()[1]
     folder = tmp_path / "zstd"
@@ -320,7 +320,7 @@ def test_a_crafted_store_is_one_line_from_the_cli(tmp_path):
     _fix_up(folder, files)
     for fname, data in files.items():
         (folder / fname).write_bytes(data)
-    res = subprocess.run([sys.executable, "-m", "refine.core.logits_store", "info", str(folder)], cwd=REPO,
+    res = subprocess.run([sys.executable, "-m", "refine.core.logits", "info", str(folder)], cwd=REPO,
                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "scale nan" in res.stderr, res.stderr
 

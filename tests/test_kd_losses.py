@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from distill.losses import adaptive_temperature, kd_loss
 from distill.signal import OfflineTeacher, OnlineTeacher, TeacherSignal, from_sorted_topk
 from refine.core.errors import InputError
-from refine.core.logits_store import LogitsStore, LogitsWriter, StoreHeader
+from refine.core.logits import LogitsStore, LogitsWriter, StoreHeader
 
 
 def _signal(ids, logprobs):

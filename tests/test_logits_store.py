@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from refine.core.errors import InputError
-from refine.core.logits_store import LogitsStore, LogitsWriter, StoreHeader, truncate_top_p_k
+from refine.core.logits import LogitsStore, LogitsWriter, StoreHeader, truncate_top_p_k
 
 V, L = 50, 9
 
@@ -101,7 +101,7 @@ def test_foreign_tokenizer_is_refused(tmp_path):
 
 def test_positions_without_pairs_have_zero_mass_and_no_target(tmp_path):
     """An RS-KD position whose draws all fell outside the candidates stores no pairs."""
-    from refine.core.logits_store import SparseRows
+    from refine.core.logits import SparseRows
 
     rows = SparseRows(np.array([2, 0, 1], dtype=np.uint8), np.array([3, 1, 4]), np.log([0.5, 0.25, 0.9]))
     assert np.allclose(rows.kept_mass(), [0.75, 0.0, 0.9])
@@ -125,7 +125,7 @@ def _compact(tmp_path, ids, lps, top_p, top_k, shard_sizes, name="z", kind="top_
 
 def _assert_same_pairs(rows, ids, lps, counts, scale=1.0):
     """Same counts and id sets; most likely first (ties by id); sqrt(p) within the codec's bound."""
-    from refine.core.logits_codec import CodecParams
+    from refine.core.logits.compact_encoder import CodecParams
 
     levels = CodecParams().levels
     assert rows.counts.tolist() == counts.tolist()
@@ -175,7 +175,8 @@ def test_compact_sampled_store_keeps_weights_above_one_and_empty_positions(tmp_p
 
 def test_compact_large_vocabulary(tmp_path):
     """uint32 ids (vocabularies above 65,536, e.g. Gemma's 262k)."""
-    from refine.core.logits_codec import ShardDecoder, encode_shard
+    from refine.core.logits.compact_decoder import ShardDecoder
+    from refine.core.logits.compact_encoder import encode_shard
 
     rng = np.random.default_rng(1)
     counts = rng.integers(1, 5, (2, L - 1))
@@ -212,7 +213,7 @@ def test_compact_damage_is_one_clear_error_never_wrong_values(tmp_path):
 def test_old_raw_stores_read_and_convert_to_compact(tmp_path):
     import json
 
-    from refine.core.logits_store import convert, retruncate
+    from refine.core.logits import convert, retruncate
 
     ids, lps, _ = _candidates(5, 12, seed=5)
     raw = _store(tmp_path, ids, lps, 0.95, 12, [2, 3])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distill.plan import _kd_over_lm, main, pairs_per_position, plan
-from refine.core.logits_store import LogitsWriter, StoreHeader
+from refine.core.logits import LogitsWriter, StoreHeader
 
 
 def _store(tmp_path):

@@ -15,7 +15,7 @@ from refine.__main__ import CONF_DIR, refine
 from refine.config import to_refine_config
 from refine.core.errors import InputError
 from refine.core.instances import Instances
-from refine.core.logits_store import LogitsStore
+from refine.core.logits import LogitsStore
 from refine.select import select
 from tests.conftest import REPO, refine_output_differences, save_tiny_llama, train_tiny_tokenizer
 

@@ -10,7 +10,7 @@ import torch
 from distill.losses import kd_loss
 from distill.signal import OfflineTeacher, OnlineTeacher
 from refine.core.errors import InputError
-from refine.core.logits_store import LogitsStore, LogitsWriter, StoreHeader, retruncate, truncate_top_p_k
+from refine.core.logits import LogitsStore, LogitsWriter, StoreHeader, retruncate, truncate_top_p_k
 from refine.core.sparse_sampling import sample_sparse
 
 V = 30

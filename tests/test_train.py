@@ -66,7 +66,7 @@ def test_resume_refuses_a_different_model(tiny_overrides):
 @pytest.fixture
 def tiny_kd_data(tiny_tokenizer_dir, tiny_corpus, tiny_model_dir, tmp_path):
     """Packed tiny train instances and the tiny teacher's top-0.95-16 logits for them (a refine in miniature)."""
-    from refine.core.logits_store import LogitsWriter, StoreHeader
+    from refine.core.logits import LogitsWriter, StoreHeader
     from refine.core.pack import pack
     from refine.core.tokenizer import tokenizer_hash
     from refine.scorers.registry import make_scorer
@@ -102,7 +102,7 @@ def test_kd_offline_and_online_runs(tiny_overrides, tiny_kd_data, tmp_path):
 
 def test_kd_refuses_misaligned_logits(tiny_overrides, tiny_kd_data, tiny_corpus, tiny_tokenizer_dir, tmp_path,
                                       capsys):
-    from refine.core.logits_store import main as store_cli
+    from refine.core.logits.tools import main as store_cli
     from refine.core.pack import pack
 
     base = [o for o in tiny_overrides if not o.startswith("+experiment")] + tiny_kd_data

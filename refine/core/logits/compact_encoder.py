@@ -1,0 +1,127 @@
+"""The compact ("zstd") codec's encoder: one shard's pairs -> bytes (layout: ``refine.core.logits.format``).
+
+Values: ``sqrt(p)`` in uniform levels, because that makes every kept token's share of KL(teacher || stored)
+about ``1 / (6 L^2)`` nats whatever its p (a log-p grid spends its bits on the head); a kept id never falls to
+level 0. A level decodes to the mean of its values in the shard (stored per shard), so kept probabilities
+below ``(1.5 / L)^2`` (about 1e-3 at 48 levels) all decode alike. Each position's kept mass is stored too
+(``log(sum p)``, float16: a relative error below 1e-3 for the kept and the missing mass alike), because the
+``tail`` missing-mass policy needs it per position, not just unbiased per shard.
+
+Ids: a position's id set depends on the kind of context (after a full stop, inside a word, ...), so the shard's
+positions are clustered by their id sets (hard EM on a mixture of independent Bernoullis) and an id is stored
+as its small rank in its cluster's table. What the clusters save, and the codec's bytes and KL against the
+raw store, are measured by ``bench/logits_store_bench.py`` (bench/README.md).
+
+Separate zstd frames per stream, not one frame with several blocks: each stream gets its own entropy tables.
+Deterministic: the same pairs give the same bytes (the EM is seeded).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+import zstandard
+
+from refine.core.logits.format import CLASSES, MAGIC, MAX_K, STREAMS
+from refine.core.logits.varint import gaps_within, segments, varint_encode
+
+
+@dataclass(frozen=True)
+class CodecParams:
+    clusters: int = 16     # 32 is better on some shards, worse on others
+    levels: int = 48       # its KL and bytes against raw: bench/README.md
+    zstd_level: int = 15   # higher levels write more slowly for no smaller shards; decoding speed does not depend on it
+    em_iterations: int = 10
+
+
+def _cluster(pos: np.ndarray, ids: np.ndarray, n_pos: int, vocab: int, k: int, iterations: int) -> np.ndarray:
+    """Hard-EM clusters of positions by their id sets (a mixture of independent Bernoullis per id)."""
+    if k == 1 or n_pos == 0:
+        return np.zeros(n_pos, dtype=np.int64)
+    prior = (np.bincount(ids, minlength=vocab) + 0.5) / (n_pos + 1.0)     # shrink each cluster towards this
+    z = np.random.default_rng(0).integers(0, k, n_pos)                      # seeded: reruns write the same bytes
+    # positions x ids as a sparse 0/1 matrix: a position's log-likelihood under every cluster is one sparse
+    # matmul (C, no per-cluster pass over the pairs)
+    member = scipy.sparse.csr_matrix((np.ones(len(ids)), (pos, ids)), shape=(n_pos, vocab))
+    for _ in range(iterations):
+        hits = np.bincount(z[pos] * vocab + ids, minlength=k * vocab).reshape(k, vocab)
+        pi = (hits + prior) / (np.bincount(z, minlength=k)[:, None] + 1.0)
+        log_in, log_out = np.log(pi), np.log1p(-pi)
+        ll = member @ (log_in - log_out).T + log_out.sum(1)
+        z_new = ll.argmax(1)
+        if np.array_equal(z_new, z):
+            break
+        z = z_new
+    return z
+
+
+def _quantise(v: np.ndarray, n_levels: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """Probabilities (or RS-KD weights) -> (scale, level of each, each level's mean ``v / scale``)."""
+    scale = max(1.0, float(v.max(initial=0.0)))        # importance weights can exceed 1 at a temperature != 1
+    v = v / scale
+    levels = np.clip(np.rint(np.sqrt(v) * n_levels), 1, n_levels).astype(np.int64)
+    used = np.bincount(levels, minlength=n_levels + 1)
+    centroids = np.where(used > 0, np.bincount(levels, weights=v, minlength=n_levels + 1) / np.maximum(used, 1),
+                         (np.arange(n_levels + 1) / n_levels) ** 2)      # unused levels: the midpoint
+    return scale, levels, centroids
+
+
+def _id_tables(z_of_pair: np.ndarray, ids: np.ndarray, vocab: int, k: int) -> tuple[np.ndarray, list, np.ndarray]:
+    """Per cluster, every id seen in it by frequency class (most frequent first), by id within a class:
+    (rank of each id in each cluster's table [k, vocab], the tables, their sizes per class [k, CLASSES])."""
+    hits = np.bincount(z_of_pair * vocab + ids, minlength=k * vocab).reshape(k, vocab)
+    cls = np.where(hits > 0, np.floor(np.log2(np.maximum(hits, 1))).astype(np.int64), -1)
+    rank_of = np.zeros((k, vocab), dtype=np.int64)
+    tables, sizes = [], np.zeros((k, CLASSES), dtype=np.int64)
+    for c in range(k):
+        seen = np.flatnonzero(hits[c])
+        table = seen[np.argsort(-cls[c, seen], kind="stable")]          # by class, by id within a class
+        rank_of[c, table] = np.arange(len(table))
+        sizes[c] = np.bincount(CLASSES - 1 - cls[c, seen], minlength=CLASSES)
+        tables.append(table)
+    return rank_of, tables, sizes
+
+
+def encode_shard(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, vocab_size: int,
+                 params: CodecParams = CodecParams()) -> bytes:
+    """``counts`` [n, positions] and the flat pairs (any order within a position) -> the shard's bytes."""
+    n, t = counts.shape
+    flat = counts.reshape(-1).astype(np.int64)
+    if flat.max(initial=0) > MAX_K:
+        raise ValueError(f"at most {MAX_K} pairs per position")
+    ids = ids.astype(np.int64)
+    pos, _ = segments(flat)
+
+    v = np.exp(logprobs.astype(np.float64))
+    with np.errstate(divide="ignore"):                       # a position with no pairs keeps log 0 = -inf
+        log_kept = np.log(np.bincount(pos, weights=v, minlength=len(flat))).astype("<f2")
+    scale, levels, centroids = _quantise(v, params.levels)
+
+    k = params.clusters
+    z = _cluster(pos, ids, len(flat), vocab_size, k, params.em_iterations)
+    rank_of, tables, sizes = _id_tables(z[pos], ids, vocab_size, k)
+    ranks = rank_of[z[pos], ids]
+    order = np.lexsort((ranks, pos))
+    gaps = gaps_within(ranks[order], flat)
+    levels = levels[order]
+
+    cctx = zstandard.ZstdCompressor(level=params.zstd_level, write_checksum=True)
+    frames, frame_sizes, start = [], np.zeros((n, STREAMS), dtype=np.int64), 0
+    for i in range(n):
+        stop = start + int(counts[i].sum())
+        streams = (z[i * t:(i + 1) * t].astype(np.uint8), counts[i].astype(np.uint8),
+                   varint_encode(gaps[start:stop]), levels[start:stop].astype(np.uint8), log_kept[i * t:(i + 1) * t])
+        for s, stream in enumerate(streams):
+            frames.append(cctx.compress(stream.tobytes()))
+            frame_sizes[i, s] = len(frames[-1])
+        start = stop
+    table_ids = np.concatenate(tables) if tables else np.zeros(0, dtype=np.int64)
+    index = b"".join([
+        np.array([n, t, vocab_size, k, params.levels], dtype="<u4").tobytes(), struct.pack("<d", scale),
+        centroids.astype("<f4").tobytes(), sizes.astype("<u4").tobytes(), frame_sizes.astype("<u4").tobytes(),
+        varint_encode(gaps_within(table_ids, sizes.reshape(-1))).tobytes()])
+    index = cctx.compress(index)
+    return b"".join([MAGIC, struct.pack("<I", len(index)), index, *frames])
