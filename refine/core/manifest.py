@@ -138,7 +138,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 def code_version() -> str:
     """Git commit of this checkout (with ``-dirty`` if modified), or ``unknown`` outside git."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,

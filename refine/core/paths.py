@@ -9,7 +9,7 @@ from pathlib import Path
 
 from refine.core.errors import InputError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cache_dir() -> Path:
