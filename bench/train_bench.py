@@ -76,7 +76,8 @@ def make_step(variant: str, refined: str, vocab: int, model=None):
     from distill.kd import Distiller
     from distill.losses import kd_loss, lm_loss
     from distill.models import hf_config
-    from distill.train import CONF_DIR, autocast_dtype, pick_device
+    from distill.train import CONF_DIR
+    from distill.trainer import autocast_dtype, pick_device
     from refine.core.tokenizer import load_tokenizer, tokenizer_hash
 
     exp = {"lm_plain": "lm_baseline", "lm": "lm_baseline", "kd_naive": "kd_offline", "kd_offline": "kd_offline",

@@ -4,11 +4,13 @@
 (loadable by transformers, vLLM and ``lm_eval --model hf``) and ``trainer_state.pt`` (optimizer, scheduler,
 step, data position, RNG states), loaded with ``weights_only=True`` (no pickled code). The folder is
 written under a temporary name and renamed; ``checkpoints/latest`` names the newest complete one, so a
-crash at any moment leaves the previous checkpoint usable.
+crash at any moment leaves the previous checkpoint usable. ``trainer_state`` / ``restore`` say what the trainer
+state holds; ``check_resumable`` refuses to continue a run folder under a config that would make another run.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -23,6 +25,8 @@ STATE = "trainer_state.pt"
 # Fields that define the architecture: a checkpoint that differs in any of them belongs to another model.
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "state_size", "expand")
+# Config sections that must match for a run folder to be resumed (the rest, e.g. max_steps, may change).
+RESUME_MUST_MATCH = ("model", "data", "optim", "seed", "kd")
 
 
 def ckpt_root(run_dir: str | Path) -> Path:
@@ -138,3 +142,30 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainer_state(step: int, tokens: int, optimizer_state: dict, scheduler, stream) -> dict:
+    """Everything besides the weights that a resumed run needs to continue bit for bit."""
+    return {"step": step, "tokens": tokens, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+            "data": stream.state_dict(), "rng": rng_state()}
+
+
+def restore(state: dict, scheduler, stream) -> tuple[int, int]:
+    """Put back what ``trainer_state`` saved (the optimizer aside: ``distributed.load_optimizer_state``, which
+    knows the sharding); returns (step, tokens seen)."""
+    scheduler.load_state_dict(state["scheduler"])
+    stream.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    return int(state["step"]), int(state["tokens"])
+
+
+def check_resumable(run_dir: Path, resolved: dict) -> None:
+    """Refuse a run folder whose ``run.json`` was written under another ``RESUME_MUST_MATCH`` config."""
+    saved_path = run_dir / "run.json"
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())["config"]
+    differs = [k for k in RESUME_MUST_MATCH if saved.get(k) != resolved.get(k)]
+    if differs:
+        raise InputError(f"{run_dir} holds a run with a different {', '.join(differs)} config; "
+                         f"choose another run_name or pass resume=false to overwrite it")

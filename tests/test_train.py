@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 
 from distill.config import to_config
 from distill.data import open_instances, val_batches
-from distill.train import CONF_DIR, evaluate, train
+from distill.train import CONF_DIR, train
+from distill.trainer import evaluate
 from refine.core.errors import InputError
 from refine.core.instances import Instances
 from refine.core.tokenizer import load_tokenizer

@@ -1,0 +1,271 @@
+"""The training loop: a ``Trainer`` owns one run's model, data, optimizer and records, and ``fit`` runs it.
+
+Building a ``Trainer`` opens the data, builds (or, from the run folder's latest checkpoint, reloads) the student
+and its optimizer, and writes ``run.json``; ``fit`` then repeats ``train_step`` up to ``trainer.max_steps``, with
+``validate`` and ``save_checkpoint`` on their schedules. Under torchrun every rank builds its own ``Trainer``
+(``distill.distributed``): what one rank does alone (packing, writing) goes through ``distributed.on_main``, so
+an error there ends every rank with the same one line instead of leaving the others in a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from distill import checkpoint, distributed
+from distill.config import TrainConfig
+from distill.data import BatchStream, open_instances, val_batches
+from distill.kd import Distiller
+from distill.losses import lm_loss
+from distill.metrics import Metrics, StepMeans, write_run_record, write_summary
+from distill.models import build_student
+from distill.optim import build_optimizer, build_scheduler, clip_gradients
+from distill.schedules import plot_schedules
+from refine.core.errors import InputError, everyone
+from refine.core.folder_lock import FolderLock
+from refine.core.tokenizer import bos_prefix, tokenizer_hash
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it pays (CUDA), fp32 elsewhere; one code path for both."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision in ("bf16", "auto"):
+        return torch.bfloat16
+    raise InputError(f"trainer.precision must be auto | fp32 | bf16, got {precision!r}")
+
+
+def autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[torch.Tensor], device: torch.device, amp: torch.dtype | None) -> float:
+    """Token-weighted mean LM loss over a fixed set of batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        with autocast(device, amp):
+            logits = model(input_ids=batch).logits  # LossModule: with the student's BOS prefix
+        n = batch[:, 1:].numel()
+        total += lm_loss(logits, batch).item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+class Trainer:
+    """One run (under torchrun: this rank's part of it). ``held`` keeps the run folder's lock until the run ends."""
+
+    def __init__(self, cfg: TrainConfig, d: distributed.Dist, device: torch.device, tokenizer,
+                 held: contextlib.ExitStack):
+        self.cfg, self.d, self.device, self.tokenizer = cfg, d, device, tokenizer
+        self.run_dir = Path(cfg.run_dir)
+        if cfg.trainer.threads > 0:
+            torch.set_num_threads(cfg.trainer.threads)
+        self.amp = autocast_dtype(cfg.trainer.precision, device)
+        self.resolved = asdict(cfg)
+        # The student is initialised right after torch.manual_seed(cfg.seed) (inside) and a resume sets the saved RNG
+        # state last (_resume): so a fresh run and a resumed one draw exactly what the uninterrupted run drew.
+        ckpt, state = self._open_data_and_model(held)
+        self.model.to(device).train()
+        self.n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)   # before FSDP shards
+        self.module = distributed.wrap(distributed.LossModule(self.model, self.distiller), d, device)
+        self.student = distributed.eval_module(self.module)     # what evaluation calls with input_ids=
+        self.opt = build_optimizer(self.module, cfg.optim)
+        self.sched = build_scheduler(self.opt, cfg.trainer.max_steps, cfg.schedule)
+        self.stream = BatchStream(self.train_set, cfg.data.batch_size, cfg.seed)
+        self.step, self.tokens_seen, self.nan_run, self.last_ckpt = 0, 0, 0, ckpt
+        if ckpt is not None:
+            self._resume(ckpt, state)
+        self.metrics = (distributed.on_main(d, self._start_records)
+                        or Metrics(self.run_dir, self.step, cfg.trainer.tensorboard, enabled=False))
+        self.vbatches = val_batches(self.val_set, cfg.data.batch_size, cfg.trainer.eval_batches)
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * cfg.data.seq_len
+
+    # ---- setup ----
+
+    def _open_data_and_model(self, held: contextlib.ExitStack):
+        """Instances, student, teacher side; the latest checkpoint and its state when resuming (else None)."""
+        cfg, d, dc = self.cfg, self.d, self.cfg.data
+
+        def open_set(path, **kw):
+            return open_instances(path, self.tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field,
+                                  max_doc_bytes=dc.max_doc_bytes, **kw)
+
+        def claim_and_pack():
+            # One trainer per run folder: a second run with this run_name refuses, naming the first's host and pid.
+            held.enter_context(FolderLock(self.run_dir, "trainer", "use another run_name"))
+            return [open_set(p) for p in (dc.train, dc.val)]
+
+        # rank 0 takes the run folder and packs a raw corpus into the cache first; the others then reuse it
+        self.train_set, self.val_set = distributed.on_main(d, claim_and_pack) or (None, None)
+        ckpt, state, error = None, None, None
+        try:                              # every rank alike, no collectives: errors are agreed on below
+            if not d.is_main:
+                self.train_set, self.val_set = (open_set(p, quiet=True) for p in (dc.train, dc.val))
+            ckpt = checkpoint.latest(self.run_dir) if cfg.resume else None
+            if ckpt is not None:
+                checkpoint.check_resumable(self.run_dir, self.resolved)
+            torch.manual_seed(cfg.seed)
+            self.model = build_student(cfg.model, self.tokenizer, cfg.seed)
+            if ckpt is not None:
+                self.model = checkpoint.load_model(ckpt, self.model.config)
+                state = checkpoint.load_state(ckpt)
+            self.distiller = Distiller(cfg.kd, self.train_set, tokenizer_hash(self.tokenizer), self.device,
+                                       cfg.trainer.max_steps, cfg.seed, bos_id=bos_prefix(self.tokenizer))
+        except InputError as e:
+            error = str(e)
+        distributed.together(self.d, error)
+        return ckpt, state
+
+    def _resume(self, ckpt: Path, state: dict) -> None:
+        try:
+            distributed.load_optimizer_state(self.module, self.opt, state["optimizer"], self.d)
+        except InputError as e:           # raised alike on every rank, before any collective
+            raise everyone(e) from None
+        self.step, self.tokens_seen = checkpoint.restore(state, self.sched, self.stream)
+        if self.d.is_main:
+            print(f"resuming {self.run_dir} from {ckpt.name} (step {self.step})", file=sys.stderr)
+
+    def _start_records(self) -> Metrics:
+        """rank 0: run.json, the schedules' plot, and metrics.jsonl opened at this step (a full disk: one line)."""
+        write_run_record(self.run_dir, self.resolved, self.tokenizer, self.train_set, self.val_set,
+                         parameters=self.n_params, device=self.device, world=self.d.world, parallel=self.d.mode,
+                         amp=self.amp)
+        try:
+            plot_schedules(self.run_dir / "schedules.png", self.cfg, self.distiller.enabled)
+        except OSError as e:              # matplotlib's failed write names no file
+            e.filename = e.filename or str(self.run_dir / "schedules.png")
+            raise
+        return Metrics(self.run_dir, self.step, self.cfg.trainer.tensorboard, defer_errors=self.d.world > 1)
+
+    # ---- the loop ----
+
+    def fit(self) -> dict:
+        """Train to ``trainer.max_steps`` (from where a resumed run stopped); returns the run's summary."""
+        tc = self.cfg.trainer
+        val_loss = float("nan")
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (tc.progress and self.d.is_main),
+                   desc=self.cfg.run_name, dynamic_ncols=True)
+        t_start = time.perf_counter()
+        while self.step < tc.max_steps:
+            record = self.train_step()
+            self.metrics.log(record)
+            bar.update(1)
+            if self.step % tc.log_every == 0:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tok_s']:,.0f}")
+            # the last step is always validated and saved, whatever the intervals: the summary reports it
+            last = self.step == tc.max_steps
+            if self.step % tc.eval_every == 0 or last:
+                val = self.validate()
+                val_loss = val["loss"]
+                if self.d.is_main:
+                    bar.write(f"step {self.step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})"
+                              + (f", KL(teacher||student) {val['kl_teacher']:.4f}" if "kl_teacher" in val else ""))
+            if self.step % tc.ckpt_every == 0 or last:
+                self.last_ckpt = self.save_checkpoint()
+        bar.close()
+        self.metrics.close()
+        elapsed = time.perf_counter() - t_start
+        if math.isnan(val_loss):          # resumed at the end: nothing trained, still report the final model
+            val_loss = evaluate(self.student, self.vbatches, self.device, self.amp)
+        return self._finish(val_loss, elapsed)
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``data.grad_accum`` micro-batches; returns its metrics record."""
+        tc, accum = self.cfg.trainer, self.cfg.data.grad_accum
+        t0 = time.perf_counter()
+        means = StepMeans(accum)
+        for micro in range(accum):
+            means.add(*self._micro_batch(last=micro == accum - 1))
+        grad_norm = clip_gradients(self.module, self.cfg.optim.grad_clip)
+        lr = self.opt.param_groups[0]["lr"]
+        # each rank's loss is the mean over its equal slice: their mean is the global batch's
+        parts = self.d.mean(means.means())
+        train_loss = parts.pop("loss")
+        finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
+        self.nan_run = 0 if finite else self.nan_run + 1
+        if finite:
+            self.opt.step()
+        elif tc.nan_policy != "skip" or self.nan_run > tc.max_nan_skips:
+            raise InputError(f"non-finite training loss or gradient at step {self.step + 1} (trainer.nan_policy="
+                             f"{tc.nan_policy}, {self.nan_run} in a row); lower optim.lr or check the data")
+        self.sched.step()                 # a skipped batch still counts as a step: schedules keep their shape
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        dt = time.perf_counter() - t0
+        return {"step": self.step, "split": "train", "loss": train_loss, **parts, "lr": lr, "grad_norm": grad_norm,
+                "tokens": self.tokens_seen, "tok_s": self.tokens_per_step / dt, **({} if finite else {"skipped": 1})}
+
+    def _micro_batch(self, last: bool) -> tuple[float, dict[str, float]]:
+        """Forward and backward of this rank's slice of one micro-batch; returns its loss and loss parts."""
+        d, stream = self.d, self.stream
+        rows = d.local_rows(stream.next_rows())
+        batch = stream.fetch(rows).to(self.device)
+        with distributed.grad_sync(self.module, last=last):    # DDP: all-reduce on the last micro-batch only
+            with autocast(self.device, self.amp):
+                loss, parts = self.module(batch, rows, self.step)
+            self.distiller.prefetch(d.local_rows(stream.peek_rows()))    # the next signal is read during backward
+            (loss / self.cfg.data.grad_accum).backward()
+        return loss.item(), parts
+
+    def validate(self) -> dict:
+        """Val loss on the fixed val batches (and KL to the teacher when distilling), logged; returns the record."""
+        val_loss = evaluate(self.student, self.vbatches, self.device, self.amp)
+        record = {"step": self.step, "split": "val", "loss": val_loss, "tokens": self.tokens_seen}
+        if self.distiller.enabled and self.cfg.kd.val_kl_batches > 0:
+            record["kl_teacher"] = self.distiller.val_kl(self.student, self.vbatches[: self.cfg.kd.val_kl_batches],
+                                                         self.amp)
+        self.metrics.log(record)
+        return record
+
+    def save_checkpoint(self) -> Path:
+        """Weights + trainer state at this step; every rank calls it (FSDP gathers), rank 0 writes."""
+        d = self.d
+        # FSDP gathers the full weights and optimizer state (collectives on every rank); rank 0 writes
+        weights = distributed.model_state(self.module, d)
+        opt_state = distributed.optimizer_state(self.module, self.opt, d)
+
+        def write() -> None:              # a full disk here ends every rank with rank 0's one line
+            if self.metrics.failed:       # metrics could not be written since the last checkpoint: resume there
+                raise InputError(self.metrics.failed)
+            state = checkpoint.trainer_state(self.step, self.tokens_seen, opt_state, self.sched, self.stream)
+            checkpoint.save(self.run_dir, self.step, self.model, self.tokenizer, state,
+                            self.cfg.trainer.keep_checkpoints, weights)
+
+        distributed.on_main(d, write)
+        return checkpoint.step_dir(self.run_dir, self.step)
+
+    def _finish(self, val_loss: float, elapsed: float) -> dict:
+        """summary.json and the closing line (rank 0), then lm-eval on the final checkpoint if asked."""
+        cfg = self.cfg
+        summary = {"run_name": cfg.run_name, "steps": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
+                   "val_ppl": math.exp(val_loss), "checkpoint": str(self.last_ckpt), "seconds_this_session": elapsed}
+        if not self.d.is_main:
+            return summary
+        write_summary(self.run_dir, summary)
+        print(f"done: {self.step} steps, {self.tokens_seen:,} tokens, val loss {val_loss:.4f}; "
+              f"checkpoint {self.last_ckpt}")
+        if cfg.eval.tasks:
+            from distill.evaluate import evaluate_checkpoint, print_report
+
+            print_report(evaluate_checkpoint(self.last_ckpt, cfg.eval.tasks, cfg.eval.limit or None, cfg.data.val,
+                                             cfg.data.seq_len, cfg.eval.batch_size, str(self.device)))
+        return summary
