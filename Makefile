@@ -18,7 +18,7 @@ export RD_CACHE := $(CACHE)
 # pip prints one harmless warning per package for this machine's empty extra indexes; keep the log readable.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install data models benchmarks reference refine select eval report sweep demo test test-slow bench lint clean
+.PHONY: help install data models benchmarks reference refine select eval report sweep demo test test-unit test-slow bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -105,8 +105,11 @@ demo: ## fresh clone -> data, teacher, reference LM, refine (a slice), short lm_
 	$(PY) -m distill.train +experiment=lm_baseline run_name=demo_lm_baseline trainer.max_steps=$(DEMO_STEPS) && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"
 
-test: install ## the default test tier (offline, CPU, ~20 min of tests)
+test: install ## unit + integration tests: what CI runs (offline, CPU, ~20 min of tests)
 	$(PY) -m pytest -q
+
+test-unit: install ## unit tests only (formats, losses, schedules, config, scorers in-process): the edit loop, < 1 min
+	$(PY) -m pytest -q -m "not slow and not integration"
 
 test-slow: install ## tests that download from the registries or run for minutes
 	$(PY) -m pytest -q -m slow

@@ -58,6 +58,7 @@ def _run_train(args: list[str]) -> subprocess.CompletedProcess:
                           cwd=Path(CONF_DIR).parent, timeout=120)
 
 
+@pytest.mark.integration
 def test_unknown_key_on_cli_is_one_clear_line():
     res = _run_train(["+experiment=lm_baseline", "optim.lr_typo=1"])
     assert res.returncode == 2
@@ -65,6 +66,7 @@ def test_unknown_key_on_cli_is_one_clear_line():
     assert len(lines) == 1 and lines[0].startswith("error:") and "lr_typo" in lines[0], res.stderr
 
 
+@pytest.mark.integration
 def test_unknown_experiment_is_one_clear_line():
     res = _run_train(["+experiment=no_such_experiment"])
     assert res.returncode == 2

@@ -176,6 +176,7 @@ def test_novel_lines_become_chapters_of_paragraphs():
     (b"", "empty file"),
     (b'{"text": "caf\xe9 au lait"}\n', "not UTF-8"),
 ])
+@pytest.mark.integration
 def test_trainer_cli_bad_corpus_is_one_line(tmp_path, tiny_tokenizer_dir, tiny_corpus, write, match):
     bad = tmp_path / "bad.jsonl"
     if write is not None:

@@ -12,7 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, refine_output_differences
+
+pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}   # fixed threads: identical float sums
 
@@ -79,7 +83,7 @@ def _writer_in(folder: Path, name: str) -> subprocess.Popen:
 def test_a_writer_sweeps_dead_processes_temporaries_once_per_folder(tmp_path):
     """Liveness is the flock a writer holds on its temporary's .lock, not host name + pid (two containers
     sharing a host name reuse pids): a killed writer's temporary goes, a live one's stays, whoever it is."""
-    from refine import manifest
+    from refine.core import manifest
 
     dead, live = _writer_in(tmp_path, "a.json"), _writer_in(tmp_path, "b.json")
     dead.kill()

@@ -68,6 +68,7 @@ def test_every_arch_trains_and_reloads(arch, tiny_tokenizer_dir, tmp_path):
         load_model(tmp_path, other.config)
 
 
+@pytest.mark.integration
 def test_cross_family_run_on_text_with_another_tokenizer_is_evaluated(gpt2_style_tokenizer, tiny_overrides, tmp_path,
                                                                       monkeypatch):
     from distill.report import build

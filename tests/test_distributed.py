@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
+
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=3", "optim.lr=3e-3"]
 

@@ -10,6 +10,8 @@ import torch
 
 from tests.conftest import WORDS
 
+pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
+
 
 def _piqa_items(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)

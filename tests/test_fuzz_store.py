@@ -17,11 +17,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from refine.core.logits.format import MAGIC, STREAMS  # noqa: E402  (the child imports this file by path)
+
+pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
 
 VOCAB, POSITIONS, K = 49_152, 31, 20
 CAP_BYTES = 1 << 30          # address-space cap of the child: under one bomb, so an inflated one fails

@@ -25,6 +25,7 @@ def _jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_a_10_mb_single_document_is_packed_whole(tiny_tokenizer_dir, tmp_path):
     """One document of 10 MB: tokenized, packed into full instances, nothing lost (every token is counted)."""
     words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta", "the", "a"], size=2_000_000)
@@ -39,6 +40,7 @@ def test_a_10_mb_single_document_is_packed_whole(tiny_tokenizer_dir, tmp_path):
     assert text.startswith(decoded) and len(text) - len(decoded) < 64 * 8
 
 
+@pytest.mark.integration
 def test_a_one_token_corpus_is_one_clear_line(tiny_tokenizer_dir, tiny_corpus, tmp_path):
     corpus = _jsonl(tmp_path / "one.jsonl", [{"text": "a"}])
     res = subprocess.run([sys.executable, "-m", "distill.train", "+experiment=lm_baseline", "+debug=tiny",
@@ -49,6 +51,7 @@ def test_a_one_token_corpus_is_one_clear_line(tiny_tokenizer_dir, tiny_corpus, t
     assert res.returncode == 2 and len(lines) == 1 and "too small" in lines[0], res.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_loss_policy(tiny_overrides, monkeypatch, policy):
     """A NaN loss at step 3: ``stop`` ends the run with one error line before any update is applied; ``skip``

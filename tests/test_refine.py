@@ -19,6 +19,8 @@ from refine.core.logits import LogitsStore
 from refine.select import select
 from tests.conftest import REPO, refine_output_differences, save_tiny_llama, train_tiny_tokenizer
 
+pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
+
 
 def _cfg(overrides):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

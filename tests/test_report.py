@@ -77,6 +77,7 @@ def test_sweep_runs_group_by_their_overrides_except_seed(tmp_path):
     assert "7.1000 (7.0000..7.2000)" in text
 
 
+@pytest.mark.integration
 def test_real_multirun_with_joblib_then_report(tiny_overrides, tmp_path):
     """`--multirun` over seeds with the joblib launcher (two jobs side by side), as `make sweep` runs it."""
     import subprocess

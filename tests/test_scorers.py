@@ -91,6 +91,7 @@ np.savez(sys.argv[4], token=out.token_logprobs, ids=out.topk_ids, lps=out.topk_l
 """
 
 
+@pytest.mark.integration
 def test_vllm_engine_matches_hf_scorer(tiny_model_dir, rows, tmp_path):
     np.save(tmp_path / "rows.npy", rows)
     res = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, str(tiny_model_dir), str(tmp_path / "rows.npy"),

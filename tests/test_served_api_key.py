@@ -16,6 +16,8 @@ from refine.scorers.registry import make_scorer
 from tests.conftest import REPO
 from tests.test_served_scorer import Server
 
+pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
+
 KEY = "rd-test-key-7f3a9c"          # what the server wants; only ever in the environment of the runs below
 ENV_NAME = "RD_TEST_TEACHER_KEY"
 

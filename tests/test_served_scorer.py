@@ -30,6 +30,8 @@ from refine.core.errors import InputError
 from refine.scorers.registry import make_scorer
 from tests.conftest import REPO, scoring_rows
 
+pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
+
 K = 20
 VOCAB = 400
 

@@ -25,6 +25,8 @@ from refine.__main__ import CONF_DIR, refine
 from refine.config import to_refine_config
 from tests.conftest import REPO, refine_output_differences
 
+pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 

@@ -19,6 +19,8 @@ from refine.core.errors import InputError
 from refine.core.instances import Instances
 from refine.core.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
+
 REPO = Path(CONF_DIR).parent
 
 
