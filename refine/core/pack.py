@@ -111,10 +111,11 @@ def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_fiel
 
 
 def tokenize_batch(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of ``texts`` back to back (uint32: compact between processes) and each text's count."""
+    """Token ids of ``texts`` back to back and each text's count (two arrays: cheap to send between processes;
+    the writer checks the ids against the vocabulary)."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     return flat, lengths
 
 
