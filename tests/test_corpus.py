@@ -314,6 +314,14 @@ def test_a_glob_or_folder_of_shards_reads_in_sorted_order(tmp_path):
     assert corpus_fingerprint(pattern) != key
     with pytest.raises(InputError, match=r"no corpus files match .*\*\.parquet"):
         list(iter_documents(f"{shards}/*.parquet"))
+    # links under a pattern are skipped and counted as in a folder; ``**`` does not follow a ``..`` loop
+    import os
+
+    os.symlink("/etc/hostname", shards / "system.jsonl.gz")
+    os.symlink("..", shards / "sub" / "up")
+    stats = CorpusStats()
+    assert [d.id for d in iter_documents(f"{shards}/**/*", stats=stats)][-1] == "sub/002:10"
+    assert stats.skipped_links == 2 and corpus_fingerprint(pattern) != key
 
 
 @pytest.mark.parametrize("suffix, damage", [(".gz", "truncate"), (".gz", "not gzip"), (".zst", "truncate"),

@@ -22,7 +22,8 @@ Use::
   file must not become a document, a ``..`` link would read the corpus again, two links to ``.`` never end.
   (The corpus path itself may be a link: whoever names it chose it.)
 * a glob pattern (``/data/fineweb/*.jsonl.zst``, ``shards/**/*.parquet``): every match in sorted path order, a
-  matched folder read as above; names are relative to the pattern's folder part.
+  matched folder read as above; names are relative to the pattern's folder part; hidden matches and links are
+  skipped as inside a folder.
 
 ``<name>`` is the file stem (without compression suffix) for a single file, the relative path without suffixes
 in a folder or glob. ``corpus_units`` lists what is read; ``refine.core.pack.corpus_fingerprint`` hashes exactly
@@ -40,7 +41,6 @@ Empty or whitespace-only documents inside an otherwise sound corpus are skipped 
 
 from __future__ import annotations
 
-import glob
 import io
 import itertools
 import json
@@ -127,7 +127,16 @@ def corpus_units(path: str | Path, stats: CorpusStats | None = None) -> list[tup
     if is_glob(path):
         base = glob_base(str(path))
         units: dict[Path, str] = {}
-        for m in sorted(Path(p) for p in glob.glob(str(path), recursive=True)):
+        expanded: set[Path] = set()                      # matched folders: read whole, their matches with them
+        # pathlib's ``**`` does not descend into linked folders (glob.glob's does: a ``..`` link never ends)
+        for m in sorted(base.glob(str(Path(path).relative_to(base)))):
+            if any(part.startswith(".") for part in m.relative_to(base).parts) or expanded.intersection(m.parents):
+                continue                                 # hidden, as inside a folder; or read already
+            if is_link_below(m, base):                   # links, as inside a folder: skipped and counted
+                stats.skipped_links += 1
+                continue
+            if m.is_dir() and not is_hf_dataset_dir(m):
+                expanded.add(m)
             for u in ([m] if is_hf_dataset_dir(m) or not m.is_dir() else _corpus_units(m, stats)):
                 units.setdefault(u, strip_suffixes(u.relative_to(base)).as_posix())
         if not units:
