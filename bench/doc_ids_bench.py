@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from refine.core.instances import FORMAT, VERSION, Instances  # noqa: E402
+from refine.core.instances import FORMAT, Instances  # noqa: E402
 
 SEQ_LEN = 512
 RESULTS = Path(__file__).resolve().parent / "results" / "doc_ids.json"
@@ -46,7 +46,8 @@ def build(folder: Path, n_docs: int) -> None:
             f.write(("," if a else "") + ",".join(
                 f'{{"id":"doc/{i}","source":"s","start":{starts[i]},"len":{lens[i]}}}' for i in range(a, b)))
         f.write("]")
-    index = {"format": FORMAT, "version": VERSION, "dtype": "uint16", "seq_len": SEQ_LEN, "count": count,
+    # version 1 (docs.json): the format this benchmark measured; version 2 maps arrays (bench/pack_bench.py)
+    index = {"format": FORMAT, "version": 1, "dtype": "uint16", "seq_len": SEQ_LEN, "count": count,
              "tokenizer": {"name": "bench", "hash": "0", "vocab_size": 65536, "eos_id": 0},
              "documents": n_docs, "tokens_sha256": ""}
     (folder / "index.json").write_text(json.dumps(index))
@@ -54,11 +55,12 @@ def build(folder: Path, n_docs: int) -> None:
 
 def doc_ids_before(inst: Instances, i: int) -> list[str]:
     """The removed implementation: the start offsets of every document rebuilt at each call."""
-    starts = [d["start"] for d in inst.docs]
+    docs = inst.docs.list                                # the version 1 docs.json list
+    starts = [d["start"] for d in docs]
     lo, hi = i * inst.seq_len, (i + 1) * inst.seq_len
     first = bisect.bisect_right(starts, lo) - 1
     last = bisect.bisect_left(starts, hi) - 1
-    return [inst.docs[j]["id"] for j in range(max(first, 0), last + 1)]
+    return [docs[j]["id"] for j in range(max(first, 0), last + 1)]
 
 
 def per_call(fn, rows) -> float:

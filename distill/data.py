@@ -38,7 +38,8 @@ def open_instances(path: str | Path, tokenizer, seq_len: int, cache: str | Path,
         return inst
     # One cache folder per (corpus path, tokenizer, seq_len); its manifest re-packs when the corpus changes.
     tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-    out = Path(cache) / "packed" / f"{path.stem}-{tag}-{tok_hash}-L{seq_len}"
+    stem = "".join("_" if c in "*?[]" else c for c in path.stem)    # a glob pattern's name
+    out = Path(cache) / "packed" / f"{stem}-{tag}-{tok_hash}-L{seq_len}"
     return pack(path, tokenizer, seq_len, out, text_field=text_field, quiet=quiet, max_doc_bytes=max_doc_bytes)
 
 

@@ -50,7 +50,6 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
     inst = open_instances(val, tokenizer, seq_len, cache_dir(), quiet=True)
     batches = val_batches(inst, batch_size, max_batches or len(inst))
     device = next(model.parameters()).device
-    doc_source = {d["id"]: d.get("source", "?") for d in inst.docs} if "subset_of" not in inst.index else {}
     nats, n_bytes = [], []                       # per row: summed loss, UTF-8 bytes of the predicted text
     was_training = model.training
     model.eval()
@@ -64,7 +63,8 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
                         for row in batch]
     model.train(was_training)
     nats, n_bytes = np.asarray(nats), np.asarray(n_bytes)
-    sources = np.asarray([inst.source_of(i, doc_source) if doc_source else "all" for i in range(len(nats))])
+    by_source = "subset_of" not in inst.index      # a subset's rows: one "all" (its parents may be elsewhere)
+    sources = np.asarray([inst.source_of(i) if by_source else "all" for i in range(len(nats))])
 
     def summary(rows: np.ndarray) -> dict:
         loss, tokens = nats[rows].sum(), (seq_len - 1) * int(rows.sum())

@@ -231,7 +231,7 @@ def _refine(cfg: RefineConfig) -> dict:
                          f"name= (e.g. name=gemma with paths=gemma) or delete the folder")
     check_settings(out, scoring_settings(asdict(cfg)), cfg.overwrite)   # before anything is written
     inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field,
-                max_doc_bytes=cfg.max_doc_bytes)
+                max_doc_bytes=cfg.max_doc_bytes, workers=cfg.pack.workers)
     if 0 < cfg.pack.max_instances < len(inst):
         # An evenly spaced subset keeps every part of the corpus represented (the first N would be one source).
         rows = np.unique(np.linspace(0, len(inst) - 1, cfg.pack.max_instances).round().astype(np.int64))

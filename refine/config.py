@@ -23,6 +23,7 @@ class PathsConfig:
 class PackConfig:
     seq_len: int = 256                     # MiniPLM packs 1024; 256 keeps CPU demos short
     max_instances: int = -1                # score N instances spread evenly over the corpus (-1: all)
+    workers: int = 1                       # tokenizer processes (0: one per core); the output is the same
 
 
 @dataclass

@@ -34,10 +34,11 @@ def scoring_settings(c: dict) -> dict:
         return {"path": os.path.abspath(p.get("path", "")), "dtype": p.get("dtype"), "backend": p.get("backend")}
 
     dedup = c.get("dedup", {})
+    pack = {k: v for k, v in (c.get("pack") or {}).items() if k != "workers"}   # workers: the same output
     return normal({"corpus": os.path.abspath(c.get("corpus", "")), "text_field": c.get("text_field"),
-                   "pack": c.get("pack"), "dedup": {"enabled": dedup.get("enabled"),
-                                                    **({"threshold": dedup.get("threshold")}
-                                                       if dedup.get("enabled") else {})},
+                   "pack": pack, "dedup": {"enabled": dedup.get("enabled"),
+                                           **({"threshold": dedup.get("threshold")}
+                                              if dedup.get("enabled") else {})},
                    "teacher": model(c.get("teacher", {})), "reference": model(c.get("reference", {})),
                    "logits": {k: v for k, v in c.get("logits", {}).items() if k != "codec"},
                    "shard_size": c.get("shard_size")})

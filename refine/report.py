@@ -49,12 +49,11 @@ def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path) -> None:
 def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndarray, kept: np.ndarray, tok,
                  stores: dict[str, LogitsStore], tpass: dict, rpass: dict, examples: int) -> dict:
     """``stores``: the kept instances' logits stores by folder name (``logits``, ``logits_rs``)."""
-    root = inst.stream_root(within=out)                  # the packed stream at the end of the subset chain
-    doc_source = {d["id"]: d["source"] for d in root.docs}
+    root, root_rows = inst.root_rows(within=out)      # the packed stream at the end of the subset chain
     per_source: dict[str, Counter] = {}
     kept_set = set(kept.tolist())
     for i in range(len(inst)):
-        c = per_source.setdefault(inst.source_of(i, doc_source), Counter())
+        c = per_source.setdefault(root.source_of(int(root_rows[i])), Counter())
         c["total"] += 1
         c["kept"] += i in kept_set
     _histogram(scores, kept, out / "score_hist.png")

@@ -261,3 +261,94 @@ def test_a_deeply_nested_json_line_is_one_line(tmp_path):
     with pytest.raises(InputError, match=r"nested\.jsonl:1: JSON nested too deeply") as e:
         list(iter_documents(corpus))
     assert "\n" not in str(e.value)
+
+
+# ---- corpora as they ship: compressed JSONL, shards in folders and globs (issue 14) ---------------------------
+
+def _compress(data: bytes, suffix: str) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    if suffix == ".zst":                                 # two frames: shards are often written frame by frame
+        half = len(data) // 2
+        return zstandard.ZstdCompressor().compress(data[:half]) + zstandard.ZstdCompressor().compress(data[half:])
+    return {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix](data)
+
+
+@pytest.mark.parametrize("name", ["c.jsonl.gz", "c.json.zst", "c.jsonl.zstd", "c.jsonl.bz2", "c.ndjson.xz"])
+def test_compressed_jsonl_reads_as_the_plain_file(tmp_path, name):
+    docs = make_docs(40, seed=9)
+    (tmp_path / "plain").mkdir()
+    plain = write_jsonl(tmp_path / "plain" / "c.jsonl", docs)
+    suffix = "." + name.rsplit(".", 1)[1].replace("zstd", "zst")
+    (tmp_path / name).write_bytes(_compress(plain.read_bytes(), suffix))
+    assert list(iter_documents(tmp_path / name)) == list(iter_documents(plain))
+    assert [d.id for d in iter_documents(tmp_path / name)] == [d["id"] for d in docs]
+    # default ids and sources drop both suffixes: c:1, source c
+    (tmp_path / "bare.jsonl.gz").write_bytes(_compress(b'{"text": "x y"}\n', ".gz"))
+    assert list(iter_documents(tmp_path / "bare.jsonl.gz")) == [Document("bare:1", "x y", "bare")]
+
+
+def test_a_glob_or_folder_of_shards_reads_in_sorted_order(tmp_path):
+    from refine.core.pack import corpus_fingerprint
+
+    shards = tmp_path / "fineweb"
+    (shards / "sub").mkdir(parents=True)
+    docs = make_docs(30, seed=5)
+    for i, suffix in enumerate([".gz", ".zst", ".bz2"]):
+        data = "".join(json.dumps({"text": d["text"]}) + "\n" for d in docs[i * 10:(i + 1) * 10]).encode()
+        (shards / ("sub" if i == 2 else "") / f"{i:03d}.jsonl{suffix}").write_bytes(_compress(data, suffix))
+    (shards / "README.md").write_text("not a shard")
+    pattern = f"{shards}/**/*.jsonl.*"
+    got = list(iter_documents(pattern))
+    assert [d.text for d in got] == [d["text"] for d in docs]
+    assert [d.id for d in got[9:11]] == ["000:10", "001:1"] and got[-1].id == "sub/002:10"
+    assert [d.id for d in iter_documents(shards)][-1] == "sub/002:10"   # the folder: the same names, + README
+    # the cache key covers exactly the matched files: a file outside the pattern does not change it, a shard does
+    key = corpus_fingerprint(pattern)
+    (shards / "README.md").write_text("changed, not read")
+    assert corpus_fingerprint(pattern) == key != corpus_fingerprint(shards)
+    (shards / "000.jsonl.gz").write_bytes(_compress(b'{"text": "other"}\n', ".gz"))
+    assert corpus_fingerprint(pattern) != key
+    with pytest.raises(InputError, match=r"no corpus files match .*\*\.parquet"):
+        list(iter_documents(f"{shards}/*.parquet"))
+    # links under a pattern are skipped and counted as in a folder; ``**`` does not follow a ``..`` loop
+    import os
+
+    os.symlink("/etc/hostname", shards / "system.jsonl.gz")
+    os.symlink("..", shards / "sub" / "up")
+    stats = CorpusStats()
+    assert [d.id for d in iter_documents(f"{shards}/**/*", stats=stats)][-1] == "sub/002:10"
+    assert stats.skipped_links == 2 and corpus_fingerprint(pattern) != key
+
+
+@pytest.mark.parametrize("suffix, damage", [(".gz", "truncate"), (".gz", "not gzip"), (".zst", "truncate"),
+                                            (".bz2", "truncate"), (".xz", "truncate")])
+def test_a_corrupt_or_truncated_compressed_shard_is_one_line(tmp_path, suffix, damage):
+    data = _compress("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(300)).encode(),
+                     suffix)
+    bad = data[: len(data) * 2 // 3] if damage == "truncate" else b'{"text": "plain JSON named .gz"}\n'
+    (tmp_path / f"s{suffix}").mkdir()
+    shard = tmp_path / f"s{suffix}" / f"0001.jsonl{suffix}"
+    shard.write_bytes(bad)
+    with pytest.raises(InputError, match=rf"0001\.jsonl\{suffix}: corrupt or truncated \w+ data near compressed "
+                                         rf"byte \d+ of {len(bad)}") as e:
+        list(iter_documents(tmp_path / f"s{suffix}"))
+    assert "\n" not in str(e.value)
+
+
+def test_compressed_lines_keep_the_size_limit(tmp_path):
+    """A line over max_doc_bytes inside a compressed shard is skipped in bounded pieces, as in a plain file."""
+    rows = [{"id": "small", "text": "fine"}, {"id": "big", "text": "x" * 50_000}, {"id": "last", "text": "ok"}]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    (tmp_path / "c.jsonl.zst").write_bytes(_compress(data, ".zst"))
+    (tmp_path / "t.txt.gz").write_bytes(_compress(b"y" * 5000, ".gz"))
+    stats = CorpusStats()
+    assert [d.id for d in iter_documents(tmp_path, stats=stats, max_doc_bytes=1000)] == ["small", "last"]
+    assert stats.skipped_too_large == 2 and stats.too_large_ids == ["c:2", "t"]
+    (tmp_path / "x.parquet.gz").write_bytes(b"")
+    with pytest.raises(InputError, match=r"x\.parquet\.gz: parquet compresses inside the file"):
+        list(iter_documents(tmp_path / "x.parquet.gz"))

@@ -233,20 +233,27 @@ def test_report_text_is_inert_markdown():
 
 
 def test_doc_ids_use_cached_offsets(tiny_tokenizer_dir, tiny_corpus, tmp_path):
-    """Same answers as a per-call scan of docs.json; a docs.json whose starts do not increase is one line."""
+    """Same answers as a per-call scan of the documents; starts that do not increase are one line, in the
+    document arrays and in a version 1 docs.json alike."""
     import bisect
 
     from refine.core.instances import Instances
+    from tests.test_pack import to_version_1
 
     inst = pack(tiny_corpus / "train.jsonl", load_tokenizer(tiny_tokenizer_dir), 32, tmp_path / "p", quiet=True)
-    starts = [d["start"] for d in inst.docs]
+    docs = [inst.docs.record(j) for j in range(len(inst.docs))]
+    starts = [d["start"] for d in docs]
     for i in range(len(inst)):
         first = bisect.bisect_right(starts, i * 32) - 1
         last = bisect.bisect_left(starts, (i + 1) * 32) - 1
-        assert inst.doc_ids(i) == [inst.docs[j]["id"] for j in range(max(first, 0), last + 1)]
-    docs = json.loads((tmp_path / "p" / "docs.json").read_text())
+        assert inst.doc_ids(i) == [docs[j]["id"] for j in range(max(first, 0), last + 1)]
+    bad = np.array(starts, dtype="<i8")
+    bad[3] = 0
+    bad.tofile(tmp_path / "p" / "doc_starts.bin")
+    with pytest.raises(InputError, match="document starts are not increasing from 0"):
+        Instances(tmp_path / "p").doc_ids(0)
     docs[3]["start"] = 0
-    (tmp_path / "p" / "docs.json").write_text(json.dumps(docs))
+    to_version_1(tmp_path / "p", docs)
     with pytest.raises(InputError, match="document starts are not increasing from 0"):
         Instances(tmp_path / "p").doc_ids(0)
 

@@ -116,3 +116,108 @@ def test_subset_keeps_rows_and_document_ids(tok, tiny_corpus, tmp_path):
     assert np.array_equal(np.asarray(sub.tokens), np.asarray(inst.tokens)[rows])
     assert [sub.doc_ids(i) for i in range(3)] == [inst.doc_ids(r) for r in rows]
     sub.verify()
+
+
+# ---- the on-disk document index, version 1 folders, packing over processes (issue 14) --------------------------
+
+def to_version_1(folder, docs: list[dict]) -> None:
+    """Turn a packed folder into what version 1 wrote: one docs.json list instead of the document arrays."""
+    index = json.loads((folder / "index.json").read_text())
+    for name in ("doc_starts.bin", "doc_ids.bin", "doc_id_offsets.bin", "doc_sources.bin", "doc_sources.json"):
+        (folder / name).unlink()
+    (folder / "docs.json").write_text(json.dumps(docs, ensure_ascii=False))
+    (folder / "index.json").write_text(json.dumps({**index, "version": 1}, indent=2))
+
+
+def test_document_index_is_arrays_and_version_1_folders_still_read(tok, tiny_corpus, tmp_path):
+    import bisect
+    import shutil
+
+    inst = pack(tiny_corpus / "train.jsonl", tok, 32, tmp_path / "p", quiet=True)
+    assert not (tmp_path / "p" / "docs.json").exists() and inst.index["version"] == 2
+    docs = [json.loads(line) for line in (tiny_corpus / "train.jsonl").read_text().splitlines()]
+    records = [inst.docs.record(j) for j in range(len(inst.docs))]
+    assert [r["id"] for r in records] == [d["id"] for d in docs] and len(records) == inst.index["documents"]
+    assert [r["len"] for r in records] == [len(tok(d["text"], add_special_tokens=False)["input_ids"]) + 1
+                                           for d in docs]
+    assert records[0]["start"] == 0 and all(a["start"] + a["len"] == b["start"] for a, b in zip(records, records[1:]))
+    # doc_ids: the binary search over the mapped starts answers as a scan of the records does
+    starts = [r["start"] for r in records]
+    expected = []
+    for i in range(len(inst)):
+        first, last = bisect.bisect_right(starts, i * 32) - 1, bisect.bisect_left(starts, (i + 1) * 32) - 1
+        expected.append([records[j]["id"] for j in range(max(first, 0), last + 1)])
+    assert [inst.doc_ids(i) for i in range(len(inst))] == expected
+    # the same folder as version 1 wrote it (docs.json): the same answers, tokens.bin untouched
+    shutil.copytree(tmp_path / "p", tmp_path / "v1")
+    to_version_1(tmp_path / "v1", records)
+    old = Instances(tmp_path / "v1")
+    assert old.index["tokens_sha256"] == inst.index["tokens_sha256"]
+    assert [old.doc_ids(i) for i in range(len(old))] == expected
+    assert [old.source_of(i) for i in range(len(old))] == [inst.source_of(i) for i in range(len(inst))] == \
+        ["doc"] * len(inst)
+
+
+def test_subset_sources_through_the_chain(tok, tmp_path):
+    from refine.core.instances import write_subset
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", make_docs(60, seed=1, prefix="wiki"))
+    write_jsonl(corpus / "b.jsonl", make_docs(60, seed=2, prefix="novel"))
+    inst = pack(corpus, tok, 32, tmp_path / "p", quiet=True)
+    sources = [inst.source_of(i) for i in range(len(inst))]
+    assert sources[0] == "wiki" and sources[-1] == "novel" and "mixed" in sources
+    rows = np.array([len(inst) - 1, 0, 3])
+    sub = write_subset(inst, rows, tmp_path / "sub")
+    subsub = write_subset(sub, np.array([2, 0]), tmp_path / "subsub")
+    root, root_rows = subsub.root_rows(within=tmp_path)
+    assert root.folder == inst.folder and root_rows.tolist() == [3, len(inst) - 1]
+    assert [subsub.source_of(i) for i in range(2)] == [sources[3], "novel"]
+    with pytest.raises(InputError, match="is a subset"):
+        _ = sub.docs
+
+
+def test_damaged_document_index_is_one_line(tok, tiny_corpus, tmp_path):
+    folder = tmp_path / "p"
+    pack(tiny_corpus / "val.jsonl", tok, 16, folder, quiet=True)
+    starts = np.fromfile(folder / "doc_starts.bin", dtype="<i8")
+    for damage, match in ((lambda: starts[:-1].tofile(folder / "doc_starts.bin"), "doc_starts.bin: truncated"),
+                          (lambda: np.where(np.arange(len(starts)) == 3, 0, starts).astype("<i8").tofile(
+                              folder / "doc_starts.bin"), "document starts are not increasing from 0"),
+                          (lambda: (folder / "doc_ids.bin").write_bytes(b"x"), "doc_id_offsets.bin: ends at"),
+                          (lambda: (folder / "doc_sources.json").write_text("[]"), r"doc_sources.bin: source 0 of 0")):
+        pack(tiny_corpus / "val.jsonl", tok, 16, tmp_path / "fresh", quiet=True)
+        for name in ("doc_starts.bin", "doc_ids.bin", "doc_sources.json"):
+            (folder / name).write_bytes((tmp_path / "fresh" / name).read_bytes())
+        damage()
+        with pytest.raises(InputError, match=match) as e:
+            Instances(folder).doc_ids(0)
+        assert "\n" not in str(e.value)
+
+
+def test_workers_give_byte_identical_output(tok, tmp_path):
+    """Packing a glob of compressed shards in 2 processes writes the same bytes, file by file, as 1 process."""
+    import gzip
+
+    import zstandard
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    docs = make_docs(1500, seed=11)                      # several batches of BATCH_DOCS, so order matters
+    for i in range(3):
+        data = "".join(json.dumps(d) + "\n" for d in docs[i * 500:(i + 1) * 500]).encode()
+        if i == 1:
+            (shards / f"{i:03d}.json.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+        else:
+            (shards / f"{i:03d}.jsonl.gz").write_bytes(gzip.compress(data))
+    one = pack(f"{shards}/*.json*", tok, 64, tmp_path / "w1", quiet=True, workers=1)
+    two = pack(f"{shards}/*.json*", tok, 64, tmp_path / "w2", quiet=True, workers=2)
+    files = sorted(p.name for p in (tmp_path / "w1").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "w2").iterdir()) and "tokens.bin" in files
+    for name in files:
+        a, b = (tmp_path / "w1" / name).read_bytes(), (tmp_path / "w2" / name).read_bytes()
+        if name == "manifest.json":                      # provenance: when it was written, how long it took
+            a, b = ({k: v for k, v in json.loads(x).items() if k not in ("written_at", "seconds")} for x in (a, b))
+        assert a == b, name
+    assert one.index["documents"] == 1500 and two.doc_ids(len(two) - 1)[-1] == docs[-1]["id"]

@@ -1,34 +1,44 @@
-"""Corpus readers: JSONL, parquet, plain text files or folders, and saved HF ``datasets`` directories.
+"""Corpus readers: JSONL (plain or compressed), parquet, plain text files, folders or globs of shards, and saved
+HF ``datasets`` directories.
 
 ``iter_documents(path)`` yields ``Document(id, text, source)`` in a deterministic order:
 
 * ``*.jsonl`` / ``*.json`` / ``*.ndjson``: one JSON object per line; text from ``text_field``; id from
   ``id_field`` (or an ``"id"`` key) else ``"<name>:<line no>"``; source from a ``"source"`` key else the file stem.
+  The same compressed (``.gz``, ``.zst``/``.zstd``, ``.bz2``, ``.xz``: ``train.jsonl.gz``, ``0001.json.zst``),
+  decompressed as a stream while it is read: shards as FineWeb, Dolma or RedPajama ship them.
 * ``*.parquet``: the same fields per row (id default ``"<name>:<row no>"``), streamed batch by batch.
 * a saved ``datasets`` directory (``save_to_disk``; a ``DatasetDict`` is read at ``split``), rows as for parquet.
-* any other file: one document, the whole file (id ``<name>``, source the parent folder's name).
+* any other file: one document, the whole file (id ``<name>``, source the parent folder's name); compressed too.
 * a folder: everything inside, recursively, in sorted path order, each by the rules above; hidden files and
   folders are skipped, and so are symbolic links (counted in ``CorpusStats.skipped_links``): a link to a system
   file must not become a document, a ``..`` link would read the corpus again, two links to ``.`` never end.
-  ``refine.core.pack.corpus_fingerprint`` leaves the same links out, so the cache key covers exactly what is read.
-  (The corpus path itself may be a link: whoever names it chose it.) ``<name>`` is the file stem for a single
-  file, the relative path without suffix in a folder.
+  (The corpus path itself may be a link: whoever names it chose it.)
+* a glob pattern (``/data/fineweb/*.jsonl.zst``, ``shards/**/*.parquet``): every match in sorted path order, a
+  matched folder read as above; names are relative to the pattern's folder part; hidden matches and links are
+  skipped as inside a folder.
+
+``<name>`` is the file stem (without compression suffix) for a single file, the relative path without suffixes
+in a folder or glob. ``corpus_units`` lists what is read; ``refine.core.pack.corpus_fingerprint`` hashes exactly
+that list, so the cache key covers exactly what is read.
 
 A document larger than ``max_doc_bytes`` (a JSON line, a text file, or a parquet/dataset text in UTF-8 bytes;
 default 64 MiB, ``max_doc_bytes`` in the refine and data configs) is skipped and counted
 (``CorpusStats.skipped_too_large``); a JSON line is read in bounded pieces, so one 2 GB line costs no 2 GB.
 
-Bad input raises one ``InputError`` line naming the file (and line or row): a missing path, an empty file or
-corpus, non-UTF-8 bytes (with the byte offset), a malformed or too deeply nested JSON line, a missing or
-non-string text field.
+Bad input raises one ``InputError`` line naming the file (and line or row): a missing path or a glob with no
+match, an empty file or corpus, non-UTF-8 bytes (with the byte offset), a malformed or too deeply nested JSON
+line, a missing or non-string text field, a corrupt or truncated compressed file (with the compressed offset).
 Empty or whitespace-only documents inside an otherwise sound corpus are skipped and counted in ``CorpusStats``.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +46,8 @@ from refine.core.errors import InputError
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bzip2", ".xz": "xz"}
+GLOB_CHARS = frozenset("*?[")
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 MAX_SKIPPED_IDS = 100  # enough to find the culprits without holding millions of ids
 MAX_DOC_BYTES = 64 << 20  # a 10 MB book is one document; a 2 GB line is a mistake (tens of GB to tokenize)
@@ -74,6 +86,66 @@ def is_hf_dataset_dir(path: Path) -> bool:
     return path.is_dir() and any((path / n).is_file() for n in HF_MARKERS)
 
 
+def suffixes(p: Path) -> tuple[str, str]:
+    """(format suffix, compression suffix) of a file name, lower case: ``a.jsonl.gz`` -> (".jsonl", ".gz")."""
+    suffix = p.suffix.lower()
+    if suffix in COMPRESSIONS:
+        return Path(p.stem).suffix.lower(), suffix
+    return suffix, ""
+
+
+def strip_suffixes(p: Path) -> Path:
+    """``p`` without its compression suffix and then one format suffix (``a/b.jsonl.zst`` -> ``a/b``)."""
+    if p.suffix.lower() in COMPRESSIONS:
+        p = p.with_suffix("")
+    return p.with_suffix("")
+
+
+def is_glob(path: str | Path) -> bool:
+    """A pattern rather than a path: glob characters and nothing by that literal name."""
+    return bool(GLOB_CHARS.intersection(str(path))) and not Path(path).exists()
+
+
+def glob_base(pattern: str) -> Path:
+    """The folder part of a pattern before its first glob character (names are relative to it)."""
+    parts = Path(pattern).parts
+    fixed = list(itertools.takewhile(lambda part: not GLOB_CHARS.intersection(part), parts[:-1]))
+    return Path(*fixed) if fixed else Path(".")
+
+
+def corpus_units(path: str | Path, stats: CorpusStats | None = None) -> list[tuple[Path, str]]:
+    """What ``iter_documents`` reads, in order: (a file or a saved-dataset folder, the name its ids start with).
+    InputError for a missing path, a glob with no match or an empty folder."""
+    stats = stats if stats is not None else CorpusStats()
+    if is_glob(path):
+        base = glob_base(str(path))
+        units: dict[Path, str] = {}
+        expanded: set[Path] = set()                      # matched folders: read whole, their matches with them
+        # pathlib's ``**`` does not descend into linked folders (glob.glob's does: a ``..`` link never ends)
+        for m in sorted(base.glob(str(Path(path).relative_to(base)))):
+            if any(part.startswith(".") for part in m.relative_to(base).parts) or expanded.intersection(m.parents):
+                continue                                 # hidden, as inside a folder; or read already
+            if is_link_below(m, base):                   # links, as inside a folder: skipped and counted
+                stats.skipped_links += 1
+                continue
+            if m.is_dir() and not is_hf_dataset_dir(m):
+                expanded.add(m)
+            for u in ([m] if is_hf_dataset_dir(m) or not m.is_dir() else _corpus_units(m, stats)):
+                units.setdefault(u, strip_suffixes(u.relative_to(base)).as_posix())
+        if not units:
+            raise InputError(f"no corpus files match {path}")
+        return list(units.items())
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"corpus not found: {path}")
+    if is_hf_dataset_dir(path) or not path.is_dir():
+        return [(path, strip_suffixes(Path(path.name)).as_posix() if path.is_file() else path.name)]
+    units = [(u, strip_suffixes(u.relative_to(path)).as_posix()) for u in _corpus_units(path, stats)]
+    if not units:
+        raise InputError(f"corpus folder has no files: {path}")
+    return units
+
+
 def _corpus_units(root: Path, stats: CorpusStats) -> list[Path]:
     """Files and saved-dataset folders under ``root``, sorted, hidden ones and links skipped, datasets not
     descended."""
@@ -96,23 +168,18 @@ def iter_documents(path: str | Path, text_field: str = "text", id_field: str | N
     """Every non-empty document of ``path`` (see the module docstring); InputError on bad input."""
     if max_doc_bytes < 1:
         raise InputError(f"max_doc_bytes must be >= 1, got {max_doc_bytes}")
-    path = Path(path)
     stats = stats if stats is not None else CorpusStats()
-    if not path.exists():
-        raise InputError(f"corpus not found: {path}")
-    if is_hf_dataset_dir(path) or not path.is_dir():
-        units = [(path, path.stem if path.is_file() else path.name)]
-    else:
-        units = [(u, u.relative_to(path).with_suffix("").as_posix()) for u in _corpus_units(path, stats)]
-        if not units:
-            raise InputError(f"corpus folder has no files: {path}")
-    for unit, name in units:
+    for unit, name in corpus_units(path, stats):
         stats.files += 1
+        fmt, compression = suffixes(unit)
         if is_hf_dataset_dir(unit):
             rows = _hf_rows(unit, split, text_field, id_field)
-        elif unit.suffix.lower() in JSONL_SUFFIXES:
+        elif fmt in JSONL_SUFFIXES:
             rows = _jsonl_rows(unit, max_doc_bytes)
-        elif unit.suffix.lower() in PARQUET_SUFFIXES:
+        elif fmt in PARQUET_SUFFIXES:
+            if compression:
+                raise InputError(f"{unit}: parquet compresses inside the file; decompress it "
+                                 f"(or write it with compression=...) and name it *.parquet")
             rows = _parquet_rows(unit, text_field, id_field)
         else:
             rows = _text_file(unit, name, max_doc_bytes)
@@ -153,7 +220,7 @@ def _to_document(row: dict, f: Path, name: str, where: str, text_field: str, id_
     if id_field and row.get(id_field) is None:
         raise InputError(f"{f}{where}: no id field {id_field!r} (fields: {', '.join(map(str, row))})")
     doc_id = str(row[key]) if row.get(key) is not None else f"{name}{where.replace(':row ', ':')}"
-    source = str(row["source"]) if row.get("source") is not None else f.stem
+    source = str(row["source"]) if row.get("source") is not None else strip_suffixes(Path(f.name)).name
     return Document(doc_id, text, source)
 
 
@@ -169,10 +236,96 @@ def _decode(data: bytes, f: Path, line_no: int | None = None) -> str:
         raise InputError(f"{f}:{line_no}: not UTF-8 (byte 0x{data[e.start]:02x} at {offset})") from None
 
 
+class _ZstdRaw(io.RawIOBase):
+    """A zstd stream (one or more frames) as a bounded reader. Input goes in 1 KiB pieces so that one read holds at
+    most ~32 MiB however compressible the data (a zstd block of 4 bytes can stand for 128 KiB); a file that ends
+    inside a frame is an ``EOFError``, as gzip, bz2 and xz report it (zstandard's own reader ends silently)."""
+
+    PIECE = 1 << 10
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._raw, self._new = raw, zstandard.ZstdDecompressor().decompressobj
+        self._d, self._fed, self._out = self._new(), False, memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._out:
+            data = self._raw.read(self.PIECE)
+            if not data:
+                if self._fed and not self._d.eof:
+                    raise EOFError("compressed file ended before the end of a zstd frame")
+                return 0
+            chunks = []
+            while data:                                  # a piece may end one frame and start the next
+                if self._d.eof:
+                    self._d = self._new()
+                self._fed = True
+                chunks.append(self._d.decompress(data))
+                data = self._d.unused_data if self._d.eof else b""
+            self._out = memoryview(b"".join(chunks))
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    import lzma
+    import zlib
+
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error, lzma.LZMAError]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+@contextmanager
+def open_stream(f: Path):
+    """``f``'s bytes as a buffered stream, decompressed on the fly by its suffix (never whole in memory).
+    A corrupt or truncated compressed file is one InputError line with the compressed byte offset."""
+    compression = COMPRESSIONS.get(f.suffix.lower())
+    with open(f, "rb") as raw:
+        if compression is None:
+            yield raw
+            return
+        if compression == "gzip":
+            import gzip
+            fh = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif compression == "bzip2":
+            import bz2
+            fh = bz2.BZ2File(raw, mode="rb")
+        elif compression == "xz":
+            import lzma
+            fh = lzma.LZMAFile(raw, mode="rb")
+        else:
+            try:
+                fh = io.BufferedReader(_ZstdRaw(raw), 1 << 16)
+            except ImportError:
+                raise InputError(f"{f}: reading .zst needs the zstandard package (pip install zstandard)") from None
+        try:
+            yield fh
+        except InputError:
+            raise
+        except _decompress_errors() as e:
+            if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
+                raise                                    # a real I/O error of the disk, not of the data
+            raise InputError(f"{f}: corrupt or truncated {compression} data near compressed byte {raw.tell()} "
+                             f"of {f.stat().st_size} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                             ) from None
+
+
 def _jsonl_rows(f: Path, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
     """Rows by line; a line over ``max_doc_bytes`` is read past in 1 MiB pieces and yields ``None``."""
     seen = False
-    with open(f, "rb") as fh:
+    with open_stream(f) as fh:
         for no in itertools.count(1):
             raw = fh.readline(max_doc_bytes + 4)         # + BOM and line end
             if not raw:
@@ -191,8 +344,9 @@ def _jsonl_rows(f: Path, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[s
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{f}:{no}: malformed JSON ({e.msg} at column {e.colno}); "
-                                 f"a truncated last line looks like this too") from None
+                raise InputError(f"{f}:{no}: malformed JSON ({e.msg} at column {e.colno}); a truncated last line"
+                                 f"{' or corrupt compressed data' if suffixes(f)[1] else ''} looks like this too"
+                                 ) from None
             except RecursionError:
                 raise InputError(f"{f}:{no}: JSON nested too deeply to read") from None
             if not isinstance(row, dict):
@@ -231,15 +385,22 @@ def _parquet_rows(f: Path, text_field: str, id_field: str | None) -> Iterator[tu
 
 
 def _text_file(f: Path, name: str, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
-    if f.stat().st_size > max_doc_bytes:
-        yield "", None                                   # not read at all
-        return
-    data = f.read_bytes()
+    if not suffixes(f)[1]:
+        if f.stat().st_size > max_doc_bytes:
+            yield "", None                               # not read at all
+            return
+        data = f.read_bytes()
+    else:
+        with open_stream(f) as fh:
+            data = fh.read(max_doc_bytes + 1)            # bounded: a compressed file can expand without end
+        if len(data) > max_doc_bytes:
+            yield "", None
+            return
     if not data:
         raise InputError(f"empty file: {f}")
     if b"\x00" in data[:8192]:
         raise InputError(f"{f}: looks binary (NUL bytes), not a text document")
-    yield "", {"text": _decode(data, f), "id": name, "source": f.parent.name or f.stem}
+    yield "", {"text": _decode(data, f), "id": name, "source": f.parent.name or strip_suffixes(Path(f.name)).name}
 
 
 def _hf_rows(d: Path, split: str, text_field: str, id_field: str | None) -> Iterator[tuple[str, dict]]:

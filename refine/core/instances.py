@@ -2,10 +2,19 @@
 
 A folder holds::
 
-    tokens.bin   row-major [count, seq_len] token ids, uint16 if the vocabulary fits, else uint32
-    docs.json    the documents in stream order: id, source, first token offset in the stream, token count
-    index.json   format/version, dtype, seq_len, count, tokenizer {name, hash, vocab_size, eos_id},
-                 sha256 of tokens.bin, tokens dropped at the tail
+    tokens.bin           row-major [count, seq_len] token ids, uint16 if the vocabulary fits, else uint32
+    doc_starts.bin       per document in stream order: its first token offset in the stream (<i8)
+    doc_ids.bin          the documents' ids, UTF-8, back to back
+    doc_id_offsets.bin   where each id starts in doc_ids.bin, plus its end (<i8, documents + 1)
+    doc_sources.bin      per document: its source as an index into doc_sources.json (<u4)
+    doc_sources.json     the distinct source names
+    index.json           format/version, dtype, seq_len, count, tokenizer {name, hash, vocab_size, eos_id},
+                         documents, sha256 of tokens.bin, tokens dropped at the tail
+
+The document index is flat arrays written as packing goes and memory-mapped when read, so neither packing nor
+reading holds a Python object per document: memory stays flat in the document count (about 20 bytes of files
+per document plus its id). Version 1 folders kept it as one ``docs.json`` list (id, source, start, len per
+document); they still read, that list loaded whole as before.
 
 A *subset* (``write_subset``: e.g. the instances difference sampling kept) has no stream; instead
 ``subset.json`` records each row's index in the parent folder and the ids of the documents it came from.
@@ -18,6 +27,7 @@ Documents are tokenized, each followed by EOS, concatenated into one stream, and
 from __future__ import annotations
 
 import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +37,9 @@ from refine.core.errors import InputError
 from refine.core.manifest import atomic_path, sha256_file
 
 FORMAT = "rd-instances"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+CHECK_CHUNK = 1 << 20   # index entries validated per step (bounded memory at any corpus size)
 
 
 @dataclass(frozen=True)
@@ -59,19 +71,43 @@ class InstanceWriter:
         self._atomic = atomic_path(self.folder)
         self._tmp = self._atomic.__enter__()
         self._tmp.mkdir(parents=True)
-        self._bin = open(self._tmp / "tokens.bin", "wb")
+        self._files = {name: open(self._tmp / name, "wb") for name in
+                       ("tokens.bin", "doc_starts.bin", "doc_ids.bin", "doc_id_offsets.bin", "doc_sources.bin")}
+        self._bin = self._files["tokens.bin"]
+        self._files["doc_id_offsets.bin"].write(np.zeros(1, "<i8").tobytes())
         self._pending = np.empty(0, dtype=self.dtype)
-        self._docs: list[dict] = []
+        self._sources: dict[str, int] = {}
+        self._id_bytes = 0
         self._stream_len = 0
+        self.documents = 0
         self.count = 0
 
     def add(self, ids: list[int] | np.ndarray, doc_id: str, source: str) -> None:
         """Append one document's token ids (EOS is added here)."""
         arr = np.asarray(ids, dtype=np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() >= self.tokenizer.vocab_size):
-            raise InputError(f"document {doc_id}: token id outside the vocabulary ({self.tokenizer.vocab_size})")
-        arr = np.append(arr, self.tokenizer.eos_id).astype(self.dtype)
-        self._docs.append({"id": doc_id, "source": source, "start": self._stream_len, "len": int(arr.size)})
+        self.add_batch(arr, np.array([arr.size]), [doc_id], [source])
+
+    def add_batch(self, flat: np.ndarray, lengths: np.ndarray, doc_ids: list[str], sources: list[str]) -> None:
+        """Append documents given as their token ids back to back (``lengths`` each; EOS is added here)."""
+        flat, lengths = np.asarray(flat, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+        if not len(lengths):
+            return
+        if flat.size and (flat.min() < 0 or flat.max() >= self.tokenizer.vocab_size):
+            bad = int(np.searchsorted(np.cumsum(lengths), np.flatnonzero(
+                (flat < 0) | (flat >= self.tokenizer.vocab_size))[0], side="right"))
+            raise InputError(f"document {doc_ids[bad]}: token id outside the vocabulary ({self.tokenizer.vocab_size})")
+        ends = np.cumsum(lengths)
+        arr = np.insert(flat, ends, self.tokenizer.eos_id).astype(self.dtype)
+        starts = self._stream_len + np.concatenate([[0], ends[:-1] + np.arange(1, len(lengths))])
+        self._files["doc_starts.bin"].write(starts.astype("<i8").tobytes())
+        encoded = [d.encode("utf-8", "surrogatepass") for d in doc_ids]
+        self._files["doc_ids.bin"].write(b"".join(encoded))
+        offsets = self._id_bytes + np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        self._files["doc_id_offsets.bin"].write(offsets.astype("<i8").tobytes())
+        self._id_bytes = int(offsets[-1]) if len(offsets) else self._id_bytes
+        codes = [self._sources.setdefault(s, len(self._sources)) for s in sources]
+        self._files["doc_sources.bin"].write(np.asarray(codes, dtype="<u4").tobytes())
+        self.documents += len(lengths)
         self._stream_len += int(arr.size)
         self._pending = np.concatenate([self._pending, arr])
         full = self._pending.size // self.seq_len
@@ -81,14 +117,15 @@ class InstanceWriter:
             self.count += full
 
     def close(self, extra: dict | None = None) -> dict:
-        self._bin.close()
+        for f in self._files.values():
+            f.close()
         if self.count == 0:
             self._atomic.__exit__(InputError, None, None)
             raise InputError(f"corpus too small: {self._stream_len} tokens make no instance of {self.seq_len}")
-        (self._tmp / "docs.json").write_text(json.dumps(self._docs, ensure_ascii=False))
+        (self._tmp / "doc_sources.json").write_text(json.dumps(list(self._sources)))
         index = {
             "format": FORMAT, "version": VERSION, "dtype": self.dtype.name, "seq_len": self.seq_len,
-            "count": self.count, "tokenizer": self.tokenizer.__dict__, "documents": len(self._docs),
+            "count": self.count, "tokenizer": self.tokenizer.__dict__, "documents": self.documents,
             "stream_tokens": self._stream_len, "dropped_tail_tokens": int(self._pending.size),
             "tokens_sha256": sha256_file(self._tmp / "tokens.bin"), **(extra or {}),
         }
@@ -97,7 +134,8 @@ class InstanceWriter:
         return index
 
     def abort(self) -> None:
-        self._bin.close()
+        for f in self._files.values():
+            f.close()
         self._atomic.__exit__(RuntimeError, None, None)
 
 
@@ -115,7 +153,7 @@ class Instances:
             raise InputError(f"corrupt index.json in {self.folder}") from None
         if not isinstance(self.index, dict):
             raise InputError(f"{index_path}: not a JSON object")
-        if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
+        if self.index.get("format") != FORMAT or self.index.get("version") not in READABLE_VERSIONS:
             raise InputError(f"{self.folder}: unsupported instances format "
                              f"{self.index.get('format')} v{self.index.get('version')} (want {FORMAT} v{VERSION})")
         # every number that sizes a memory map or a read is checked first (a crafted index.json is one line)
@@ -137,9 +175,9 @@ class Instances:
         if actual != expected:
             raise InputError(f"{bin_path}: truncated or wrong size ({actual} bytes, index says {expected})")
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.count, self.seq_len))
-        self._docs: list[dict] | None = None
-        self._starts: np.ndarray | None = None
+        self._docs: _DocIndex | None = None
         self._subset: dict | None = None
+        self._root: tuple[Instances, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.count
@@ -178,39 +216,56 @@ class Instances:
         return self._subset
 
     @property
-    def docs(self) -> list[dict]:
+    def docs(self) -> _DocIndex:
+        """The packed stream's documents (not of a subset): ``len``, ``starts``, ``ids(a, b)``, ``sources(a, b)``,
+        ``record(j)``; memory-mapped arrays, or a version 1 folder's ``docs.json``. Checked on first use."""
+        if "subset_of" in self.index:
+            raise InputError(f"{self.folder} is a subset: its documents are those of {self.index['subset_of']}")
         if self._docs is None:
-            self._docs = self._read_json("docs.json")
+            self._docs = (_JsonDocs if self.index["version"] == 1 else _ArrayDocs)(self)
         return self._docs
 
-    def _doc_starts(self) -> np.ndarray:
-        """Every document's first stream offset, built once: a per-call rebuild made ``doc_ids`` O(documents)
-        (``bench/doc_ids_bench.py``: bench/README.md)."""
-        if self._starts is None:
-            docs = self.docs
-            try:
-                starts = np.fromiter((d["start"] for d in docs), dtype=np.int64, count=len(docs))
-            except (TypeError, KeyError, ValueError, OverflowError):
-                raise InputError(f"{self.folder / 'docs.json'}: not a list of documents with integer starts") from None
-            if len(starts) and (starts[0] != 0 or (np.diff(starts) <= 0).any()):
-                raise InputError(f"{self.folder / 'docs.json'}: document starts are not increasing from 0")
-            self._starts = starts
-        return self._starts
+    def _doc_range(self, i: int) -> range:
+        """The documents instance ``i`` overlaps, in stream order (O(log documents))."""
+        starts = self.docs.starts
+        lo, hi = i * self.seq_len, (i + 1) * self.seq_len
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, hi, side="left")) - 1
+        return range(max(first, 0), last + 1)
 
     def doc_ids(self, i: int) -> list[str]:
         """Ids of the documents that instance ``i`` overlaps, in stream order (O(log documents) a call)."""
         if "subset_of" in self.index:
             return self.subset["doc_ids"][i]
-        starts = self._doc_starts()
-        lo, hi = i * self.seq_len, (i + 1) * self.seq_len
-        first = int(np.searchsorted(starts, lo, side="right")) - 1
-        last = int(np.searchsorted(starts, hi, side="left")) - 1
-        return [self.docs[j]["id"] for j in range(max(first, 0), last + 1)]
+        span = self._doc_range(i)
+        return self.docs.ids(span.start, span.stop)
 
-    def source_of(self, i: int, doc_source: dict[str, str]) -> str:
-        """The corpus source of instance ``i``'s documents, or "mixed"."""
-        sources = {doc_source.get(d, "?") for d in self.doc_ids(i)}
+    def source_of(self, i: int) -> str:
+        """The corpus source of instance ``i``'s documents, or "mixed" (a subset's rows: through its parents)."""
+        if "subset_of" in self.index:
+            if self._root is None:
+                self._root = self.root_rows()
+            root, rows = self._root
+            return root.source_of(int(rows[i]))
+        span = self._doc_range(i)
+        sources = set(self.docs.sources(span.start, span.stop))
         return sources.pop() if len(sources) == 1 else "mixed"
+
+    def root_rows(self, within: Path | None = None) -> tuple[Instances, np.ndarray]:
+        """The packed stream at the end of the ``subset_of`` chain (see ``stream_root``) and, for each row here,
+        its row there."""
+        node, rows, seen = self, np.arange(self.count, dtype=np.int64), {self.folder.resolve()}
+        while "subset_of" in node.index:
+            up = node._parent(within, seen)
+            try:
+                parent_rows = np.asarray(node.subset["parent_rows"], dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                parent_rows = None
+            if parent_rows is None or parent_rows.shape != (node.count,) or \
+                    (node.count and (parent_rows.min() < 0 or parent_rows.max() >= up.count)):
+                raise InputError(f"{node.folder / 'subset.json'}: parent_rows are not {node.count} rows of {up.folder}")
+            node, rows = up, parent_rows[rows]
+        return node, rows
 
     def stream_root(self, within: Path | None = None) -> Instances:
         """The packed stream at the end of this folder's ``subset_of`` chain (itself when it is no subset).
@@ -219,18 +274,23 @@ class Instances:
         so a self-referencing one cannot loop forever."""
         node, seen = self, {self.folder.resolve()}
         while "subset_of" in node.index:
-            where, parent = node.folder / "index.json", node.index["subset_of"]
-            path = Path(parent).resolve() if isinstance(parent, str) and parent else None
-            if path is None or within is not None and not path.is_relative_to(Path(within).resolve()):
-                raise InputError(f"{where}: subset_of {str(parent)[:200]!r} is not a folder inside {within}")
-            if path in seen:
-                raise InputError(f"{where}: the subset_of chain comes back to {path} (a cycle)")
-            seen.add(path)
-            up = Instances(path)
-            if up.index.get("tokens_sha256") != node.index.get("parent_sha256"):
-                raise InputError(f"{where}: subset_of {path} does not hold the tokens this subset was made from")
-            node = up
+            node = node._parent(within, seen)
         return node
+
+    def _parent(self, within: Path | None, seen: set | None) -> Instances:
+        """The folder this subset was made from, checked (inside ``within``; not in ``seen``; its tokens)."""
+        where, parent = self.folder / "index.json", self.index["subset_of"]
+        path = Path(parent).resolve() if isinstance(parent, str) and parent else None
+        if path is None or within is not None and not path.is_relative_to(Path(within).resolve()):
+            raise InputError(f"{where}: subset_of {str(parent)[:200]!r} is not a folder inside {within}")
+        seen = seen if seen is not None else {self.folder.resolve()}
+        if path in seen:
+            raise InputError(f"{where}: the subset_of chain comes back to {path} (a cycle)")
+        seen.add(path)
+        up = Instances(path)
+        if up.index.get("tokens_sha256") != self.index.get("parent_sha256"):
+            raise InputError(f"{where}: subset_of {path} does not hold the tokens this subset was made from")
+        return up
 
     def check_tokenizer(self, tokenizer_hash: str, what: str = "the model") -> None:
         if self.tokenizer.hash != tokenizer_hash:
@@ -255,3 +315,127 @@ def write_subset(src: Instances, rows: np.ndarray, folder: str | Path, extra: di
             index.pop(key, None)
         (tmp / "index.json").write_text(json.dumps(index, indent=2))
     return Instances(folder)
+
+
+class _DocIndex:
+    """The documents of a packed stream, in stream order (``Instances.docs``)."""
+
+    starts: np.ndarray          # first stream offset of each document, increasing from 0
+
+    def __init__(self, inst: Instances):
+        self.folder, self.stream_tokens = inst.folder, inst.index.get("stream_tokens")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def ids(self, a: int, b: int) -> list[str]:
+        """The ids of documents ``a`` to ``b - 1``."""
+        raise NotImplementedError
+
+    def sources(self, a: int, b: int) -> list[str]:
+        """The sources of documents ``a`` to ``b - 1``."""
+        raise NotImplementedError
+
+    def record(self, j: int) -> dict:
+        """Document ``j`` as a version 1 ``docs.json`` entry: id, source, start, len (its tokens with the EOS)."""
+        end = int(self.starts[j + 1]) if j + 1 < len(self) else self.stream_tokens
+        return {"id": self.ids(j, j + 1)[0], "source": self.sources(j, j + 1)[0], "start": int(self.starts[j]),
+                "len": end - int(self.starts[j])}
+
+    def _check_starts(self, where: Path) -> None:
+        """Increasing from 0 and inside the stream, checked in bounded steps (a memory map stays unread)."""
+        starts, prev = self.starts, -1
+        for a in range(0, len(starts), CHECK_CHUNK):
+            part = np.asarray(starts[a:a + CHECK_CHUNK], dtype=np.int64)
+            if (a == 0 and part[0] != 0) or part[0] <= prev or (np.diff(part) <= 0).any():
+                raise InputError(f"{where}: document starts are not increasing from 0")
+            prev = int(part[-1])
+        if isinstance(self.stream_tokens, int) and len(starts) and prev >= self.stream_tokens:
+            raise InputError(f"{where}: document starts run past the stream ({self.stream_tokens} tokens)")
+
+
+class _ArrayDocs(_DocIndex):
+    """Version 2: memory-mapped arrays (see the module docstring); sizes and order checked once, in steps."""
+
+    def __init__(self, inst: Instances):
+        super().__init__(inst)
+        n = inst.index.get("documents")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1 << 48:
+            raise InputError(f"{self.folder / 'index.json'}: bad documents")
+        self.starts = self._map("doc_starts.bin", "<i8", n)
+        self.offsets = self._map("doc_id_offsets.bin", "<i8", n + 1)
+        self.codes = self._map("doc_sources.bin", "<u4", n)
+        ids_path = self.folder / "doc_ids.bin"
+        size = ids_path.stat().st_size if ids_path.is_file() else -1
+        if size < 0:
+            raise InputError(f"{ids_path}: missing")
+        self.blob: bytes | mmap.mmap = b""
+        if size:
+            with open(ids_path, "rb") as f:
+                self.blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            names = json.loads((self.folder / "doc_sources.json").read_text())
+        except (OSError, ValueError, RecursionError) as e:
+            raise InputError(f"{self.folder / 'doc_sources.json'}: unreadable or corrupt ({type(e).__name__})"
+                             ) from None
+        if not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
+            raise InputError(f"{self.folder / 'doc_sources.json'}: not a list of source names")
+        self.names = names
+        self._check_starts(self.folder / "doc_starts.bin")
+        prev, top = 0, 0
+        for a in range(0, n + 1, CHECK_CHUNK):
+            part = np.asarray(self.offsets[a:a + CHECK_CHUNK], dtype=np.int64)
+            if (a == 0 and part[0] != 0) or part[0] < prev or (np.diff(part) < 0).any():
+                raise InputError(f"{self.folder / 'doc_id_offsets.bin'}: offsets are not increasing from 0")
+            prev = int(part[-1])
+        if prev != size:
+            raise InputError(f"{self.folder / 'doc_id_offsets.bin'}: ends at {prev}, doc_ids.bin holds {size} bytes")
+        for a in range(0, n, CHECK_CHUNK):
+            top = max(top, int(self.codes[a:a + CHECK_CHUNK].max()))
+        if top >= len(names):
+            raise InputError(f"{self.folder / 'doc_sources.bin'}: source {top} of {len(names)} names")
+
+    def _map(self, name: str, dtype: str, count: int) -> np.ndarray:
+        path = self.folder / name
+        actual = path.stat().st_size if path.is_file() else -1
+        if actual != count * np.dtype(dtype).itemsize:
+            raise InputError(f"{path}: truncated or wrong size ({actual} bytes for {count} entries); re-pack "
+                             f"(delete {self.folder})")
+        # a plain array over the map: np.memmap's subclass costs microseconds per index or slice
+        return np.memmap(path, dtype=dtype, mode="r", shape=(count,)).view(np.ndarray)
+
+    def ids(self, a: int, b: int) -> list[str]:
+        if a >= b:
+            return []
+        off = self.offsets[a:b + 1].tolist()
+        data = self.blob[off[0]:off[-1]]
+        return [data[x - off[0]:y - off[0]].decode("utf-8", "surrogatepass") for x, y in zip(off, off[1:])]
+
+    def sources(self, a: int, b: int) -> list[str]:
+        return [self.names[c] for c in self.codes[a:b].tolist()]
+
+
+class _JsonDocs(_DocIndex):
+    """Version 1: ``docs.json``, one list of {id, source, start, len}, loaded whole (as version 1 read it)."""
+
+    def __init__(self, inst: Instances):
+        super().__init__(inst)
+        where = self.folder / "docs.json"
+        self.list = inst._read_json("docs.json")
+        try:
+            self.starts = np.fromiter((d["start"] for d in self.list), dtype=np.int64, count=len(self.list))
+        except (TypeError, KeyError, ValueError, OverflowError):
+            raise InputError(f"{where}: not a list of documents with integer starts") from None
+        if not len(self.starts):
+            raise InputError(f"{where}: no documents")
+        self._check_starts(where)
+
+    def ids(self, a: int, b: int) -> list[str]:
+        return [d["id"] for d in self.list[a:b]]
+
+    def sources(self, a: int, b: int) -> list[str]:
+        return [d.get("source", "?") for d in self.list[a:b]]
+
+    def record(self, j: int) -> dict:
+        return self.list[j]
+

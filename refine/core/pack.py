@@ -2,20 +2,38 @@
 
 Run::
 
-    python -m refine.core.pack --corpus .cache/data/corpus/train.jsonl --tokenizer .cache/models/smollm2-135m \
-        --seq-len 256 --out .cache/packed/train-L256
+    python -m refine.core.pack --corpus '/data/fineweb/*.jsonl.zst' --tokenizer .cache/models/smollm2-135m \
+        --seq-len 256 --out .cache/packed/train-L256 --workers 0
 
 A finished output whose manifest matches (same corpus bytes, tokenizer hash, seq_len, text field) is reused.
+
+``workers`` > 1 tokenizes batches of documents in that many worker processes (0: one per core) while this
+process reads the corpus and writes the batches back in corpus order, so the output is byte-identical to one
+process. Memory stays flat in corpus size: a bounded number of batches is in flight and the document index goes
+to disk as it grows.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
+import os
 import time
+from collections import deque
 from pathlib import Path
 
-from refine.core.corpus import MAX_DOC_BYTES, CorpusStats, is_link_below, iter_documents
+import numpy as np
+
+from refine.core.corpus import (
+    MAX_DOC_BYTES,
+    CorpusStats,
+    corpus_units,
+    glob_base,
+    is_glob,
+    is_link_below,
+    iter_documents,
+)
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.instances import Instances, InstanceWriter, TokenizerInfo
 from refine.core.manifest import manifest_matches, sha256_file, write_manifest
@@ -25,23 +43,35 @@ BATCH_DOCS = 256  # documents per fast-tokenizer call: large enough to use its t
 
 
 def corpus_fingerprint(path: str | Path) -> str:
-    """sha256 over every file of a corpus (a file or a folder), so a changed corpus re-packs."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"corpus not found: {path}")
-    # links inside a folder are not read (refine.core.corpus), so they are not part of the key either
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
-                                                 if p.is_file() and not is_link_below(p, path))
+    """sha256 over every file ``iter_documents`` reads (``corpus_units``: a file, a folder, a glob), each with its
+    path relative to the corpus (a saved dataset: the files inside it), so a changed corpus re-packs."""
+    base = glob_base(str(path)) if is_glob(path) else Path(path)
     h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        h.update(sha256_file(f).encode())
+    for unit, _ in corpus_units(path):
+        # inside a saved dataset, as inside a folder, hidden files and links are not read: not part of the key
+        files = [unit] if not unit.is_dir() else sorted(
+            p for p in unit.rglob("*") if p.is_file() and not is_link_below(p, unit)
+            and not any(part.startswith(".") for part in p.relative_to(unit).parts))
+        for f in files:
+            h.update(str(f.relative_to(base) if f != base else f.name).encode())
+            h.update(sha256_file(f).encode())
     return h.hexdigest()
 
 
+def resolve_workers(workers: int) -> int:
+    """``workers`` as a process count: 0 means one per usable core."""
+    if workers < 0:
+        raise InputError(f"pack workers must be >= 0 (0: one per core), got {workers}")
+    if workers == 0:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return workers
+
+
 def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_field: str = "text",
-         quiet: bool = False, max_doc_bytes: int = MAX_DOC_BYTES) -> Instances:
-    """Pack ``corpus`` into ``out`` unless an identical packing is already there; return the reader."""
+         quiet: bool = False, max_doc_bytes: int = MAX_DOC_BYTES, workers: int = 1) -> Instances:
+    """Pack ``corpus`` into ``out`` unless an identical packing is already there; return the reader.
+    ``workers``: tokenizer processes (1: this one; 0: one per core); the output does not depend on it."""
+    workers = resolve_workers(workers)
     info = TokenizerInfo.of(tokenizer)
     key = {"corpus": corpus_fingerprint(corpus), "tokenizer_hash": info.hash, "seq_len": seq_len,
            "text_field": text_field}
@@ -54,14 +84,13 @@ def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_fiel
     stats = CorpusStats()
     try:
         docs = iter_documents(corpus, text_field=text_field, stats=stats, max_doc_bytes=max_doc_bytes)
-        batch: list = []
-        for doc in docs:
-            batch.append(doc)
-            if len(batch) == BATCH_DOCS:
-                _add_batch(writer, tokenizer, batch)
-                batch = []
-        if batch:
-            _add_batch(writer, tokenizer, batch)
+        batches = iter(lambda: list(itertools.islice(docs, BATCH_DOCS)), [])
+        if workers == 1:
+            for batch in batches:
+                writer.add_batch(*tokenize_batch(tokenizer, [d.text for d in batch]),
+                                 [d.id for d in batch], [d.source for d in batch])
+        else:
+            _pack_parallel(batches, tokenizer, writer, workers)
     except BaseException:
         writer.abort()
         raise
@@ -76,27 +105,71 @@ def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_fiel
                    stream_tokens=index["stream_tokens"], seconds=round(elapsed, 2), **skipped)
     if not quiet:
         print(f"packed {index['documents']} docs, {index['stream_tokens']} tokens -> {index['count']} x "
-              f"{seq_len} in {elapsed:.1f}s ({index['stream_tokens'] / max(elapsed, 1e-9):,.0f} tok/s) -> {out}")
+              f"{seq_len} in {elapsed:.1f}s ({index['stream_tokens'] / max(elapsed, 1e-9):,.0f} tok/s"
+              f"{f', {workers} workers' if workers > 1 else ''}) -> {out}")
     return Instances(out)
 
 
-def _add_batch(writer: InstanceWriter, tokenizer, docs: list) -> None:
-    ids = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
-    for d, seq in zip(docs, ids):
-        writer.add(seq, d.id, d.source)
+def tokenize_batch(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of ``texts`` back to back and each text's count (two arrays: cheap to send between processes;
+    the writer checks the ids against the vocabulary)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    return flat, lengths
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"    # the processes are the parallelism: no threads on top
+    _worker_tokenizer = tokenizer
+
+
+def _tokenize_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return tokenize_batch(_worker_tokenizer, texts)
+
+
+def _pack_parallel(batches, tokenizer, writer: InstanceWriter, workers: int) -> None:
+    """Batches tokenized in ``workers`` spawned processes, written here in corpus order; at most two batches per
+    worker in flight (reading runs ahead of tokenizing by that much, not by the corpus)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: a fork of a process whose tokenizer threads ran, or which holds a model, is unsafe
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(tokenizer,))
+    in_flight: deque = deque()
+    try:
+        for batch in batches:
+            in_flight.append((pool.submit(_tokenize_in_worker, [d.text for d in batch]),
+                              [d.id for d in batch], [d.source for d in batch]))
+            while len(in_flight) >= 2 * workers:
+                future, ids, sources = in_flight.popleft()
+                writer.add_batch(*future.result(), ids, sources)
+        while in_flight:
+            future, ids, sources = in_flight.popleft()
+            writer.add_batch(*future.result(), ids, sources)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", required=True, help="JSONL / parquet / text file or folder / saved HF dataset")
+    ap.add_argument("--corpus", required=True, help="JSONL (.gz/.zst/.bz2/.xz) / parquet / text file, folder or glob "
+                    "of such files / saved HF dataset")
     ap.add_argument("--tokenizer", required=True, help="local tokenizer folder (e.g. the teacher's)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--text-field", default="text")
     ap.add_argument("--max-doc-bytes", type=int, default=MAX_DOC_BYTES, help="larger documents are skipped")
+    ap.add_argument("--workers", type=int, default=1, help="tokenizer processes (0: one per core)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    pack(a.corpus, load_tokenizer(a.tokenizer), a.seq_len, a.out, a.text_field, max_doc_bytes=a.max_doc_bytes)
+    pack(a.corpus, load_tokenizer(a.tokenizer), a.seq_len, a.out, a.text_field, max_doc_bytes=a.max_doc_bytes,
+         workers=a.workers)
 
 
 if __name__ == "__main__":
