@@ -203,7 +203,9 @@ class EvalConfig(Checked):
 @dataclass
 class TrainConfig(Checked):
     run_name: str = "train"
-    run_dir: str = "${paths.runs}/${run_name}"   # conf/train.yaml: Hydra's output folder (a sweep job's own)
+    # conf/train.yaml: Hydra's output folder (a sweep job's own); None only under --cfg job --resolve, before Hydra
+    # has one (optional: that printout must not fail)
+    run_dir: str | None = "${paths.runs}/${run_name}"
     seed: int = 0
     resume: bool = True                    # continue from the run folder's latest checkpoint if there is one
     paths: PathsConfig = field(default_factory=PathsConfig)
