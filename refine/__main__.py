@@ -8,13 +8,7 @@ Run::
     python -m refine select_only=true select.alpha=0.3 # re-select from <out>'s saved scores only (make select)
     python -m refine pack.max_instances=512            # a quick look: 512 instances spread over the corpus
 
-The steps are ``refine.pipeline``'s; the config (every default) is ``refine/config.py``. ``<out>/`` gets
-``instances/`` (refined tokens), ``refined.jsonl`` (text, for students with another tokenizer), ``logits/``
-(aligned with ``instances/``), ``instances_random/`` + ``random.jsonl`` (the same fraction chosen at random: the
-equal-compute control), ``scores.npz``, ``report.md`` + ``score_hist.png``, ``manifest.json``; the teacher pass
-keeps the logits of *every* scored instance in ``teacher/logits/`` (aligned with ``instances_scored/``), so
-re-selecting never rescores. A folder scored with other settings is refused, never rescored over
-(``refine.folder_key``; ``overwrite=true`` replaces it), and its writers lock it (``refine.core.folder_lock``).
+The steps are ``refine.pipeline``'s, what they write ``refine.outputs``'s, every default ``refine/config.py``'s.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
-"""The selection step and everything it writes into ``<out>/``, the manifest last: the refined instances, their
-text and logits, the random-alpha control, the scores, the report."""
+"""The selection step and what it writes into ``<out>/``, the manifest last: ``instances/`` (refined tokens),
+``refined.jsonl`` (their text, for students with another tokenizer), ``logits/`` (aligned with ``instances/``),
+``instances_random/`` + ``random.jsonl`` (the same fraction chosen blindly: the equal-compute control),
+``scores.npz``, ``report.md``. The teacher pass keeps every scored instance's logits in ``teacher/logits/``, so
+re-selecting never rescores."""
 
 from __future__ import annotations
 
