@@ -54,12 +54,13 @@ def machine() -> dict:
 
 
 def main() -> None:
+    from refine.config import LogitsConfig, ModelPassConfig
     from refine.core.instances import Instances, write_subset
     from refine.core.logits import LogitsStore
     from refine.core.pack import pack
     from refine.core.paths import cache_dir, corpus_dir, teacher_dir
     from refine.core.tokenizer import load_tokenizer
-    from refine.score_pass import run_pass
+    from refine.score_pass import PassConfig, run_pass
     from refine.scorers.registry import make_scorer
 
     ap = argparse.ArgumentParser()
@@ -91,8 +92,8 @@ def main() -> None:
         raw.append(tokens / (time.perf_counter() - t))
         out = tmp / f"pass{r}"
         t = time.perf_counter()
-        run_pass(str(teacher), str(inst.folder), str(out), top_k=a.top_k, top_p=a.top_p, shard_size=len(rows),
-                 batch_rows=len(rows), quiet=True, scorer=scorer)
+        run_pass(PassConfig(str(inst.folder), str(out), ModelPassConfig(str(teacher), batch_rows=len(rows)),
+                            len(rows), LogitsConfig(top_p=a.top_p, top_k=a.top_k), quiet=True), scorer=scorer)
         pipe.append(tokens / (time.perf_counter() - t))
     scorer.close()
     store = LogitsStore(tmp / "pass0" / "logits")

@@ -1,26 +1,93 @@
-"""Typed configs: the schema every Hydra composition is checked against.
+"""Typed configs of the trainer: the one place every default is written.
 
-The YAML in ``conf/`` gives the values; these dataclasses give the keys and types. ``to_config`` merges the
-composed config into the schema, so a misspelt or unknown key anywhere (CLI, experiment file, ``+key=``) is an
-error, and the trainer gets plain typed objects instead of a dict.
+Why a schema registered with Hydra's ConfigStore rather than YAML only: the dataclasses are the base of every
+composition (``conf/train.yaml``: ``defaults: [train_schema, ...]``), so Hydra's own interpolations (the run
+folder) see the defaults, an unknown key or a bad choice (the ``StrEnum`` fields) fails while the config is
+composed, and the trainer gets typed objects. YAML holds only what differs from these defaults: group options
+(``conf/model/*.yaml`` sizes, ``conf/schedule/wsd.yaml``...) and experiments (``@package _global_`` overrides).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum, auto
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
-from refine.config import PathsConfig  # one schema for the shared paths group
-from refine.core.errors import InputError
+from refine.core.paths import PathsConfig  # one schema for the shared paths group
+from refine.core.schema import Checked, Dtype, to_typed
+
+
+class Arch(StrEnum):
+    llama = auto()
+    qwen2 = auto()
+    mamba = auto()
+
+
+class LrSchedule(StrEnum):
+    cosine = auto()
+    wsd = auto()
+    constant = auto()
+
+
+class DecayShape(StrEnum):
+    linear = auto()
+    cosine = auto()
+    sqrt = auto()
+
+
+class AlphaSchedule(StrEnum):
+    constant = auto()
+    linear_increase = auto()
+    linear_decrease = auto()
+    periodic = auto()
+    wsd = auto()
+
+
+class Signal(StrEnum):
+    none = auto()       # LM loss only
+    offline = auto()    # stored top-p-k (or RS-KD) logits from the refine stage
+    online = auto()     # a live HF teacher run on every batch
+
+
+class KDLoss(StrEnum):
+    kld = auto()
+    nll = auto()
+    rkl = auto()
+    mse = auto()
+
+
+class MissingMass(StrEnum):    # (string values: a member named auto hides enum.auto in the class body)
+    auto = "auto"       # renorm for top-p-k; RS-KD: none online, tail offline (distill.kd.auto_missing_mass)
+    renorm = "renorm"
+    tail = "tail"
+    none = "none"
+
+
+class Precision(StrEnum):
+    auto = "auto"       # bf16 autocast on CUDA, fp32 elsewhere
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Parallel(StrEnum):
+    ddp = auto()
+    fsdp = auto()
+
+
+class NanPolicy(StrEnum):
+    stop = auto()       # one error line, before the update
+    skip = auto()       # drop that batch's update (at most trainer.max_nan_skips in a row)
 
 
 @dataclass
-class ModelConfig:
-    """A student built from scratch with transformers (``distill.models``). Vocabulary comes from the tokenizer."""
+class ModelConfig(Checked):
+    """A student built from scratch with transformers (``distill.models``). Vocabulary comes from the tokenizer.
+    These defaults are the tests' ``llama_tiny``; ``conf/model/*.yaml`` give the other sizes (``llama_small`` by
+    default)."""
     name: str = "llama_tiny"
-    arch: str = "llama"                    # llama | qwen2 | mamba
+    arch: Arch = Arch.llama
     tokenizer: str = "${paths.teacher}"    # the teacher's tokenizer unless cross-family (logit KD needs it)
     hidden_size: int = 64
     num_layers: int = 2
@@ -36,7 +103,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     """``train``/``val``: a packed-instances folder, or any corpus ``refine.core.corpus`` reads (packed on first
     use)."""
     train: str = "${paths.corpus}/train.jsonl"
@@ -49,7 +116,7 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Checked):
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -59,17 +126,17 @@ class OptimConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Checked):
     """Learning-rate shape over ``trainer.max_steps``: ``cosine``, ``wsd`` (warmup-stable-decay) or ``constant``."""
-    name: str = "cosine"
-    warmup_steps: int = 10
+    name: LrSchedule = LrSchedule.cosine
+    warmup_steps: int = 20
     min_lr_ratio: float = 0.1              # floor at the end, as a fraction of the peak lr
     decay_fraction: float = 0.2            # wsd: the last fraction of steps decays
-    decay_shape: str = "linear"            # wsd decay: linear | cosine | sqrt
+    decay_shape: DecayShape = DecayShape.linear   # wsd decay
 
 
 @dataclass
-class AlphaConfig:
+class AlphaConfig(Checked):
     """The KD weight alpha in L = (1 - alpha) * L_lm + alpha * L_kd, as a function of the step.
 
     constant: ``peak``; linear_increase: floor -> peak; linear_decrease: peak -> floor; periodic: cosine
@@ -77,7 +144,7 @@ class AlphaConfig:
     hold, then back to floor over the last ``decay_fraction`` of the steps (the WSD learning-rate shape; with a
     WSD learning rate this is the PD paper's best setting).
     """
-    schedule: str = "constant"
+    schedule: AlphaSchedule = AlphaSchedule.constant
     peak: float = 0.9                      # PD paper: static 0.9 best among constants
     floor: float = 0.0
     warmup_steps: int = 0
@@ -86,48 +153,47 @@ class AlphaConfig:
 
 
 @dataclass
-class KDConfig:
+class KDConfig(Checked):
     """Distillation: off (LM loss only), or a teacher signal from stored logits or a live teacher."""
-    signal: str = "none"                   # none | offline | online
+    signal: Signal = Signal.none
     logits: str = ""                       # offline: the refine logits store aligned with data.train
     teacher: str = "${paths.teacher}"      # online: an HF teacher folder (frozen)
-    teacher_dtype: str = "float32"         # the live/validation teacher's own dtype (float32 | bfloat16 | float16),
-                                           # never the student's autocast
+    teacher_dtype: Dtype = Dtype.float32   # the live/validation teacher's own dtype, never the student's autocast
     top_p: float = 0.95                    # online truncation (offline stores carry their own)
     top_k: int = 50                        # online; 0 = full vocabulary
     rs_samples: int = 0                    # online: > 0 samples this many tokens per position (RS-KD) instead
     rs_temperature: float = 1.0            # online RS-KD proposal temperature (offline stores carry their own)
-    loss: str = "kld"                      # kld | nll | rkl | mse
+    loss: KDLoss = KDLoss.kld
     temperature: float = 1.0
     adaptive_temperature: bool = False     # AdaKD-style per-position temperature (distill.losses)
     adaptive_beta: float = 1.0
-    missing_mass: str = "auto"             # auto | renorm | tail | none (distill.losses); auto: renorm for
-                                           # top-p-k, RS-KD: none online, tail offline (distill.kd)
+    missing_mass: MissingMass = MissingMass.auto   # distill.losses; auto: distill.kd.auto_missing_mass
     tau_squared: bool = False              # multiply the KD loss by tau^2 (Hinton's gradient-scale fix)
     val_kl_batches: int = 2                # val batches for KL(teacher || student) at each eval (0: off)
     alpha: AlphaConfig = field(default_factory=AlphaConfig)
 
 
 @dataclass
-class TrainerConfig:
-    max_steps: int = 100
+class TrainerConfig(Checked):
+    """CPU-sized: 200 steps x 4 x 256 tokens; scale ``data.batch_size`` and ``max_steps`` up on a GPU."""
+    max_steps: int = 200
     log_every: int = 10
     eval_every: int = 50
-    eval_batches: int = 20                 # val batches per evaluation (a fixed set, the same every time)
+    eval_batches: int = 8                  # val batches per evaluation (a fixed set, the same every time)
     ckpt_every: int = 50
     keep_checkpoints: int = 2              # most recent trainer checkpoints kept (the final one always)
     progress: bool = True                  # tqdm progress bar
     tensorboard: bool = True
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
-    precision: str = "auto"                # auto = bf16 autocast on CUDA, fp32 elsewhere | fp32 | bf16
-    parallel: str = "ddp"                  # under torchrun: ddp | fsdp (distill.distributed)
-    nan_policy: str = "stop"               # non-finite loss/gradient: stop (one error line) | skip the batch
+    precision: Precision = Precision.auto
+    parallel: Parallel = Parallel.ddp      # under torchrun (distill.distributed); fsdp: students too big to replicate
+    nan_policy: NanPolicy = NanPolicy.stop  # a non-finite loss or gradient
     max_nan_skips: int = 10                # skip: stop anyway after this many non-finite steps in a row
     threads: int = 0                       # torch intra-op threads (0: torch's default); sweeps run jobs side by side
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """After training, evaluate the final checkpoint (``distill.evaluate``) into its ``eval.json``."""
     tasks: list[str] = field(default_factory=list)   # lm-eval tasks/tags from conf/eval/tasks, e.g. [rd_piqa]
     limit: int = 0                         # items per task (0: all)
@@ -135,9 +201,11 @@ class EvalConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     run_name: str = "train"
-    run_dir: str = "${paths.runs}/${run_name}"
+    # conf/train.yaml: Hydra's output folder (a sweep job's own); None only under --cfg job --resolve, before Hydra
+    # has one (optional: that printout must not fail)
+    run_dir: str | None = "${paths.runs}/${run_name}"
     seed: int = 0
     resume: bool = True                    # continue from the run folder's latest checkpoint if there is one
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -150,12 +218,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
 def to_config(cfg: DictConfig) -> TrainConfig:
-    """Check a composed config against the schema (unknown keys, wrong types) and resolve it."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as e:
-        msg = str(e).splitlines()[0]
-        key = getattr(e, "full_key", None)
-        raise InputError(f"bad config: {msg}" + (f" (key: {key})" if key and key not in msg else "")) from None
+    """Check a composed config against the schema (unknown keys, wrong types, bad choices) and resolve it."""
+    return to_typed(TrainConfig, cfg)

@@ -27,8 +27,6 @@ import torch.distributed as dist
 
 from refine.core.errors import InputError, everyone, write_error_line
 
-MODES = ("ddp", "fsdp")
-
 
 @dataclass(frozen=True)
 class Dist:
@@ -92,8 +90,6 @@ def setup(device: torch.device, mode: str, batch_size: int) -> tuple[Dist, torch
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(), device
-    if mode not in MODES:
-        raise InputError(f"trainer.parallel must be one of {', '.join(MODES)}, got {mode!r}")
     if batch_size % world:
         raise InputError(f"data.batch_size {batch_size} (the global micro-batch) must divide by the {world} "
                          f"processes")

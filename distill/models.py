@@ -20,8 +20,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MambaConfig, Pretrai
 from distill.config import ModelConfig
 from refine.core.errors import InputError
 
-ARCHS = ("llama", "qwen2", "mamba")
-
 
 def hf_config(cfg: ModelConfig, vocab_size: int, bos_id: int | None, eos_id: int) -> PretrainedConfig:
     """The transformers config of ``cfg`` (arch + size) with the tokenizer's vocabulary and special ids."""
@@ -31,8 +29,6 @@ def hf_config(cfg: ModelConfig, vocab_size: int, bos_id: int | None, eos_id: int
     if cfg.arch == "mamba":
         # A Mamba block's width is expand * hidden (intermediate_size is not used); no heads, no positions.
         return MambaConfig(**common, state_size=cfg.state_size, expand=cfg.expand, conv_kernel=4)
-    if cfg.arch not in ("llama", "qwen2"):
-        raise InputError(f"model {cfg.name}: unknown arch {cfg.arch!r} (one of {', '.join(ARCHS)})")
     if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
         raise InputError(f"model {cfg.name}: hidden_size {cfg.hidden_size} must divide by num_heads "
                          f"{cfg.num_heads}, which must divide by num_kv_heads {cfg.num_kv_heads}")

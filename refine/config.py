@@ -1,39 +1,67 @@
-"""Typed config of the refine stage (values in ``conf/refine.yaml``); unknown keys are errors."""
+"""Typed config of the refine stage: the one place every default is written.
+
+Registered with Hydra's ConfigStore as ``refine_schema``, the base of ``conf/refine.yaml`` (the same choice as
+``distill.config``, for the same reasons): Hydra's own interpolations (``hydra.run.dir: ${out}``) see these
+defaults, unknown keys and bad choices fail while the config is composed, and the YAML states only what differs.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum, auto
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
-from refine.core.errors import InputError
+from refine.core.paths import PathsConfig
+from refine.core.schema import Checked, Dtype, to_typed
+
+
+class Backend(StrEnum):
+    """How a model pass is scored (``refine.scorers.registry``)."""
+    vllm = auto()       # an in-process vLLM engine
+    hf = auto()         # transformers
+    served = auto()     # running vLLM servers at ``urls``
+
+
+class Codec(StrEnum):
+    """The logits store's codec (``refine.core.logits.format``)."""
+    zstd = auto()       # quantised, ~1/3 of raw's bytes: ids exact, sqrt(p) in 48 levels
+    raw = auto()        # fp16
+
+
+class SelectMode(StrEnum):
+    top = auto()        # the top alpha by score
+    sample = auto()     # p ~ exp(score / temperature), without replacement
+    random = auto()     # the same fraction chosen blindly (the control)
 
 
 @dataclass
-class PathsConfig:
-    cache: str = ".cache"                  # fetched data, converted models, packed tokens (git-ignored)
-    runs: str = "runs"                     # training runs (the reference model's among them)
-    teacher: str = ".cache/models/smollm2-135m"
-    corpus: str = ".cache/data/corpus"
-    refined: str = ".cache/refined/default"
-
-
-@dataclass
-class PackConfig:
+class PackConfig(Checked):
     seq_len: int = 256                     # MiniPLM packs 1024; 256 keeps CPU demos short
     max_instances: int = -1                # score N instances spread evenly over the corpus (-1: all)
     workers: int = 1                       # tokenizer processes (0: one per core); the output is the same
 
 
 @dataclass
-class ModelPassConfig:
-    path: str = ""                         # HF folder, or a training run folder (its latest checkpoint)
-    backend: str = "vllm"                  # vllm | hf | served (running vLLM servers at urls)
-    dtype: str = "float32"                 # float32 | bfloat16
+class ModelPassConfig(Checked):
+    """One model's scoring pass (the teacher's and the reference's differ only in ``path``).
+
+    ``engine``: extra engine kwargs. vllm: ``vllm.LLM`` kwargs, e.g. {tensor_parallel_size: 2,
+    pipeline_parallel_size: 2, enforce_eager: true}; the in-process engine has no data parallelism (vLLM refuses
+    data_parallel_size > 1 there): for that, run servers (``--data-parallel-size N``, or N of them) and use
+    backend served. served: {served_model: NAME (their --served-model-name; default: their only model),
+    max_concurrency: 8 (requests in flight over all urls), timeout: 300 (s), retries: 3}; dtype, max_model_len and
+    --max-logprobs (>= the top-K asked for) are the servers' own settings. Override with
+    ``+teacher.engine.KEY=VALUE`` or ``++teacher.engine='{KEY: VALUE, ...}'`` (a bare ``teacher.engine={..}`` fails).
+    """
+    path: str = ""                         # HF folder, or a training run folder (its latest checkpoint); with
+                                           # backend served only its config.json + tokenizer are read
+    backend: Backend = Backend.vllm
+    dtype: Dtype = Dtype.float32
     batch_rows: int = 64                   # rows per engine call (vLLM schedules them by tokens)
     write_workers: int = 0                 # shards encoded + written while the next is scored (0: cores / 4, 1..4)
-    engine: dict = field(default_factory=dict)   # extra engine kwargs, e.g. {tensor_parallel_size: 2}
+    engine: dict = field(default_factory=dict)
     urls: list[str] = field(default_factory=list)  # backend served: base URLs, e.g. [http://gpu1:8000]
     # backend served: the NAME of the environment variable holding the servers' --api-key (never the key itself:
     # configs end up in manifests and logs); unset or empty: no key sent
@@ -41,26 +69,26 @@ class ModelPassConfig:
 
 
 @dataclass
-class LogitsConfig:
+class LogitsConfig(Checked):
     top_p: float = 0.95                    # PD paper's best: top-0.95 then top-50
     top_k: int = 50                        # 0 disables logit capture
     candidates: int = 0                    # top-K the engine returns per position (0: top_k); RS-KD draws from these
     rs_samples: int = 0                    # > 0: also an RS-KD sampled store (teacher/logits_rs, logits_rs/)
     rs_temperature: float = 1.0            # RS-KD proposal q ∝ p^(1/t)
     seed: int = 0                          # RS-KD draws
-    codec: str = "zstd"                    # store codec: zstd (quantised, ~1/3 of raw) | raw (fp16)
+    codec: Codec = Codec.zstd
 
 
 @dataclass
-class SelectConfig:
+class SelectConfig(Checked):
     alpha: float = 0.5                     # fraction kept (MiniPLM: 0.5)
-    mode: str = "top"                      # top | sample | random
+    mode: SelectMode = SelectMode.top
     temperature: float = 1.0               # sample mode: p ~ exp(score / temperature)
     seed: int = 0
 
 
 @dataclass
-class DedupConfig:
+class DedupConfig(Checked):
     """Reference-model embeddings + faiss: optional near-duplicate removal before scoring, diversity figures."""
     enabled: bool = False                  # drop near-duplicates before scoring
     threshold: float = 0.95                # cosine similarity at or above which a later instance is a duplicate
@@ -68,7 +96,7 @@ class DedupConfig:
 
 
 @dataclass
-class RefineConfig:
+class RefineConfig(Checked):
     name: str = "default"
     corpus: str = "${paths.corpus}/train.jsonl"
     text_field: str = "text"
@@ -76,10 +104,17 @@ class RefineConfig:
     out: str = "${paths.cache}/refined/${name}"
     shard_size: int = 128                  # instances per scoring shard (the unit of crash-resume)
     report_examples: int = 3               # top- and bottom-scored instances quoted in the report
-    shard: str = "0/1"                     # i/N: this machine scores every N-th scoring shard, then stops
-    merge_from: list[str] = field(default_factory=list)  # refine outputs of the parts: their shards are copied in
-    overwrite: bool = False                # replace an out folder scored with other settings (default: refuse)
-    select_only: bool = False              # re-select from out's saved scores only (make select): never scores
+    # Spread scoring over N machines: each runs `python -m refine --shard i/N` (or shard=i/N), scoring every N-th
+    # scoring shard and stopping there; then one run with merge_from=[their out folders] (or nothing, if they all
+    # wrote into one shared out folder) copies the parts in and finishes exactly as an unsharded run.
+    shard: str = "0/1"
+    merge_from: list[str] = field(default_factory=list)
+    # An out folder scored with other settings (scoring.json: corpus, packing, models, dtype, backend, capture) is
+    # refused, never rescored over; overwrite=true replaces it (refused too while another run on this host writes it).
+    overwrite: bool = False
+    # Re-select with this command's select.* from the scores out holds, reading what was scored from the folder's
+    # own record (make select): nothing is packed or scored; no saved scores is a one-line error.
+    select_only: bool = False
     paths: PathsConfig = field(default_factory=PathsConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     teacher: ModelPassConfig = field(default_factory=lambda: ModelPassConfig(path="${paths.teacher}"))
@@ -89,8 +124,9 @@ class RefineConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
 
+ConfigStore.instance().store(name="refine_schema", node=RefineConfig)
+
+
 def to_refine_config(cfg: DictConfig) -> RefineConfig:
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RefineConfig), cfg))  # type: ignore
-    except OmegaConfBaseException as e:
-        raise InputError(f"bad config: {str(e).splitlines()[0]}") from None
+    """Check a composed config against the schema (unknown keys, wrong types, bad choices) and resolve it."""
+    return to_typed(RefineConfig, cfg)

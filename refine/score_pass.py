@@ -1,15 +1,15 @@
 """One scoring pass of one model over packed instances, shard by shard, resumable.
 
 Run by ``python -m refine`` in its own process per model (vLLM is faster without transformers beside it, and
-each engine's memory goes back to the OS when the pass ends)::
+each engine's memory goes back to the OS when the pass ends); the parent hands it a ``PassConfig`` as JSON on
+stdin. By hand: ``python -m refine.score_pass PASS.json`` (a JSON file of ``PassConfig``, e.g.
+``{"instances": DIR, "out": DIR, "shard_size": 128, "model": {"path": DIR, "backend": "served", "urls":
+["http://host1:8000"]}, "logits": {"top_k": 50}}``; unnamed fields keep ``refine.config``'s defaults).
 
-    python -m refine.score_pass --model DIR --instances DIR --out DIR [--top-k 50 --top-p 0.95 --codec zstd]
-    python -m refine.score_pass --backend served --urls http://host1:8000 http://host2:8000 --model DIR ...
-
-For each shard of ``--shard-size`` instances it writes ``nll-XXXXX.npy`` (mean per-token NLL per instance) and,
-when ``--top-k > 0``, the top-p-k truncated logits shard of ``refine.core.logits``; then ``shard-XXXXX.json``
-last. A shard whose json exists is finished: a rerun after a crash scores only the missing shards.
-``finish`` assembles ``nll.npy`` and the store's ``store.json``.
+For each shard of ``shard_size`` instances it writes ``nll-XXXXX.npy`` (mean per-token NLL per instance) and,
+when ``logits.top_k > 0``, the top-p-k truncated logits shard of ``refine.core.logits``; then
+``shard-XXXXX.json`` last. A shard whose json exists is finished: a rerun after a crash scores only the missing
+shards. ``finish`` assembles ``nll.npy`` and the store's ``store.json``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,35 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from refine.config import Backend, LogitsConfig, ModelPassConfig
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.instances import Instances
-from refine.core.logits import CODECS, LogitsWriter, StoreHeader
+from refine.core.logits import LogitsWriter, StoreHeader
 from refine.core.manifest import atomic_path, write_json_atomic
+from refine.core.schema import Checked, to_typed
+
+
+@dataclass
+class PassConfig(Checked):
+    """Everything one pass needs: a new option goes into ``ModelPassConfig`` / ``LogitsConfig`` and its use.
+
+    ``model.path``: the model folder itself (the parent resolves a run folder to its checkpoint). ``logits``: what
+    to capture besides the NLL (``top_k`` 0: NLL only); the engine returns the top ``max(top_k, candidates)`` per
+    position, the top-p-k store keeps a prefix of them, and ``rs_samples`` > 0 also writes an RS-KD sampled store
+    in ``logits_rs/`` (draws seeded by ``seed`` and the shard: a rerun writes the same bytes). ``shard``: "i/N",
+    this machine's part of a run spread over N (a partial summary until a folder holds every part's shards)."""
+    instances: str
+    out: str
+    model: ModelPassConfig
+    shard_size: int
+    logits: LogitsConfig = field(default_factory=LogitsConfig)
+    shard: str = "0/1"                     # all of it
+    quiet: bool = False                    # no per-shard progress lines
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -36,108 +56,122 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr, allow_pickle=False)
 
 
-def run_pass(model: str, instances_dir: str, out: str, backend: str = "vllm", dtype: str = "float32",
-             top_k: int = 0, top_p: float = 1.0, shard_size: int = 128, batch_rows: int = 32,
-             quiet: bool = False, scorer=None, candidates: int = 0, rs_samples: int = 0,
-             rs_temperature: float = 1.0, seed: int = 0, codec: str = "zstd", shard: str = "0/1",
-             write_workers: int = 0, **engine_opts) -> dict:
-    """Score every unfinished shard. ``scorer``: an already started one (benchmarks), else one is made here.
+def _writers(cfg: PassConfig, inst: Instances, out_dir: Path) -> tuple[LogitsWriter | None, LogitsWriter | None]:
+    """The top-p-k store's writer (``logits.top_k`` > 0) and the RS-KD sampled store's (``rs_samples`` > 0)."""
+    lc = cfg.logits
+    header = StoreHeader(inst.tokenizer.vocab_size, inst.tokenizer.hash, lc.top_p, lc.top_k, inst.seq_len - 1,
+                         codec=str(lc.codec))
+    writer = LogitsWriter(out_dir / "logits", header) if lc.top_k else None
+    if not lc.rs_samples:
+        return writer, None
+    if not lc.top_k:
+        raise InputError("RS-KD sampling draws from the teacher's top-K candidates: it needs top_k > 0")
+    return writer, LogitsWriter(out_dir / "logits_rs", replace(header, top_p=1.0, top_k=lc.rs_samples, kind="sampled",
+                                                               samples=lc.rs_samples,
+                                                               sample_temperature=lc.rs_temperature))
 
-    The engine returns the top ``max(top_k, candidates)`` per position; the top-p-k store keeps a prefix of
-    them, and with ``rs_samples`` > 0 the same candidates (plus their remaining mass) also give an RS-KD
-    sampled store in ``logits_rs/`` (draws seeded by ``seed`` and the shard: a rerun writes the same bytes).
-    ``codec``: both stores' (``refine.core.logits``: zstd | raw). ``shard``: "i/N", this machine's part of a
-    run spread over N (a partial summary until a folder holds every part's shard files). ``write_workers``:
-    threads encoding and writing scored shards while the next ones are scored (0: a quarter of the cores, 1..4).
-    """
+
+def _make_scorer(cfg: PassConfig, seq_len: int):
+    """The pass's scorer: ``model.engine`` options, plus the servers and key variable for backend served."""
     from refine.scorers.registry import make_scorer
 
-    inst = Instances(instances_dir)
-    out_dir = Path(out)
+    m = cfg.model
+    opts = dict(m.engine)
+    if m.backend == Backend.vllm:   # max_model_len leaves room for the one token vLLM must generate after the prompt
+        opts = {"max_model_len": seq_len + 16, **opts}
+    elif m.backend == Backend.served:   # model.path stays the local folder (config.json + tokenizer)
+        opts = {**opts, **({"urls": list(m.urls)} if m.urls else {}), "api_key_env": m.api_key_env}
+    return make_scorer(str(m.backend), m.path, top_k=max(cfg.logits.top_k, cfg.logits.candidates),
+                       dtype=str(m.dtype), **opts)
+
+
+def run_pass(cfg: PassConfig, scorer=None) -> dict:
+    """Score every unfinished shard of this machine's part; a summary (``pass.json``'s, or a partial one).
+    ``scorer``: an already started one (benchmarks), else one is made here and closed at the end."""
+    inst = Instances(cfg.instances)
+    out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_shards = (len(inst) + shard_size - 1) // shard_size
-    part, part_count = parse_shard(shard)
+    n_shards = (len(inst) + cfg.shard_size - 1) // cfg.shard_size
+    part, part_count = parse_shard(cfg.shard)
     # shard i/N of a run spread over N machines scores every N-th score shard: each machine gets its own
     # shard files, and a folder holding all of them finishes into exactly the unsharded pass (refine merge_from)
     todo = [s for s in range(part, n_shards, part_count) if not (out_dir / f"shard-{s:05d}.json").is_file()]
-    writer = rs_writer = None
-    header = StoreHeader(inst.tokenizer.vocab_size, inst.tokenizer.hash, top_p, top_k, inst.seq_len - 1,
-                         codec=codec)
-    if top_k:
-        writer = LogitsWriter(out_dir / "logits", header)
-    if rs_samples:
-        if not top_k:
-            raise InputError("RS-KD sampling draws from the teacher's top-K candidates: it needs top_k > 0")
-        rs_writer = LogitsWriter(out_dir / "logits_rs", replace(header, top_p=1.0, top_k=rs_samples, kind="sampled",
-                                                                 samples=rs_samples,
-                                                                 sample_temperature=rs_temperature))
-    n_cand = max(top_k, candidates)
+    writer, rs_writer = _writers(cfg, inst, out_dir)
     load_s = 0.0
     check_key = _key_guard(out_dir)
     if todo:
         t_load = time.perf_counter()
         own = scorer is None
         if own:
-            # max_model_len leaves room for the one token vLLM must generate after the prompt.
-            opts = {"max_model_len": inst.seq_len + 16, **engine_opts} if backend == "vllm" else engine_opts
-            scorer = make_scorer(backend, model, top_k=n_cand, dtype=dtype, **opts)
+            scorer = _make_scorer(cfg, inst.seq_len)
         load_s = time.perf_counter() - t_load
-
-        def write(s: int, rows: np.ndarray, parts: list, score_s: float) -> None:
-            """A scored shard's files, ``shard-XXXXX.json`` last (what marks it finished)."""
-            t0 = time.perf_counter()
-            check_key(f"before shard {s} was written")
-            nll = np.concatenate([p.mean_nll() for p in parts]).astype(np.float32)
-            entry = rs_entry = None
-            if writer is not None:
-                cand_ids = np.concatenate([p.topk_ids for p in parts])
-                cand_lps = np.concatenate([p.topk_logprobs for p in parts])
-                entry = writer.write_shard(s, cand_ids[..., :top_k], cand_lps[..., :top_k])
-            if rs_writer is not None:
-                rs_entry = _write_sampled(rs_writer, s, cand_ids, cand_lps, rs_samples, rs_temperature, seed)
-            _save_npy(out_dir / f"nll-{s:05d}.npy", nll)
-            write_json_atomic(out_dir / f"shard-{s:05d}.json", {
-                "shard": s, "instances": len(rows), "tokens": int(rows.size), "seconds": score_s,
-                "tok_s": rows.size / score_s, "write_seconds": time.perf_counter() - t0, "logits": entry,
-                "logits_rs": rs_entry})
-            try:
-                check_key(f"while shard {s} was written")
-            except InputError:                # ours landed in a folder that is no longer ours: take it back out
-                for f in [out_dir / f"shard-{s:05d}.json", out_dir / f"nll-{s:05d}.npy",
-                          *out_dir.glob(f"logits*/shard-{s:05d}.bin")]:
-                    f.unlink(missing_ok=True)
-                raise
-            if not quiet:
-                print(f"  {Path(model).name}: shard {s + 1}/{n_shards}, {rows.size / score_s:,.0f} tok/s",
-                      file=sys.stderr, flush=True)
-
-        # Encoding and writing shards overlaps scoring the next ones (a GPU teacher outruns one encoder thread;
-        # numpy, scipy and zstd release the GIL, so threads scale: 1.6x with 2 on 2 cores). At most
-        # `workers` shards wait, so memory stays at workers + 1 shards' candidates. Each shard is finished
-        # by its own json, so the order in which they finish does not matter.
-        workers = write_workers or min(4, max(1, (os.cpu_count() or 1) // 4))
-        pending: list = []
         try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for s in todo:
-                    t0 = time.perf_counter()
-                    rows = np.asarray(inst.tokens[s * shard_size:(s + 1) * shard_size])
-                    parts = [scorer.score(rows[i:i + batch_rows]) for i in range(0, len(rows), batch_rows)]
-                    score_s = time.perf_counter() - t0
-                    while len(pending) >= workers:
-                        pending.pop(0).result()
-                    pending.append(pool.submit(write, s, rows, parts, score_s))
-                for job in pending:
-                    job.result()
+            _score_shards(cfg, inst, todo, scorer, _ShardWriter(cfg, out_dir, writer, rs_writer, check_key, n_shards))
         finally:
             if own:
                 scorer.close()
     if part_count > 1 and not all((out_dir / f"shard-{s:05d}.json").is_file() for s in range(n_shards)):
         done = sum((out_dir / f"shard-{s:05d}.json").is_file() for s in range(n_shards))
-        return {"model": str(model), "partial": f"{part}/{part_count}", "shards_done": done, "shards": n_shards,
+        return {"model": cfg.model.path, "partial": f"{part}/{part_count}", "shards_done": done, "shards": n_shards,
                 "engine_load_seconds": load_s}
     check_key("before the pass was finished")
-    return finish(out_dir, n_shards, writer, rs_writer, model, load_s, inst)
+    return finish(out_dir, n_shards, writer, rs_writer, cfg.model.path, load_s, inst)
+
+
+class _ShardWriter:
+    """Writes a scored shard's files, ``shard-XXXXX.json`` last (what marks it finished)."""
+
+    def __init__(self, cfg: PassConfig, out_dir: Path, writer, rs_writer, check_key, n_shards: int):
+        self.cfg, self.out_dir, self.writer, self.rs_writer = cfg, out_dir, writer, rs_writer
+        self.check_key, self.n_shards = check_key, n_shards
+
+    def __call__(self, s: int, rows: np.ndarray, parts: list, score_s: float) -> None:
+        t0, lc, out_dir = time.perf_counter(), self.cfg.logits, self.out_dir
+        self.check_key(f"before shard {s} was written")
+        nll = np.concatenate([p.mean_nll() for p in parts]).astype(np.float32)
+        entry = rs_entry = None
+        if self.writer is not None:
+            cand_ids = np.concatenate([p.topk_ids for p in parts])
+            cand_lps = np.concatenate([p.topk_logprobs for p in parts])
+            entry = self.writer.write_shard(s, cand_ids[..., :lc.top_k], cand_lps[..., :lc.top_k])
+        if self.rs_writer is not None:
+            rs_entry = _write_sampled(self.rs_writer, s, cand_ids, cand_lps, lc.rs_samples, lc.rs_temperature, lc.seed)
+        _save_npy(out_dir / f"nll-{s:05d}.npy", nll)
+        write_json_atomic(out_dir / f"shard-{s:05d}.json", {
+            "shard": s, "instances": len(rows), "tokens": int(rows.size), "seconds": score_s,
+            "tok_s": rows.size / score_s, "write_seconds": time.perf_counter() - t0, "logits": entry,
+            "logits_rs": rs_entry})
+        try:
+            self.check_key(f"while shard {s} was written")
+        except InputError:                # ours landed in a folder that is no longer ours: take it back out
+            for f in [out_dir / f"shard-{s:05d}.json", out_dir / f"nll-{s:05d}.npy",
+                      *out_dir.glob(f"logits*/shard-{s:05d}.bin")]:
+                f.unlink(missing_ok=True)
+            raise
+        if not self.cfg.quiet:
+            print(f"  {Path(self.cfg.model.path).name}: shard {s + 1}/{self.n_shards}, {rows.size / score_s:,.0f} "
+                  f"tok/s", file=sys.stderr, flush=True)
+
+
+def _score_shards(cfg: PassConfig, inst: Instances, todo: list[int], scorer, write: _ShardWriter) -> None:
+    """Score the ``todo`` shards in order; encoding and writing them overlaps scoring the next ones (a GPU teacher
+    outruns one encoder thread; numpy, scipy and zstd release the GIL, so threads scale). At most ``workers``
+    shards wait, so memory stays at workers + 1 shards' candidates. Each shard is finished by its own json, so
+    the order in which they finish does not matter."""
+    size, batch = cfg.shard_size, cfg.model.batch_rows
+    workers = cfg.model.write_workers or min(4, max(1, (os.cpu_count() or 1) // 4))
+    pending: list = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for s in todo:
+            t0 = time.perf_counter()
+            rows = np.asarray(inst.tokens[s * size:(s + 1) * size])
+            parts = [scorer.score(rows[i:i + batch]) for i in range(0, len(rows), batch)]
+            score_s = time.perf_counter() - t0
+            while len(pending) >= workers:
+                pending.pop(0).result()
+            pending.append(pool.submit(write, s, rows, parts, score_s))
+        for job in pending:
+            job.result()
 
 
 def _key_guard(out_dir: Path):
@@ -197,41 +231,16 @@ def finish(out_dir: Path, n_shards: int, writer: LogitsWriter | None, rs_writer:
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Score packed instances with one model (a refine pass).")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--instances", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--backend", choices=["vllm", "hf", "served"], default="vllm")
-    ap.add_argument("--urls", nargs="+", default=[], help="served: base URLs of running vLLM servers")
-    ap.add_argument("--api-key-env", default=None, help="served: NAME of the environment variable holding the "
-                    "servers' API key (the key never goes on a command line)")
-    ap.add_argument("--served-model", default=None, help="served: the model name the servers serve (default: "
-                    "their only one)")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--top-k", type=int, default=0, help="store top-p-k logits with this k (0: NLL only)")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--candidates", type=int, default=0, help="top-K the engine returns (default: --top-k)")
-    ap.add_argument("--rs-samples", type=int, default=0, help="also write an RS-KD sampled store (draws/position)")
-    ap.add_argument("--rs-temperature", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--codec", choices=CODECS, default="zstd", help="logits store codec")
-    ap.add_argument("--shard-size", type=int, default=128)
-    ap.add_argument("--shard", default="0/1", help="i/N: score this machine's part of a run spread over N")
-    ap.add_argument("--batch-rows", type=int, default=32)
-    ap.add_argument("--write-workers", type=int, default=0, help="shard encoder threads (0: cores / 4, 1..4)")
-    ap.add_argument("--engine-opts", default="{}", help="JSON dict passed to the engine (e.g. tensor_parallel_size)")
+    ap.add_argument("config", help="a JSON file of refine.score_pass.PassConfig, or - to read it from stdin")
     a = ap.parse_args(argv)
-    if not Path(a.model).is_dir():
-        raise InputError(f"model folder not found: {a.model}")
-    engine_opts = json.loads(a.engine_opts)
-    if a.backend == "served":   # --model stays the local folder (config.json + tokenizer)
-        engine_opts = {**engine_opts, **({"urls": a.urls} if a.urls else {}),
-                       **({"served_model": a.served_model} if a.served_model else {}),
-                       **({"api_key_env": a.api_key_env} if a.api_key_env is not None else {})}
-    summary = run_pass(a.model, a.instances, a.out, a.backend, a.dtype, a.top_k, a.top_p, a.shard_size,
-                       a.batch_rows, candidates=a.candidates, rs_samples=a.rs_samples,
-                       rs_temperature=a.rs_temperature, seed=a.seed, codec=a.codec, shard=a.shard,
-                       write_workers=a.write_workers, **engine_opts)
-    print(json.dumps(summary))
+    try:
+        raw = json.loads(sys.stdin.read() if a.config == "-" else Path(a.config).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the pass config {a.config}: {e}") from None
+    cfg = to_typed(PassConfig, raw)
+    if not Path(cfg.model.path).is_dir():
+        raise InputError(f"model folder not found: {cfg.model.path}")
+    print(json.dumps(run_pass(cfg)))
 
 
 if __name__ == "__main__":

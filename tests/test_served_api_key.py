@@ -49,11 +49,13 @@ def test_keyed_teacher_server(keyed_server, refine_overrides, tiny_model_dir, tm
     res = subprocess.run(cmd, cwd=REPO, env={**env, ENV_NAME: KEY}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     # The same numbers as a teacher without a server (fp32 sums differ only in order).
-    from refine.score_pass import run_pass
+    from refine.config import LogitsConfig, ModelPassConfig
+    from refine.score_pass import PassConfig, run_pass
 
     hf = tmp_path / "hf"
-    run_pass(str(tiny_model_dir), str(out / "instances_scored"), str(hf), backend="hf", top_k=10, top_p=0.9,
-             shard_size=16, quiet=True)
+    model = ModelPassConfig(str(tiny_model_dir), "hf", batch_rows=32)
+    run_pass(PassConfig(str(out / "instances_scored"), str(hf), model, 16, LogitsConfig(top_p=0.9, top_k=10),
+                        quiet=True))
     diff = np.abs(np.load(out / "teacher" / "nll.npy") - np.load(hf / "nll.npy")).max()
     print(f"keyed server vs transformers: max NLL diff {diff:.1e}")
     assert diff < 1e-4

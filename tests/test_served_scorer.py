@@ -208,16 +208,21 @@ def test_served_matches_in_process_engine(server, tiny_model_dir, tiny_corpus, t
     assert out0.topk_ids is None and np.array_equal(out0.token_logprobs, out.token_logprobs)
 
     # The score_pass CLI on the served backend: the pass's NLLs are the HF scorer's (to 1e-4 in fp32).
+    from refine.config import LogitsConfig, ModelPassConfig
     from refine.core.pack import pack
     from refine.core.tokenizer import load_tokenizer
-    from refine.score_pass import main, run_pass
+    from refine.score_pass import PassConfig, main, run_pass
 
     inst = pack(tiny_corpus / "val.jsonl", load_tokenizer(tiny_model_dir), 64, tmp_path / "inst", quiet=True)
-    main(["--model", str(tiny_model_dir), "--instances", str(inst.folder), "--out", str(tmp_path / "served"),
-          "--backend", "served", "--urls", server.url, "--served-model", "tiny", "--top-k", "5", "--top-p", "0.95",
-          "--shard-size", "16", "--batch-rows", "8", "--engine-opts", '{"max_concurrency": 2}'])
-    hf = run_pass(str(tiny_model_dir), str(inst.folder), str(tmp_path / "hf"), backend="hf", top_k=5, top_p=0.95,
-                  shard_size=16, quiet=True)
+    (tmp_path / "pass.json").write_text(json.dumps({   # the JSON the refine parent hands its scoring child
+        "instances": str(inst.folder), "out": str(tmp_path / "served"), "shard_size": 16,
+        "model": {"path": str(tiny_model_dir), "backend": "served", "urls": [server.url], "batch_rows": 8,
+                  "engine": {"served_model": "tiny", "max_concurrency": 2}},
+        "logits": {"top_k": 5, "top_p": 0.95}}))
+    main([str(tmp_path / "pass.json")])
+    hf = run_pass(PassConfig(str(inst.folder), str(tmp_path / "hf"), ModelPassConfig(str(tiny_model_dir), "hf",
+                                                                                      batch_rows=32),
+                             16, LogitsConfig(top_p=0.95, top_k=5), quiet=True))
     served_nll = np.load(tmp_path / "served" / "nll.npy")
     assert len(served_nll) == hf["instances"] == len(inst)
     assert np.abs(served_nll - np.load(tmp_path / "hf" / "nll.npy")).max() < 1e-4

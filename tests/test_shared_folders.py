@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import refine.__main__ as refine_main
+import refine.pipeline as refine_main
 from refine.__main__ import CONF_DIR, refine
 from refine.config import to_refine_config
 from tests.conftest import REPO, refine_output_differences

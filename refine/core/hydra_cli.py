@@ -5,20 +5,36 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from refine.core.errors import InputError
+
+
+def compose_config(conf_dir: Path, config_name: str, overrides: list[str]):
+    """Hydra's composition of ``config_name`` with ``overrides``; what it refuses is one ``InputError`` line (a bad
+    value or choice checked by the schema: ``bad config: key='v' is not one of a | b``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+    from refine.core.schema import find_omegaconf_error, one_line
+
+    try:
+        with initialize_config_dir(str(conf_dir), version_base="1.3"):
+            return compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = find_omegaconf_error(e)
+        if isinstance(cause, ValidationError):
+            raise InputError(one_line(cause)) from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = " ".join(ln for ln in lines if not ln.startswith(("full_key", "object_type")))
+        raise InputError(f"bad config override: {msg}") from None
+
 
 def precheck_overrides(conf_dir: Path, config_name: str, args: list[str]) -> None:
     """Compose once before Hydra does; on failure print ``error: ...`` and exit 2."""
     if any(a.startswith("-") for a in args):  # --multirun, --cfg, --help...: leave those to Hydra
         return
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
-        with initialize_config_dir(str(conf_dir), version_base="1.3"):
-            compose(config_name, overrides=args)
-    except (HydraException, OmegaConfBaseException) as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        msg = " ".join(ln for ln in lines if not ln.startswith(("full_key", "object_type")))
-        print(f"error: bad config override: {msg}", file=sys.stderr)
+        compose_config(conf_dir, config_name, args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

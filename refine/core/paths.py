@@ -1,15 +1,27 @@
 """Where fetched data, converted models and packed tokens live: an ignored cache folder.
 
-Default ``<repo>/.cache``; set ``RD_CACHE=/some/dir`` to share one cache between checkouts.
+Default ``<repo>/.cache``; set ``RD_CACHE=/some/dir`` to share one cache between checkouts. ``PathsConfig`` is
+the ``paths`` group both stages' configs share (``conf/paths/``).
 """
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from refine.core.errors import InputError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]   # the repository root (refine/core/paths.py)
+
+
+@dataclass
+class PathsConfig:
+    """Relative paths are relative to where you launch (Hydra does not chdir)."""
+    cache: str = "${oc.env:RD_CACHE,.cache}"          # fetched data, converted models, packed tokens (git-ignored)
+    runs: str = "runs"                                 # training runs (the reference model's among them)
+    teacher: str = "${paths.cache}/models/smollm2-135m"
+    corpus: str = "${paths.cache}/data/corpus"
+    refined: str = "${paths.cache}/refined/default"    # make refine's output (instances/, instances_scored/, logits/)
 
 
 def cache_dir() -> Path:

@@ -1,0 +1,108 @@
+"""The selection step and what it writes into ``<out>/``, the manifest last: ``instances/`` (refined tokens),
+``refined.jsonl`` (their text, for students with another tokenizer), ``logits/`` (aligned with ``instances/``),
+``instances_random/`` + ``random.jsonl`` (the same fraction chosen blindly: the equal-compute control),
+``scores.npz``, ``report.md``. The teacher pass keeps every scored instance's logits in ``teacher/logits/``, so
+re-selecting never rescores."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from refine.config import RefineConfig
+from refine.core.instances import Instances, write_subset
+from refine.core.logits import LogitsStore, LogitsWriter
+from refine.core.manifest import atomic_path, code_version, write_manifest
+from refine.core.tokenizer import tokenizer_hash
+from refine.select import difference_scores, select
+
+
+@dataclass
+class Scored:
+    """What a selection is made from: the scored instances, both passes' summaries and where they came from."""
+    inst: Instances
+    tok: object                            # the teacher's tokenizer
+    emb: np.ndarray | None                 # reference-model embeddings of ``inst`` (dedup / diversity), or None
+    dedup_info: dict
+    tpass: dict
+    rpass: dict
+    teacher: str
+    reference: str
+    corpus_key: str | None
+    t0: float                              # when the run started
+    scoring_s: float
+
+
+def write_text_export(inst: Instances, rows: np.ndarray, scores: np.ndarray, tok, path: Path) -> None:
+    """The kept instances as text: students with another tokenizer train on this."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            rec = {"id": f"instance/{int(r)}", "doc_ids": inst.doc_ids(int(r)), "score": round(float(scores[r]), 5),
+                   "text": tok.decode(np.asarray(inst.tokens[r]).tolist())}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size: int,
+                      kept: Instances | None) -> LogitsStore:
+    """Rows ``rows`` of ``src`` as a new store aligned with ``kept`` (the instances they are scored on)."""
+    with atomic_path(out) as tmp:       # a private temporary, not a fixed "logits.tmp" anyone can plant
+        writer = LogitsWriter(tmp, src.header)
+        shards = [writer.write_rows(s, [src[int(r)] for r in rows[start:start + shard_size]])
+                  for s, start in enumerate(range(0, len(rows), shard_size))]
+        writer.finish(shards, extra={"rows_of": "instances/"}, instances=kept)
+    return LogitsStore(out)
+
+
+def write_selection(cfg: RefineConfig, out: Path, s: Scored) -> dict:
+    """Select from the two passes' NLLs and write every selection output, the manifest last."""
+    from refine.report import write_report
+
+    inst, tok = s.inst, s.tok
+    teacher_nll = np.load(out / "teacher" / "nll.npy", allow_pickle=False)
+    ref_nll = np.load(out / "reference" / "nll.npy", allow_pickle=False)
+    scores = difference_scores(teacher_nll, ref_nll)
+    kept = select(scores, cfg.select.alpha, cfg.select.mode, cfg.select.temperature, cfg.select.seed)
+    with atomic_path(out / "scores.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, teacher_nll=teacher_nll, ref_nll=ref_nll, score=scores, kept=kept)
+    refined = write_subset(inst, kept, out / "instances", extra={"selection": asdict(cfg.select)})
+    write_text_export(inst, kept, scores, tok, out / "refined.jsonl")
+    # MiniPLM's control: the same fraction of the scored instances chosen blindly (seeded), for equal-compute
+    # comparisons (conf/experiment/random_alpha.yaml, cross_family_random.yaml).
+    control = select(scores, cfg.select.alpha, "random", seed=cfg.select.seed)
+    write_subset(inst, control, out / "instances_random",
+                 extra={"selection": {**asdict(cfg.select), "mode": "random"}})
+    write_text_export(inst, control, scores, tok, out / "random.jsonl")
+    stores = {}
+    for name, wanted in (("logits", cfg.logits.top_k), ("logits_rs", cfg.logits.rs_samples)):
+        if wanted:
+            stores[name] = write_kept_logits(LogitsStore(out / "teacher" / name), kept, out / name, cfg.shard_size,
+                                             refined)
+    report = write_report(out, inst, refined, scores, kept, tok, stores, s.tpass, s.rpass, cfg.report_examples)
+    if s.emb is not None:
+        _add_diversity(report, out, s.emb, kept, control, s.dedup_info, cfg.select.alpha)
+    key = {"corpus": s.corpus_key, "config": asdict(cfg)}
+    manifest = write_manifest(out, key, teacher=s.teacher, reference=s.reference,
+                              tokenizer_hash=tokenizer_hash(tok), instances_scored=len(inst),
+                              instances_kept=len(refined), teacher_pass=s.tpass, reference_pass=s.rpass,
+                              seconds={"total": time.perf_counter() - s.t0, "scoring": s.scoring_s},
+                              report=report, code=code_version())
+    print(f"kept {len(refined):,} of {len(inst):,} instances (alpha {cfg.select.alpha}) -> {out}")
+    return manifest
+
+
+def _add_diversity(report: dict, out: Path, emb: np.ndarray, kept: np.ndarray, control: np.ndarray,
+                   dedup_info: dict, alpha: float) -> None:
+    from refine.dedup import diversity
+
+    report["diversity"] = {"scored": diversity(emb), "refined": diversity(emb[kept]),
+                           "random_same_size": diversity(emb[control])}
+    report["dedup"] = dedup_info
+    with open(out / "report.md", "a") as f:
+        d = report["diversity"]
+        f.write(f"\n## Diversity (mean pairwise cosine distance of reference-model embeddings)\n\n"
+                f"scored {d['scored']:.4f} · refined {d['refined']:.4f} · random {alpha:.0%} "
+                f"{d['random_same_size']:.4f}\n")

@@ -1,0 +1,126 @@
+"""The refine stage's steps, each reusing a finished result: pack the corpus with the teacher's tokenizer,
+(optionally) drop near-duplicates, score every instance with the teacher and the reference
+(``refine.passes``), then select and write (``refine.outputs``); ``select_only`` re-selects (``refine.reselect``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from refine.config import RefineConfig
+from refine.core.errors import InputError
+from refine.core.folder_lock import FolderLock
+from refine.core.instances import Instances, write_subset
+from refine.core.manifest import atomic_path, read_manifest, write_json_atomic
+from refine.core.pack import corpus_fingerprint, pack
+from refine.core.paths import resolve_model
+from refine.core.tokenizer import load_tokenizer, tokenizer_hash
+from refine.folder_key import check_settings, scoring_settings
+from refine.outputs import Scored, write_selection
+from refine.passes import model_fingerprint, score
+from refine.reselect import check_saved_scores, reselect
+from refine.score_pass import parse_shard
+
+
+def refine(cfg: RefineConfig) -> dict:
+    """The whole stage (``select_only``: re-selection from the folder's saved scores), holding the folder's
+    lock: exclusive, but shared among the parts of a sharded run (``refine.core.folder_lock`` says why)."""
+    _, parts = parse_shard(cfg.shard)
+    out = Path(cfg.out)
+    if cfg.select_only:
+        check_saved_scores(out)                  # before the lock creates anything
+    shared = parts > 1 and not cfg.overwrite and not cfg.select_only
+    with FolderLock(out, "refine run", "use another out= (or name=)", shared=shared):
+        return reselect(cfg) if cfg.select_only else _refine(cfg)
+
+
+def _refine(cfg: RefineConfig) -> dict:
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    teacher, reference = resolve_model(cfg.teacher.path), resolve_model(cfg.reference.path)
+    tok = load_tokenizer(teacher)
+    _check_tokenizers(cfg, out, tok, reference)
+    check_settings(out, scoring_settings(asdict(cfg)), cfg.overwrite)   # before anything is written
+    inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field,
+                max_doc_bytes=cfg.max_doc_bytes, workers=cfg.pack.workers)
+    if 0 < cfg.pack.max_instances < len(inst):
+        # An evenly spaced subset keeps every part of the corpus represented (the first N would be one source).
+        rows = np.unique(np.linspace(0, len(inst) - 1, cfg.pack.max_instances).round().astype(np.int64))
+        inst = _subset(inst, rows, out / "instances_sample")
+
+    emb, dedup_info = None, {}
+    if cfg.dedup.enabled or cfg.dedup.diversity:
+        emb = embeddings(inst, reference, out)
+    if cfg.dedup.enabled:
+        inst, emb, dedup_info = _dedup(cfg, inst, emb, out)
+    # The scored set always lives at instances_scored/ (row i <-> teacher/logits row i): offline KD on the
+    # unselected data trains on it.
+    inst = _subset(inst, np.arange(len(inst)), out / "instances_scored")
+
+    t_pass = time.perf_counter()
+    tpass = score(cfg, "teacher", teacher, inst)
+    rpass = score(cfg, "reference", reference, inst)
+    t_scored = time.perf_counter()
+    if "partial" in tpass or "partial" in rpass:
+        print(f"part {cfg.shard} scored -> {out}; when every part is done, finish on one machine with "
+              f"merge_from=[<each part's out>] (nothing to merge if they share {out})")
+        return {"partial": cfg.shard, "teacher_pass": tpass, "reference_pass": rpass}
+    return write_selection(cfg, out, Scored(inst, tok, emb, dedup_info, tpass, rpass, str(teacher), str(reference),
+                                            corpus_fingerprint(cfg.corpus), t0, t_scored - t_pass))
+
+
+def _check_tokenizers(cfg: RefineConfig, out: Path, tok, reference: Path) -> None:
+    """Difference sampling compares NLLs of the same tokens; and a folder keeps one teacher vocabulary."""
+    if tokenizer_hash(load_tokenizer(reference)) != tokenizer_hash(tok):
+        raise InputError(f"reference model {reference} uses another tokenizer than the teacher; difference "
+                         f"sampling compares per-token NLLs of the same tokens")
+    previous = read_manifest(out)
+    if previous and not cfg.overwrite and previous.get("tokenizer_hash") not in (None, tokenizer_hash(tok)):
+        raise InputError(f"{out} holds the refine output of a teacher with another tokenizer; choose another "
+                         f"name= (e.g. name=gemma with paths=gemma) or delete the folder")
+
+
+def _dedup(cfg: RefineConfig, inst: Instances, emb: np.ndarray, out: Path) -> tuple[Instances, np.ndarray, dict]:
+    from refine.dedup import near_duplicates
+
+    keep_rows = np.flatnonzero(near_duplicates(emb, cfg.dedup.threshold))
+    info = {"before": len(inst), "after": len(keep_rows), "threshold": cfg.dedup.threshold}
+    print(f"near-duplicates: dropped {len(inst) - len(keep_rows)} of {len(inst)} (cosine >= {cfg.dedup.threshold})")
+    if len(keep_rows) < len(inst):
+        inst = _subset(inst, keep_rows, out / "instances_dedup")
+        emb = emb[keep_rows]
+    return inst, emb, info
+
+
+def embeddings(inst: Instances, reference: Path, out: Path) -> np.ndarray:
+    """Reference-model embeddings of ``inst``, cached in ``out`` under a key of instances + model."""
+    from refine.dedup import embed
+
+    key = {"instances": inst.index["tokens_sha256"], "model": model_fingerprint(reference)}
+    path, key_path = out / "embeddings.npy", out / "embeddings.json"
+    if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == key:
+        return np.load(path, allow_pickle=False)
+    t0 = time.perf_counter()
+    emb = embed(inst, str(reference))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, emb, allow_pickle=False)
+    write_json_atomic(key_path, key)
+    print(f"embedded {len(inst):,} instances with the reference model in {time.perf_counter() - t0:.0f} s")
+    return emb
+
+
+def _subset(parent: Instances, rows: np.ndarray, folder: Path) -> Instances:
+    """``rows`` of ``parent`` at ``folder``, reusing an identical subset already there."""
+    try:
+        sub = Instances(folder)
+        if sub.index.get("subset_of") == str(parent.folder.resolve()) and \
+                sub.index.get("parent_sha256") == parent.index["tokens_sha256"] and \
+                sub.subset["parent_rows"] == rows.tolist():
+            return sub
+    except InputError:
+        pass
+    return write_subset(parent, rows, folder)
