@@ -54,12 +54,15 @@ runs/reference/summary.json: | data models
 	$(PY) -m distill.train +experiment=reference
 
 # make refine CORPUS=path/to/corpus [ALPHA=0.5] [REFINE_ARGS="pack.max_instances=512 ..."]
+# Your CORPUS: refine carves D_ref out of it (ref_split.*) and trains the reference on it first. The bundled
+# corpus (no CORPUS) keeps its own D_ref split, ref.jsonl, and the reference `make reference` trains on it.
 CORPUS ?=
 ALPHA ?= 0.5
 REFINE_ARGS ?=
 REFINE_NAME = $(if $(CORPUS),$(basename $(notdir $(CORPUS))),default)
-refine: reference ## score + difference-sample CORPUS (default: the bundled train split) -> .cache/refined/<name>
-	$(PY) -m refine $(if $(CORPUS),corpus=$(abspath $(CORPUS))) name=$(REFINE_NAME) select.alpha=$(ALPHA) $(REFINE_ARGS)
+refine: $(if $(CORPUS),models,reference) ## score + difference-sample CORPUS (default: the bundled train split) -> .cache/refined/<name>
+	$(PY) -m refine $(if $(CORPUS),corpus=$(abspath $(CORPUS)),'reference.path=$${paths.runs}/reference') \
+		name=$(REFINE_NAME) select.alpha=$(ALPHA) $(REFINE_ARGS)
 
 # Reads what was scored from the folder's own record (scoring.json), whatever REFINE_ARGS the scoring run had.
 select: install ## re-select with another ALPHA from the saved scores (no packing, no scoring: seconds)

@@ -96,6 +96,17 @@ class DedupConfig(Checked):
 
 
 @dataclass
+class RefSplitConfig(Checked):
+    """D_ref (``refine.reference``): with ``reference.path`` empty, the share of the corpus's documents (by a hash
+    of their id) held out of scoring to train the reference LM on, with the trainer's ``experiment``."""
+    fraction: float = 0.05                 # of the documents; a tenth of D_ref is the reference's validation text
+    seed: int = 0                          # which documents: another seed, another D_ref
+    min_tokens: int = 100_000              # a smaller D_ref is refused (too little to train a reference on)
+    experiment: str = "reference"          # conf/experiment/<name>.yaml of the trainer
+    overrides: list[str] = field(default_factory=list)   # more trainer overrides, e.g. [trainer.max_steps=2000]
+
+
+@dataclass
 class RefineConfig(Checked):
     name: str = "default"
     corpus: str = "${paths.corpus}/train.jsonl"
@@ -118,7 +129,10 @@ class RefineConfig(Checked):
     paths: PathsConfig = field(default_factory=PathsConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     teacher: ModelPassConfig = field(default_factory=lambda: ModelPassConfig(path="${paths.teacher}"))
-    reference: ModelPassConfig = field(default_factory=lambda: ModelPassConfig(path="${paths.runs}/reference"))
+    # empty: carve D_ref out of the corpus and train the reference on it (ref_split); else an HF folder, hub id or
+    # run with the teacher's tokenizer, e.g. a small pretrained sibling of the teacher
+    reference: ModelPassConfig = field(default_factory=ModelPassConfig)
+    ref_split: RefSplitConfig = field(default_factory=RefSplitConfig)
     logits: LogitsConfig = field(default_factory=LogitsConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)

@@ -33,13 +33,20 @@ def scoring_settings(c: dict) -> dict:
     def model(p: dict) -> dict:
         return {"path": os.path.abspath(p.get("path", "")), "dtype": p.get("dtype"), "backend": p.get("backend")}
 
+    def reference(c: dict) -> dict:
+        ref = c.get("reference", {})
+        if ref.get("path"):
+            return model(ref)
+        # carved from the corpus: what D_ref is and how the reference is trained decide its scores
+        return {"d_ref": c.get("ref_split"), "dtype": ref.get("dtype"), "backend": ref.get("backend")}
+
     dedup = c.get("dedup", {})
     pack = {k: v for k, v in (c.get("pack") or {}).items() if k != "workers"}   # workers: the same output
     return normal({"corpus": os.path.abspath(c.get("corpus", "")), "text_field": c.get("text_field"),
                    "pack": pack, "dedup": {"enabled": dedup.get("enabled"),
                                            **({"threshold": dedup.get("threshold")}
                                               if dedup.get("enabled") else {})},
-                   "teacher": model(c.get("teacher", {})), "reference": model(c.get("reference", {})),
+                   "teacher": model(c.get("teacher", {})), "reference": reference(c),
                    "logits": {k: v for k, v in c.get("logits", {}).items() if k != "codec"},
                    "shard_size": c.get("shard_size")})
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ class Scored:
     corpus_key: str | None
     t0: float                              # when the run started
     scoring_s: float
+    d_ref: dict = field(default_factory=dict)   # what the reference was trained on, when refine trained it
 
 
 def write_text_export(inst: Instances, rows: np.ndarray, scores: np.ndarray, tok, path: Path) -> None:
@@ -86,6 +87,8 @@ def write_selection(cfg: RefineConfig, out: Path, s: Scored) -> dict:
         _add_diversity(report, out, s.emb, kept, control, s.dedup_info, cfg.select.alpha)
     key = {"corpus": s.corpus_key, "config": asdict(cfg)}
     manifest = write_manifest(out, key, teacher=s.teacher, reference=s.reference,
+                              **({"reference_trained_on": {"d_ref": s.d_ref, "corpus": s.corpus_key}}
+                                 if s.d_ref else {}),
                               tokenizer_hash=tokenizer_hash(tok), instances_scored=len(inst),
                               instances_kept=len(refined), teacher_pass=s.tpass, reference_pass=s.rpass,
                               seconds={"total": time.perf_counter() - s.t0, "scoring": s.scoring_s},

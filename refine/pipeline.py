@@ -22,6 +22,8 @@ from refine.core.tokenizer import load_tokenizer, tokenizer_hash
 from refine.folder_key import check_settings, scoring_settings
 from refine.outputs import Scored, write_selection
 from refine.passes import model_fingerprint, score
+from refine.reference import carve, check_not_trained_on_scored, check_size, hold_out
+from refine.reference import train as train_reference
 from refine.reselect import check_saved_scores, reselect
 from refine.score_pass import parse_shard
 
@@ -31,6 +33,9 @@ def refine(cfg: RefineConfig) -> dict:
     lock: exclusive, but shared among the parts of a sharded run (``refine.core.folder_lock`` says why)."""
     _, parts = parse_shard(cfg.shard)
     out = Path(cfg.out)
+    if parts > 1 and not cfg.reference.path and not cfg.select_only:
+        raise InputError("a sharded run needs one reference for every part: train it once (an unsharded refine of "
+                         "a slice, pack.max_instances=8, trains it in <out>/d_ref/run-*) and give reference.path=")
     if cfg.select_only:
         check_saved_scores(out)                  # before the lock creates anything
     shared = parts > 1 and not cfg.overwrite and not cfg.select_only
@@ -41,12 +46,24 @@ def refine(cfg: RefineConfig) -> dict:
 def _refine(cfg: RefineConfig) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    teacher, reference = resolve_model(cfg.teacher.path), resolve_model(cfg.reference.path)
+    teacher = resolve_model(cfg.teacher.path)
     tok = load_tokenizer(teacher)
-    _check_tokenizers(cfg, out, tok, reference)
+    split = hold_out(cfg)
+    reference = resolve_model(cfg.reference.path) if split is None else None
+    if reference is not None:
+        _check_tokenizers(cfg, out, tok, reference)
     check_settings(out, scoring_settings(asdict(cfg)), cfg.overwrite)   # before anything is written
+    corpus_key = corpus_fingerprint(cfg.corpus)
+    ref_info = {}
+    if split is not None:                    # MiniPLM: the reference learns D_ref, a held-out part of this corpus
+        ref_info = carve(cfg, corpus_key, tok, out / "d_ref")
+        check_size(cfg, ref_info)
+        reference = train_reference(cfg, teacher, out / "d_ref")
+        _check_tokenizers(cfg, out, tok, reference)
     inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field,
-                max_doc_bytes=cfg.max_doc_bytes, workers=cfg.pack.workers)
+                max_doc_bytes=cfg.max_doc_bytes, workers=cfg.pack.workers, hold_out=split)
+    if split is None:
+        check_not_trained_on_scored(reference, inst)
     if 0 < cfg.pack.max_instances < len(inst):
         # An evenly spaced subset keeps every part of the corpus represented (the first N would be one source).
         rows = np.unique(np.linspace(0, len(inst) - 1, cfg.pack.max_instances).round().astype(np.int64))
@@ -70,7 +87,7 @@ def _refine(cfg: RefineConfig) -> dict:
               f"merge_from=[<each part's out>] (nothing to merge if they share {out})")
         return {"partial": cfg.shard, "teacher_pass": tpass, "reference_pass": rpass}
     return write_selection(cfg, out, Scored(inst, tok, emb, dedup_info, tpass, rpass, str(teacher), str(reference),
-                                            corpus_fingerprint(cfg.corpus), t0, t_scored - t_pass))
+                                            corpus_key, t0, t_scored - t_pass, ref_info))
 
 
 def _check_tokenizers(cfg: RefineConfig, out: Path, tok, reference: Path) -> None:

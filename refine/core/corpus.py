@@ -71,6 +71,7 @@ class CorpusStats:
     skipped_too_large: int = 0                             # documents over max_doc_bytes
     too_large_ids: list[str] = field(default_factory=list)  # the first MAX_SKIPPED_IDS of them
     skipped_links: int = 0                                 # symbolic links inside a corpus folder
+    held_out: int = 0                                      # documents left out as D_ref (refine.core.holdout)
 
 
 def is_link_below(p: Path, root: Path) -> bool:

@@ -35,6 +35,7 @@ from refine.core.corpus import (
     iter_documents,
 )
 from refine.core.errors import InputError, exit_on_input_error
+from refine.core.holdout import HoldOut
 from refine.core.instances import Instances, InstanceWriter, TokenizerInfo
 from refine.core.manifest import manifest_matches, sha256_file, write_manifest
 from refine.core.tokenizer import load_tokenizer
@@ -68,15 +69,19 @@ def resolve_workers(workers: int) -> int:
 
 
 def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_field: str = "text",
-         quiet: bool = False, max_doc_bytes: int = MAX_DOC_BYTES, workers: int = 1) -> Instances:
+         quiet: bool = False, max_doc_bytes: int = MAX_DOC_BYTES, workers: int = 1,
+         hold_out: HoldOut | None = None) -> Instances:
     """Pack ``corpus`` into ``out`` unless an identical packing is already there; return the reader.
-    ``workers``: tokenizer processes (1: this one; 0: one per core); the output does not depend on it."""
+    ``workers``: tokenizer processes (1: this one; 0: one per core); the output does not depend on it.
+    ``hold_out``: the documents it holds (D_ref) are left out."""
     workers = resolve_workers(workers)
     info = TokenizerInfo.of(tokenizer)
     key = {"corpus": corpus_fingerprint(corpus), "tokenizer_hash": info.hash, "seq_len": seq_len,
            "text_field": text_field}
     if max_doc_bytes != MAX_DOC_BYTES:          # (the default stays out: existing packings stay valid)
         key["max_doc_bytes"] = max_doc_bytes
+    if hold_out is not None:
+        key["hold_out"] = hold_out.key()
     if manifest_matches(out, key):
         return Instances(out)
     t0 = time.perf_counter()
@@ -84,6 +89,8 @@ def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_fiel
     stats = CorpusStats()
     try:
         docs = iter_documents(corpus, text_field=text_field, stats=stats, max_doc_bytes=max_doc_bytes)
+        if hold_out is not None:
+            docs = _leave_out(docs, hold_out, stats)
         batches = iter(lambda: list(itertools.islice(docs, BATCH_DOCS)), [])
         if workers == 1:
             for batch in batches:
@@ -101,6 +108,8 @@ def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_fiel
     if skipped and not quiet:
         print(f"warning: {corpus}: {stats.skipped_too_large} documents over {max_doc_bytes} bytes and "
               f"{stats.skipped_links} links skipped (first: {', '.join(stats.too_large_ids[:3]) or '-'})")
+    if hold_out is not None:
+        skipped["held_out_documents"] = stats.held_out
     write_manifest(out, key, corpus=str(corpus), tokenizer=info.__dict__, count=index["count"],
                    stream_tokens=index["stream_tokens"], seconds=round(elapsed, 2), **skipped)
     if not quiet:
@@ -108,6 +117,15 @@ def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_fiel
               f"{seq_len} in {elapsed:.1f}s ({index['stream_tokens'] / max(elapsed, 1e-9):,.0f} tok/s"
               f"{f', {workers} workers' if workers > 1 else ''}) -> {out}")
     return Instances(out)
+
+
+def _leave_out(docs, hold_out: HoldOut, stats: CorpusStats):
+    """``docs`` without those ``hold_out`` holds, counted in ``stats.held_out``."""
+    for d in docs:
+        if hold_out.holds(d.id):
+            stats.held_out += 1
+        else:
+            yield d
 
 
 def tokenize_batch(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

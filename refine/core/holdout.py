@@ -1,0 +1,43 @@
+"""D_ref, the held-out part of a corpus MiniPLM trains its reference LM on, chosen by document id.
+
+A document belongs to D_ref when a keyed hash of its id falls below ``fraction``: the choice depends on the id
+only (not on order, sharding or which other documents exist), so packing for scoring leaves exactly the documents
+out that the reference was trained on. Within D_ref, the lowest ``VAL_SHARE`` of that range is the reference's
+validation text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from refine.core.errors import InputError
+
+VAL_SHARE = 0.1
+
+
+def _unit(doc_id: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by ``(seed, doc_id)``."""
+    digest = hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
+
+
+@dataclass(frozen=True)
+class HoldOut:
+    fraction: float
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.fraction < 1:
+            raise InputError(f"the reference split's fraction must be in (0, 1), got {self.fraction}")
+
+    def holds(self, doc_id: str) -> bool:
+        """Whether ``doc_id`` is in D_ref (and so never scored)."""
+        return _unit(doc_id, self.seed) < self.fraction
+
+    def is_val(self, doc_id: str) -> bool:
+        """Whether ``doc_id`` is in D_ref's validation part (a subset of ``holds``)."""
+        return _unit(doc_id, self.seed) < self.fraction * VAL_SHARE
+
+    def key(self) -> dict:
+        return {"fraction": self.fraction, "seed": self.seed}
