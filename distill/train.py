@@ -33,6 +33,7 @@ from distill.schedules import check as check_schedule
 from distill.trainer import Trainer, autocast_dtype, pick_device
 from refine.core.errors import InputError, everyone, exit_on_input_error
 from refine.core.hydra_cli import precheck_overrides
+from refine.core.library_noise import no_library_bars
 from refine.core.tokenizer import load_tokenizer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -75,7 +76,8 @@ def _check_inputs(cfg: TrainConfig, device: torch.device):
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 @exit_on_input_error
 def _hydra_main(cfg: DictConfig) -> None:
-    train(to_config(cfg))
+    with no_library_bars():                 # transformers' "Writing model shards" bar at every checkpoint
+        train(to_config(cfg))
 
 
 def main() -> None:

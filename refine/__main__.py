@@ -17,20 +17,26 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from refine.config import to_refine_config
+from refine.console import log_path
 from refine.core.errors import exit_on_input_error
-from refine.core.hydra_cli import precheck_overrides
+from refine.core.hydra_cli import config_groups_help, precheck_overrides
+from refine.core.library_noise import library_noise_to
 from refine.pipeline import refine
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# --help lists refine's own config groups (conf/refine.yaml's hydra.help.template), not the trainer's
+OmegaConf.register_new_resolver("refine_groups", lambda: config_groups_help(CONF_DIR, "refine"), replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="refine")
 @exit_on_input_error
 def _hydra_main(cfg: DictConfig) -> None:
-    refine(to_refine_config(cfg))
+    rc = to_refine_config(cfg)
+    with library_noise_to(None if rc.verbose else log_path(rc.out, "refine")):
+        refine(rc)
 
 
 def main() -> None:

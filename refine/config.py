@@ -126,6 +126,7 @@ class RefineConfig(Checked):
     # Re-select with this command's select.* from the scores out holds, reading what was scored from the folder's
     # own record (make select): nothing is packed or scored; no saved scores is a one-line error.
     select_only: bool = False
+    verbose: bool = False                  # also show library warnings and the scoring child's stderr (see logs/)
     paths: PathsConfig = field(default_factory=PathsConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     teacher: ModelPassConfig = field(default_factory=lambda: ModelPassConfig(path="${paths.teacher}"))

@@ -13,12 +13,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from refine.config import LogitsConfig, RefineConfig
+from refine.console import ChildOutput, LogFile, log_path
 from refine.core.errors import InputError
 from refine.core.instances import Instances
 from refine.core.logits import LogitsStore, convert
 from refine.core.manifest import atomic_path, sha256_file, write_json_atomic
 from refine.folder_key import claim_json, differences, normal, refusal
-from refine.score_pass import PassConfig
+from refine.score_pass import PassConfig, parse_shard
 
 PASSES = ("teacher", "reference")
 
@@ -47,16 +48,24 @@ def score(cfg: RefineConfig, name: str, model: Path, inst: Instances) -> dict:
     for src in cfg.merge_from:
         _copy_shards(Path(src) / out.name, out, key)
     child = PassConfig(instances=str(inst.folder), out=str(out), model=replace(pass_cfg, path=str(model)),
-                       shard_size=cfg.shard_size, logits=logits, shard=cfg.shard)
+                       shard_size=cfg.shard_size, logits=logits, shard=cfg.shard, events=True)
     top_k, top_p = logits.top_k, logits.top_p
     print(f"scoring {len(inst)} instances with {model} ({pass_cfg.backend}, {pass_cfg.dtype}"
           f"{f', top-{top_p}-{top_k} logits' if top_k else ''})", flush=True)
-    returncode, stdout, error = _run_child([sys.executable, "-m", "refine.score_pass", "-"],
-                                           json.dumps(asdict(child)))
-    if error:                                 # the child's one-line error is this run's one line
-        raise InputError(error)
+    part, parts = parse_shard(cfg.shard)
+    log = LogFile(log_path(cfg.out, name if parts == 1 else f"{name}.part-{part}-of-{parts}"),
+                  f"{name} pass: {model} ({pass_cfg.backend}, {pass_cfg.dtype}, shard {cfg.shard})")
+    output = ChildOutput(log, name, cfg.verbose)
+    try:
+        returncode, stdout = _run_child([sys.executable, "-m", "refine.score_pass", "-"], json.dumps(asdict(child)),
+                                        output)
+    finally:
+        output.close_progress()
+        log.close()
+    if returncode == 2 and output.errors:     # the child's one-line error is this run's one line
+        raise InputError(output.errors[-1])
     if returncode != 0:
-        raise InputError(f"scoring with {model} failed (exit {returncode}); rerun to resume its shards")
+        raise InputError(f"scoring with {model} failed ({output.failure(returncode)}); rerun to resume its shards")
     summary = json.loads(stdout.strip().splitlines()[-1])
     if "partial" in summary:
         print(f"  part {summary['partial']}: {summary['shards_done']} of {summary['shards']} shards scored here")
@@ -86,19 +95,15 @@ def _reuse(out: Path, key: dict, codec: str, overwrite: bool) -> dict | None:
     return None
 
 
-def _run_child(cmd: list[str], stdin: str) -> tuple[int, str, str | None]:
-    """Run a scoring child with ``stdin``; its stderr passes through but for its ``error: ...`` line, which is
-    returned (the parent ends with that one line instead of adding its own)."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    errors: list[str] = []
+def _run_child(cmd: list[str], stdin: str, output: ChildOutput) -> tuple[int, str]:
+    """Run a scoring child with ``stdin``; each line of its stderr goes to ``output`` (its log, its progress, its
+    ``error: ...`` line: the parent ends with that one line instead of adding its own)."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace")
 
     def pump() -> None:
         for line in proc.stderr:
-            if line.startswith("error: "):
-                errors.append(line[len("error: "):].strip())
-            else:
-                sys.stderr.write(line)
-                sys.stderr.flush()
+            output(line)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -107,7 +112,7 @@ def _run_child(cmd: list[str], stdin: str) -> tuple[int, str, str | None]:
     stdout = proc.stdout.read()
     proc.wait()
     reader.join()
-    return proc.returncode, stdout, errors[-1] if proc.returncode == 2 and errors else None
+    return proc.returncode, stdout
 
 
 def _copy_shards(src: Path, dst: Path, key: dict) -> None:

@@ -31,6 +31,7 @@ from refine.core.instances import Instances
 from refine.core.logits import LogitsWriter, StoreHeader
 from refine.core.manifest import atomic_path, write_json_atomic
 from refine.core.schema import Checked, to_typed
+from refine.progress import Events, Progress
 
 
 @dataclass
@@ -48,7 +49,8 @@ class PassConfig(Checked):
     shard_size: int
     logits: LogitsConfig = field(default_factory=LogitsConfig)
     shard: str = "0/1"                     # all of it
-    quiet: bool = False                    # no per-shard progress lines
+    quiet: bool = False                    # no progress shown
+    events: bool = False                   # progress as event lines for the parent to show (refine.progress)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -105,9 +107,12 @@ def run_pass(cfg: PassConfig, scorer=None) -> dict:
         if own:
             scorer = _make_scorer(cfg, inst.seq_len)
         load_s = time.perf_counter() - t_load
+        progress = _progress(cfg, len(inst), [s for s in range(part, n_shards, part_count)], todo)
         try:
-            _score_shards(cfg, inst, todo, scorer, _ShardWriter(cfg, out_dir, writer, rs_writer, check_key, n_shards))
+            _score_shards(cfg, inst, todo, scorer, _ShardWriter(cfg, out_dir, writer, rs_writer, check_key, progress))
         finally:
+            if progress is not None:
+                progress.close()
             if own:
                 scorer.close()
     if part_count > 1 and not all((out_dir / f"shard-{s:05d}.json").is_file() for s in range(n_shards)):
@@ -118,12 +123,24 @@ def run_pass(cfg: PassConfig, scorer=None) -> dict:
     return finish(out_dir, n_shards, writer, rs_writer, cfg.model.path, load_s, inst)
 
 
-class _ShardWriter:
-    """Writes a scored shard's files, ``shard-XXXXX.json`` last (what marks it finished)."""
+def _progress(cfg: PassConfig, n_instances: int, mine: list[int], todo: list[int]):
+    """How scored shards are reported: not at all (``quiet``), as events for the parent, or shown here."""
+    if cfg.quiet:
+        return None
+    size = cfg.shard_size
+    total = sum(min(size, n_instances - s * size) for s in mine)
+    done = total - sum(min(size, n_instances - s * size) for s in todo)
+    if cfg.events:
+        return Events(total, done)
+    return Progress(total, Path(cfg.model.path).name, initial=done)
 
-    def __init__(self, cfg: PassConfig, out_dir: Path, writer, rs_writer, check_key, n_shards: int):
+
+class _ShardWriter:
+    """Writes a scored shard's files, ``shard-XXXXX.json`` last (what marks it finished), then reports it."""
+
+    def __init__(self, cfg: PassConfig, out_dir: Path, writer, rs_writer, check_key, progress):
         self.cfg, self.out_dir, self.writer, self.rs_writer = cfg, out_dir, writer, rs_writer
-        self.check_key, self.n_shards = check_key, n_shards
+        self.check_key, self.progress = check_key, progress
 
     def __call__(self, s: int, rows: np.ndarray, parts: list, score_s: float) -> None:
         t0, lc, out_dir = time.perf_counter(), self.cfg.logits, self.out_dir
@@ -148,9 +165,8 @@ class _ShardWriter:
                       *out_dir.glob(f"logits*/shard-{s:05d}.bin")]:
                 f.unlink(missing_ok=True)
             raise
-        if not self.cfg.quiet:
-            print(f"  {Path(self.cfg.model.path).name}: shard {s + 1}/{self.n_shards}, {rows.size / score_s:,.0f} "
-                  f"tok/s", file=sys.stderr, flush=True)
+        if self.progress is not None:
+            self.progress.update(len(rows), int(rows.size))
 
 
 def _score_shards(cfg: PassConfig, inst: Instances, todo: list[int], scorer, write: _ShardWriter) -> None:

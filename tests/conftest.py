@@ -144,10 +144,10 @@ def tiny_reference_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
 def refine_output_differences(a: Path, b: Path) -> list[str]:
     """Files of two refine outputs that differ (or exist in one only), ignoring what records time or place:
     manifests, pass summaries and the report (timings), the folder lock (its last writer's pid), a scoring
-    shard's seconds, a subset's parent path.
+    shard's seconds, a subset's parent path, the logs.
     Everything else (stores, scores, instances, text exports) must match byte for byte."""
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.relative_to(a).parts[0] != "logs")
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.relative_to(b).parts[0] != "logs")
     differ = sorted(str(f) for f in set(files_a) ^ set(files_b))
     for f in set(files_a) & set(files_b):
         x, y = (a / f).read_bytes(), (b / f).read_bytes()

@@ -172,3 +172,15 @@ def test_base_configs_compose_to_the_schema_defaults():
                                            enum_to_str=True))
     schema = _leaves(OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False, enum_to_str=True))
     assert {k: v for k, v in train.items() if train[k] != schema[k]} == {"run_dir": "${hydra:runtime.output_dir}"}
+
+
+def test_refine_help_lists_refine_groups_only():
+    # conf/ holds the trainer's groups too; refine's --help names the ones refine.yaml composes (paths), not theirs
+    res = subprocess.run([sys.executable, "-m", "refine", "--help"], capture_output=True, text=True,
+                         cwd=Path(CONF_DIR).parent, timeout=120)
+    assert res.returncode == 0, res.stderr
+    groups = res.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "paths: default, gemma" in groups, res.stdout
+    for other in ("experiment", "kd", "model", "optim", "schedule", "trainer", "debug"):
+        assert f"{other}:" not in groups, res.stdout
+    assert "select:" in res.stdout and "verbose: false" in res.stdout          # refine's own config follows

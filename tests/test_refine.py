@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,27 @@ def test_refine_cli_errors_are_one_line(overrides, extra, match):
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], res.stderr
 
 
+def _progress_only(stderr: str) -> bool:
+    """Nothing on the terminal's stderr but refine's progress lines (``  teacher: 48/64 instances ...``)."""
+    return all(re.match(r"  (teacher|reference): [\d,]+/[\d,]+ instances ", ln) for ln in stderr.splitlines())
+
+
+def test_vllm_noise_goes_to_the_log(overrides, tmp_path):
+    """The CLI on the vLLM backend (as `make refine` runs it): its warnings, NUMA notes and tracebacks land in
+    <out>/logs/teacher.log, the terminal shows progress and refine's own lines only."""
+    out = tmp_path / "vllm"
+    args = [o for o in overrides if not o.startswith(("teacher.backend", "out="))] + [
+        "teacher.backend=vllm", "+teacher.engine.enforce_eager=true", "pack.max_instances=32",
+        "dedup.diversity=false", f"out={out}"]
+    res = subprocess.run([sys.executable, "-m", "refine", *args], capture_output=True, text=True, cwd=REPO,
+                         timeout=600)
+    assert res.returncode == 0 and "kept 16 of 32" in res.stdout, res.stderr[-3000:]
+    assert _progress_only(res.stderr) and "teacher: 32/32 instances (100%)" in res.stderr, res.stderr
+    log = (out / "logs" / "teacher.log").read_text().splitlines()
+    assert log[0].startswith("==== ") and "teacher pass" in log[0]
+    assert any("vllm" in ln.lower() and "warning" in ln.lower() for ln in log[1:]), log
+
+
 def test_near_duplicates_are_removed_before_scoring(overrides):
     # The plumbing: with a loose threshold the (random-init) reference embeddings call many instances
     # near-duplicates; scoring then runs on the survivors only. (near_duplicates itself: tests/test_dedup.py.)
@@ -137,6 +159,7 @@ def test_two_shards_merged_equal_one_unsharded_run_byte_for_byte(overrides, tmp_
         res = subprocess.run([sys.executable, "-m", "refine", *overrides, *workers, f"out={part}", "--shard", f"{i}/2"],
                              cwd=REPO, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0 and f"part {i}/2 scored" in res.stdout, res.stderr[-2000:]
+        assert _progress_only(res.stderr) and (part / "logs" / f"teacher.part-{i}-of-2.log").is_file(), res.stderr
         assert not (part / "teacher" / "pass.json").exists() and not (part / "instances").exists()
     merged = tmp_path / "merged"
     refine(_cfg(overrides + [f"out={merged}", f"merge_from=[{parts[0]},{parts[1]}]"]))

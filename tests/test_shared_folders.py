@@ -36,8 +36,9 @@ def _cfg(overrides):
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".writer.lock"}   # (who, not what)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()     # lock, logs: who, not what
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".writer.lock"
+            and p.relative_to(folder).parts[0] != "logs"}
 
 
 def _refine_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
@@ -46,8 +47,8 @@ def _refine_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def _one_error_line(res: subprocess.CompletedProcess, alone: bool = True) -> str:
-    """The run's one ``error:`` line, its last; ``alone``: nothing else on stderr (no scoring child started; one
-    that did shows its engine's loading progress above)."""
+    """The run's one ``error:`` line, its last; ``alone``: nothing else on stderr (a scoring child's output goes
+    to <out>/logs/; only its progress may show above)."""
     lines = res.stderr.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
     assert res.returncode == 2 and errors == lines[-1:] and (len(lines) == 1 or not alone), res.stderr[-3000:]
@@ -123,7 +124,7 @@ def test_write_failure_keeps_finished_shards_and_the_rerun_matches(small, tmp_pa
     limit = min(bins) // 2                 # every scoring shard's logits fail; its json and NLL would fit
     assert max(smaller) < limit, (max(smaller), limit)
     res = _refine_cli(small + [f"out={out}"], preexec_fn=_file_size_limit(limit))
-    line = _one_error_line(res, alone=False)
+    line = _one_error_line(res)                                           # the child's noise is in logs/
     print(f"limit {limit} B: {line}")
     assert f"cannot write {out / 'teacher'}" in line and "File too large (EFBIG)" in line and "/logits" in line
     after = _hashes(out)

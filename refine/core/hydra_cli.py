@@ -38,3 +38,18 @@ def precheck_overrides(conf_dir: Path, config_name: str, args: list[str]) -> Non
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def config_groups_help(conf_dir: Path, config_name: str) -> str:
+    """Hydra's ``group: option, ...`` lines for the groups ``config_name``'s own defaults list names: ``--help``
+    shows these instead of every group in ``conf_dir`` (which the refine and training apps share)."""
+    from omegaconf import OmegaConf
+
+    lines = []
+    for entry in OmegaConf.load(conf_dir / f"{config_name}.yaml").get("defaults", []):
+        if not isinstance(entry, str) and len(entry) == 1:
+            group = str(next(iter(entry))).removeprefix("optional ").lstrip("+")
+            if not group.startswith(("override ", "hydra")) and (conf_dir / group).is_dir():
+                options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+                lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
