@@ -98,6 +98,7 @@ def test_bad_choice_in_an_experiment_file_is_rejected(tmp_path):
         compose_config(conf, "train", ["+experiment=typo"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("module, override, key", [("distill.train", "schedule.name=linear", "schedule.name"),
                                                     ("refine", "teacher.dtype=fp8", "teacher.dtype")])
 def test_bad_choice_on_cli_is_one_clear_line(module, override, key):
@@ -174,6 +175,7 @@ def test_base_configs_compose_to_the_schema_defaults():
     assert {k: v for k, v in train.items() if train[k] != schema[k]} == {"run_dir": "${hydra:runtime.output_dir}"}
 
 
+@pytest.mark.integration
 def test_refine_help_lists_refine_groups_only():
     # conf/ holds the trainer's groups too; refine's --help names the ones refine.yaml composes (paths), not theirs
     res = subprocess.run([sys.executable, "-m", "refine", "--help"], capture_output=True, text=True,
