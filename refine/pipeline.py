@@ -34,8 +34,9 @@ def refine(cfg: RefineConfig) -> dict:
     _, parts = parse_shard(cfg.shard)
     out = Path(cfg.out)
     if parts > 1 and not cfg.reference.path and not cfg.select_only:
-        raise InputError("a sharded run needs one reference for every part: train it once (an unsharded refine of "
-                         "a slice, pack.max_instances=8, trains it in <out>/d_ref/run-*) and give reference.path=")
+        raise InputError("a sharded run needs one reference for every part: train it once (an unsharded refine "
+                         "of a slice, pack.max_instances=8, trains it in <paths.cache>/d_ref/*/run-*) and give "
+                         "reference.path=")
     if cfg.select_only:
         check_saved_scores(out)                  # before the lock creates anything
     shared = parts > 1 and not cfg.overwrite and not cfg.select_only
@@ -52,13 +53,14 @@ def _refine(cfg: RefineConfig) -> dict:
     reference = resolve_model(cfg.reference.path) if split is None else None
     if reference is not None:
         _check_tokenizers(cfg, out, tok, reference)
-    check_settings(out, scoring_settings(asdict(cfg)), cfg.overwrite)   # before anything is written
     corpus_key = corpus_fingerprint(cfg.corpus)
     ref_info = {}
     if split is not None:                    # MiniPLM: the reference learns D_ref, a held-out part of this corpus
-        ref_info = carve(cfg, corpus_key, tok, out / "d_ref")
+        d_ref, ref_info = carve(cfg, corpus_key, tok)       # into the cache: out is not touched yet
         check_size(cfg, ref_info)
-        reference = train_reference(cfg, teacher, out / "d_ref")
+    check_settings(out, scoring_settings(asdict(cfg)), cfg.overwrite)   # before anything is written to out
+    if split is not None:
+        reference = train_reference(cfg, teacher, d_ref)
         _check_tokenizers(cfg, out, tok, reference)
     inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field,
                 max_doc_bytes=cfg.max_doc_bytes, workers=cfg.pack.workers, hold_out=split)

@@ -2,7 +2,7 @@
 
 A reference trained on another corpus makes the difference score measure how the two corpora differ, not what the
 teacher knows better. So with ``reference.path`` empty, refine carves D_ref out of its own corpus by document id
-(``refine.core.holdout``), writes it as JSONL, trains the reference on it with the project's trainer (a
+(``refine.core.holdout``), writes it as JSONL into the cache, trains the reference on it with the project's trainer (a
 ``python -m distill.train`` child, resumable like any run) and scores everything else with it. A given reference
 that is one of our runs is checked not to have been trained on documents that are being scored.
 """
@@ -32,15 +32,17 @@ def hold_out(cfg: RefineConfig) -> HoldOut | None:
     return None if cfg.reference.path else HoldOut(cfg.ref_split.fraction, cfg.ref_split.seed)
 
 
-def carve(cfg: RefineConfig, corpus_key: str, tok, folder: Path) -> dict:
-    """D_ref's documents as ``d_ref.jsonl`` (training) and ``d_ref_val.jsonl`` (validation) in ``folder``, reused
-    when the corpus and the split are the same. Returns the record (documents and tokens of each part)."""
+def carve(cfg: RefineConfig, corpus_key: str, tok) -> tuple[Path, dict]:
+    """D_ref's documents as ``d_ref.jsonl`` (training) and ``d_ref_val.jsonl`` (validation) in a cache folder
+    named by the corpus and the split (any refine of that corpus with that split reuses it, and its reference).
+    Returns the folder and its record (documents and tokens of each part)."""
     split = hold_out(cfg)
     key = {"corpus": corpus_key, "split": split.key(), "text_field": cfg.text_field,
            "max_doc_bytes": cfg.max_doc_bytes, "tokenizer_hash": tokenizer_hash(tok)}
+    folder = Path(cfg.paths.cache) / "d_ref" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     previous = read_manifest(folder)
     if previous and previous.get("key") == key:
-        return previous["d_ref"]
+        return folder, previous["d_ref"]
     counts = {"train": {"documents": 0, "tokens": 0}, "val": {"documents": 0, "tokens": 0}}
     with atomic_path(folder / "d_ref.jsonl") as train_tmp, atomic_path(folder / "d_ref_val.jsonl") as val_tmp, \
             open(train_tmp, "w") as train_f, open(val_tmp, "w") as val_f:
@@ -55,8 +57,8 @@ def carve(cfg: RefineConfig, corpus_key: str, tok, folder: Path) -> dict:
                 batch = []
         _write(batch, split, tok, counts, train_f, val_f)
     record = {**counts, "fraction": split.fraction, "seed": split.seed}
-    write_manifest(folder, key, d_ref=record)
-    return record
+    write_manifest(folder, key, corpus=str(cfg.corpus), d_ref=record)
+    return folder, record
 
 
 def _write(batch: list, split: HoldOut, tok, counts: dict, train_f, val_f) -> None:

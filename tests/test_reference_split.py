@@ -62,19 +62,21 @@ def test_carve_writes_d_ref_and_refuses_a_corpus_too_small(tiny_tokenizer_dir, t
     tok = load_tokenizer(tiny_tokenizer_dir)
     corpus = tiny_corpus / "train.jsonl"
     cfg = _cfg(corpus, fraction=0.3, min_tokens=1000)
-    record = carve(cfg, corpus_fingerprint(corpus), tok, tmp_path / "d_ref")
+    cfg.paths.cache = str(tmp_path / "cache")
+    folder, record = carve(cfg, corpus_fingerprint(corpus), tok)
+    assert folder.parent == tmp_path / "cache" / "d_ref"
     split = HoldOut(0.3)
     held = [d for d in iter_documents(corpus) if split.holds(d.id)]
-    train = [json.loads(x) for x in (tmp_path / "d_ref" / "d_ref.jsonl").read_text().splitlines()]
-    val = [json.loads(x) for x in (tmp_path / "d_ref" / "d_ref_val.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (folder / "d_ref.jsonl").read_text().splitlines()]
+    val = [json.loads(x) for x in (folder / "d_ref_val.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in train + val) == sorted(d.id for d in held)
     assert {r["id"] for r in val} == {d.id for d in held if split.is_val(d.id)} and val
     assert record["train"]["tokens"] == sum(len(tok(r["text"])["input_ids"]) for r in train)
     check_size(cfg, record)
     # reused as it is: the files are not rewritten
-    mtime = (tmp_path / "d_ref" / "d_ref.jsonl").stat().st_mtime_ns
-    assert carve(cfg, corpus_fingerprint(corpus), tok, tmp_path / "d_ref") == record
-    assert (tmp_path / "d_ref" / "d_ref.jsonl").stat().st_mtime_ns == mtime
+    mtime = (folder / "d_ref.jsonl").stat().st_mtime_ns
+    assert carve(cfg, corpus_fingerprint(corpus), tok) == (folder, record)
+    assert (folder / "d_ref.jsonl").stat().st_mtime_ns == mtime
     with pytest.raises(InputError, match=r"too small to carve a reference split from: .* need 10,000,000") as e:
         check_size(_cfg(corpus, fraction=0.3, min_tokens=10_000_000), record)
     assert "\n" not in str(e.value)
@@ -122,7 +124,7 @@ def test_refine_carves_d_ref_trains_the_reference_and_never_scores_it(tiny_corpu
     manifest = json.loads((out / "manifest.json").read_text())
     trained_on = manifest["reference_trained_on"]["d_ref"]
     assert trained_on["fraction"] == 0.3 and trained_on["train"]["tokens"] >= 1000
-    assert "/d_ref/run-" in manifest["reference"]
+    assert "/cache/d_ref/" in manifest["reference"]
     run = Path(manifest["reference"]).parents[1]
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
     split = HoldOut(0.3)
