@@ -34,19 +34,17 @@ Empty or whitespace-only documents inside an otherwise sound corpus are skipped 
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from refine.core.compressed import COMPRESSIONS, open_stream
 from refine.core.errors import InputError
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
-COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bzip2", ".xz": "xz"}
 GLOB_CHARS = frozenset("*?[")
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 MAX_SKIPPED_IDS = 100  # enough to find the culprits without holding millions of ids
@@ -235,92 +233,6 @@ def _decode(data: bytes, f: Path, line_no: int | None = None) -> str:
         else:
             offset = f"byte offset {e.start} in the line"
         raise InputError(f"{f}:{line_no}: not UTF-8 (byte 0x{data[e.start]:02x} at {offset})") from None
-
-
-class _ZstdRaw(io.RawIOBase):
-    """A zstd stream (one or more frames) as a bounded reader. Input goes in 1 KiB pieces so that one read holds at
-    most ~32 MiB however compressible the data (a zstd block of 4 bytes can stand for 128 KiB); a file that ends
-    inside a frame is an ``EOFError``, as gzip, bz2 and xz report it (zstandard's own reader ends silently)."""
-
-    PIECE = 1 << 10
-
-    def __init__(self, raw):
-        import zstandard
-
-        self._raw, self._new = raw, zstandard.ZstdDecompressor().decompressobj
-        self._d, self._fed, self._out = self._new(), False, memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not self._out:
-            data = self._raw.read(self.PIECE)
-            if not data:
-                if self._fed and not self._d.eof:
-                    raise EOFError("compressed file ended before the end of a zstd frame")
-                return 0
-            chunks = []
-            while data:                                  # a piece may end one frame and start the next
-                if self._d.eof:
-                    self._d = self._new()
-                self._fed = True
-                chunks.append(self._d.decompress(data))
-                data = self._d.unused_data if self._d.eof else b""
-            self._out = memoryview(b"".join(chunks))
-        n = min(len(b), len(self._out))
-        b[:n] = self._out[:n]
-        self._out = self._out[n:]
-        return n
-
-
-def _decompress_errors() -> tuple[type[BaseException], ...]:
-    import lzma
-    import zlib
-
-    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error, lzma.LZMAError]
-    try:
-        import zstandard
-
-        errors.append(zstandard.ZstdError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-@contextmanager
-def open_stream(f: Path):
-    """``f``'s bytes as a buffered stream, decompressed on the fly by its suffix (never whole in memory).
-    A corrupt or truncated compressed file is one InputError line with the compressed byte offset."""
-    compression = COMPRESSIONS.get(f.suffix.lower())
-    with open(f, "rb") as raw:
-        if compression is None:
-            yield raw
-            return
-        if compression == "gzip":
-            import gzip
-            fh = gzip.GzipFile(fileobj=raw, mode="rb")
-        elif compression == "bzip2":
-            import bz2
-            fh = bz2.BZ2File(raw, mode="rb")
-        elif compression == "xz":
-            import lzma
-            fh = lzma.LZMAFile(raw, mode="rb")
-        else:
-            try:
-                fh = io.BufferedReader(_ZstdRaw(raw), 1 << 16)
-            except ImportError:
-                raise InputError(f"{f}: reading .zst needs the zstandard package (pip install zstandard)") from None
-        try:
-            yield fh
-        except InputError:
-            raise
-        except _decompress_errors() as e:
-            if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
-                raise                                    # a real I/O error of the disk, not of the data
-            raise InputError(f"{f}: corrupt or truncated {compression} data near compressed byte {raw.tell()} "
-                             f"of {f.stat().st_size} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                             ) from None
 
 
 def _jsonl_rows(f: Path, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
