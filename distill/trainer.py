@@ -161,8 +161,11 @@ class Trainer:
         """Train to ``trainer.max_steps`` (from where a resumed run stopped); returns the run's summary."""
         tc = self.cfg.trainer
         val_loss = float("nan")
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (tc.progress and self.d.is_main),
-                   desc=self.cfg.run_name, dynamic_ncols=True)
+        show = tc.progress and self.d.is_main
+        # a bar on a terminal; in a log file (CI, a refine training its reference) plain lines, not \r updates
+        lines = show and not sys.stderr.isatty()
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not show or lines, desc=self.cfg.run_name,
+                   dynamic_ncols=True)
         t_start = time.perf_counter()
         while self.step < tc.max_steps:
             record = self.train_step()
@@ -170,6 +173,9 @@ class Trainer:
             bar.update(1)
             if self.step % tc.log_every == 0:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tok_s']:,.0f}")
+                if lines:
+                    print(f"{self.cfg.run_name}: step {self.step}/{tc.max_steps}, loss {record['loss']:.3f}, "
+                          f"lr {record['lr']:.2e}, {record['tok_s']:,.0f} tok/s", flush=True)
             # the last step is always validated and saved, whatever the intervals: the summary reports it
             last = self.step == tc.max_steps
             if self.step % tc.eval_every == 0 or last:
