@@ -108,7 +108,7 @@ demo: ## fresh clone -> data, teacher, reference LM, refine (a slice), short lm_
 	$(PY) -m distill.train +experiment=lm_baseline run_name=demo_lm_baseline trainer.max_steps=$(DEMO_STEPS) && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"
 
-test: install ## unit + integration tests: what CI runs (offline, CPU, ~20 min of tests)
+test: install ## unit + integration tests: what CI runs (offline, CPU, ~25-30 min of tests)
 	$(PY) -m pytest -q
 
 test-unit: install ## unit tests only (formats, losses, schedules, config, scorers in-process): the edit loop, < 1 min
