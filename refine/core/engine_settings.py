@@ -8,9 +8,10 @@ CPU defaults (each only if unset): ``VLLM_CPU_KVCACHE_SPACE=2`` GiB (unset, vLLM
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from refine.core.paths import config_int
 
 DEFAULT_MAX_MODEL_LEN = 2048       # packed instances are <= 1024 tokens; a cap keeps the KV cache check cheap
 
@@ -28,19 +29,9 @@ def cpu_defaults(env=None) -> None:
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
-def _model_max_len(model_dir: str) -> int | None:
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    cfg = cfg.get("text_config", cfg)
-    n = cfg.get("max_position_embeddings")
-    return int(n) if n else None
-
-
 def engine_max_len(model_dir: str | Path) -> int:
     """The default ``max_model_len``: the model's own limit, capped at ``DEFAULT_MAX_MODEL_LEN``."""
-    return min(_model_max_len(str(model_dir)) or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+    return min(config_int(model_dir, "max_position_embeddings") or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
 
 
 def close_llm(llm) -> None:

@@ -4,6 +4,7 @@ Default ``<repo>/.cache``; set ``RD_CACHE=/some/dir`` to share one cache between
 the ``paths`` group both stages' configs share (``conf/paths/``).
 """
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -72,3 +73,13 @@ def checked_step_name(pointer: Path) -> str:
     if not re.fullmatch(r"step_\d+", name) or not target.resolve().is_relative_to(pointer.parent.resolve()):
         raise InputError(f"{pointer} names {name[:100]!r}, not a step_* folder inside {pointer.parent}")
     return name
+
+
+def config_int(model_dir: str | Path, key: str) -> int | None:
+    """An integer of a model folder's ``config.json`` (its ``text_config`` for multimodal models), or None."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        n = cfg.get("text_config", cfg).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None

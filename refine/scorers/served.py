@@ -23,28 +23,18 @@ teacher's folder (``config.json`` + tokenizer; the weights are not read): it giv
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
 from refine.core.errors import InputError
+from refine.core.paths import config_int
 from refine.scorers.base import Scores, check_rows
 from refine.scorers.http_pool import ServerPool
 from refine.scorers.served_api import completion_body, parse_completion, response_cap
 from refine.scorers.served_checks import PROBE_TEXT, check_endpoints
-
-
-def _config_vocab(model_dir: str) -> int | None:
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    n = cfg.get("text_config", cfg).get("vocab_size")
-    return int(n) if n else None
 
 
 class ServedScorer:
@@ -80,7 +70,7 @@ class ServedScorer:
         self.endpoints = self.pool.endpoints
         self.top_k, self.bos_id, self.model, self.quiet = top_k, bos_id, served_model, quiet
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
-        self.vocab_size = _config_vocab(model_dir)
+        self.vocab_size = config_int(model_dir, "vocab_size")
         self.probe_ids = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]  # once: the checks
         # run in threads, and a Rust tokenizer called from two at once can fail ("Already borrowed")
         self.last_timing: dict[str, float] = {}
