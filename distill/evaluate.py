@@ -123,7 +123,8 @@ def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], limit: int | None = 
     path = resolve_model(ckpt)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                                 use_safetensors=True).to(device).eval()
     report = {"checkpoint": str(path), "limit": limit}
     if val != "":
         report.update(val_loss(model, tokenizer, val or corpus_dir() / "val.jsonl", seq_len))

@@ -23,7 +23,8 @@ from refine.core.instances import Instances
 def embed(inst: Instances, model_dir: str, batch_size: int = 16) -> np.ndarray:
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True,
+                                      use_safetensors=True).eval()
     out = np.empty((len(inst), model.config.hidden_size), dtype=np.float32)
     for i in range(0, len(inst), batch_size):
         batch = torch.as_tensor(np.asarray(inst.tokens[i:i + batch_size], dtype=np.int64))
