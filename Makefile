@@ -100,13 +100,13 @@ sweep: benchmarks ## the papers in miniature: experiments x seeds at equal token
 	$(PY) -m distill.report runs/sweeps/$(SWEEP) --name $(SWEEP) --refined $(CACHE)/refined/default \
 	  $(if $(wildcard reports/notes/$(SWEEP).md),--notes reports/notes/$(SWEEP).md)
 
-DEMO_STEPS ?= 150
+# make demo [DEMO_STEPS=120] [DEMO_INSTANCES=256] [DEMO_REF_STEPS=200]: the stages and outputs are in tools/demo.sh
+DEMO_STEPS ?= 120
 DEMO_INSTANCES ?= 256
-demo: ## fresh clone -> data, teacher, reference LM, refine (a slice), short lm_baseline run; reports its duration
-	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory refine REFINE_ARGS="pack.max_instances=$(DEMO_INSTANCES)" && \
-	$(PY) -m distill.train +experiment=lm_baseline run_name=demo_lm_baseline trainer.max_steps=$(DEMO_STEPS) && \
-	echo "demo finished in $$(( $$(date +%s) - start )) s"
+DEMO_REF_STEPS ?= 200
+demo: install ## fresh clone -> data, teacher, reference, refine a slice, kd_wsd vs lm_baseline, eval -> reports/demo.md
+	PY=$(PY) CACHE=$(CACHE) DEMO_STEPS=$(DEMO_STEPS) DEMO_INSTANCES=$(DEMO_INSTANCES) \
+	  DEMO_REF_STEPS=$(DEMO_REF_STEPS) bash tools/demo.sh
 
 test: install ## unit + integration tests: what CI runs (offline, CPU, ~25-30 min of tests)
 	$(PY) -m pytest -q

@@ -167,8 +167,45 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+def compare(groups: dict[str, list[dict]], baseline: str) -> list[dict]:
+    """Every other group against the ``baseline`` group (its label, or a run name only it has): did it beat it,
+    by how much, on the val loss and, where every run was evaluated, the whole val split's bits per byte."""
+    base_key = baseline if baseline in groups else next(
+        (g for g, rs in groups.items() if rs[0]["name"] == baseline), None)
+    if base_key is None:
+        raise InputError(f"no baseline run {baseline!r} among: {', '.join(groups)}")
+    out = []
+    for g, rs in groups.items():
+        if g == base_key:
+            continue
+        row = {"run": g, "baseline": base_key}
+        for key in ("val_loss", "val_bpb"):
+            ours, theirs = [r[key] for r in rs], [r[key] for r in groups[base_key]]
+            if None not in ours + theirs:
+                row[key] = {"run": mean(ours), "baseline": mean(theirs), "delta": mean(ours) - mean(theirs)}
+        lower = [row[k]["delta"] < 0 for k in ("val_loss", "val_bpb") if k in row]
+        # True / False when every measure agrees; None when they disagree (or nothing to compare)
+        row["beat_baseline"] = True if lower and all(lower) else False if lower and not any(lower) else None
+        row["seeds"] = (len(rs), len(groups[base_key]))
+        out.append(row)
+    return out
+
+
+def _comparison_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for c in rows:
+        verdict = {True: "**yes**", False: "**no**", None: "**mixed**"}[c["beat_baseline"]]
+        parts = [f"{k.replace('val_', 'val ').replace('bpb', 'bits/byte')} {v['run']:.4f} vs {v['baseline']:.4f} "
+                 f"({v['delta']:+.4f})" for k, v in c.items() if k in ("val_loss", "val_bpb")]
+        seeds = c["seeds"]
+        noise = (" One seed each: at this scale seeds differ by a few hundredths of a nat "
+                 "(bench/results/kd_compare_cpu.json), so a smaller gap is not a finding." if max(seeds) == 1 else "")
+        lines.append(f"- Did `{c['run']}` beat `{c['baseline']}` here? {verdict}: {'; '.join(parts)}.{noise}")
+    return lines
+
+
 def build(roots: list[Path], name: str, out_dir: Path, refined: Path | None = None,
-          notes: Path | None = None) -> Path:
+          notes: Path | None = None, baseline: str | None = None) -> Path:
     runs = [read_run(f) for f in find_runs(roots)]
     groups = group(runs)
     tasks = sorted({t for r in runs for t in r["tasks"]})
@@ -196,6 +233,9 @@ def build(roots: list[Path], name: str, out_dir: Path, refined: Path | None = No
         row += [_fmt([r["kl_teacher"] for r in rs], 3)]
         row += [_fmt([r["tasks"].get(t) for r in rs], 3) for t in tasks]
         lines.append("| " + " | ".join(row) + " |")
+    comparison = compare(groups, baseline) if baseline else []
+    if comparison:
+        lines += ["", *_comparison_lines(comparison)]
     if notes is not None:
         if not notes.is_file():
             raise InputError(f"no notes file at {notes}")
@@ -203,7 +243,7 @@ def build(roots: list[Path], name: str, out_dir: Path, refined: Path | None = No
     lines += [""] + [f"![{f}]({f})" for f in files]
     path = out_dir / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
-    (out_dir / f"{name}.json").write_text(json.dumps({"runs": runs}, indent=1))
+    (out_dir / f"{name}.json").write_text(json.dumps({"runs": runs, "comparison": comparison}, indent=1))
     return path
 
 
@@ -215,10 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(REPO / "reports"))
     ap.add_argument("--refined", default=None, help="a refine output folder: add its score histogram")
     ap.add_argument("--notes", default=None, help="a markdown file placed after the table (findings)")
+    ap.add_argument("--baseline", default=None,
+                    help="a run name or row label: say for every other row whether it beat it (val loss, bits/byte)")
     a = ap.parse_args(argv)
     roots = [Path(r) for r in a.runs]
     path = build(roots, a.name or roots[0].name, Path(a.out), a.refined and Path(a.refined),
-                 a.notes and Path(a.notes))
+                 a.notes and Path(a.notes), a.baseline)
     print(path.read_text())
     print(f"-> {path}")
 

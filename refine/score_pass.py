@@ -73,14 +73,16 @@ def _writers(cfg: PassConfig, inst: Instances, out_dir: Path) -> tuple[LogitsWri
                                                                sample_temperature=lc.rs_temperature))
 
 
-def _make_scorer(cfg: PassConfig, seq_len: int):
-    """The pass's scorer: ``model.engine`` options, plus the servers and key variable for backend served."""
+def _make_scorer(cfg: PassConfig, seq_len: int, tokens: int):
+    """The pass's scorer: ``model.engine`` options, plus the servers and key variable for backend served.
+    ``tokens``: what this engine will score (vLLM on CPU starts eager when that is little: ``eager_default``)."""
+    from refine.core.engine_settings import eager_default
     from refine.scorers.registry import make_scorer
 
     m = cfg.model
     opts = dict(m.engine)
     if m.backend == Backend.vllm:   # max_model_len leaves room for the one token vLLM must generate after the prompt
-        opts = {"max_model_len": seq_len + 16, **opts}
+        opts = {"max_model_len": seq_len + 16, **eager_default(tokens), **opts}
     elif m.backend == Backend.served:   # model.path stays the local folder (config.json + tokenizer)
         opts = {**opts, **({"urls": list(m.urls)} if m.urls else {}), "api_key_env": m.api_key_env}
     return make_scorer(str(m.backend), m.path, top_k=max(cfg.logits.top_k, cfg.logits.candidates),
@@ -105,7 +107,8 @@ def run_pass(cfg: PassConfig, scorer=None) -> dict:
         t_load = time.perf_counter()
         own = scorer is None
         if own:
-            scorer = _make_scorer(cfg, inst.seq_len)
+            rows = sum(min(cfg.shard_size, len(inst) - s * cfg.shard_size) for s in todo)
+            scorer = _make_scorer(cfg, inst.seq_len, rows * inst.seq_len)
         load_s = time.perf_counter() - t_load
         progress = _progress(cfg, len(inst), [s for s in range(part, n_shards, part_count)], todo)
         try:

@@ -44,6 +44,21 @@ def test_report_groups_seeds_and_reads_eval(tmp_path):
     assert len(json.loads((tmp_path / "reports" / "fixture.json").read_text())["runs"]) == 3
 
 
+def test_baseline_comparison_says_who_beat_it(tmp_path):
+    runs = tmp_path / "runs"
+    _run(runs, "lm_baseline", 0, [7.5, 7.0])
+    _run(runs, "lm_baseline", 1, [7.6, 7.2])
+    _run(runs, "kd_wsd", 0, [7.2, 6.5], kd="offline")
+    _run(runs, "kd_offline", 0, [7.4, 7.3], kd="offline")
+    text = build([runs], "cmp", tmp_path / "reports", baseline="lm_baseline").read_text()
+    assert "Did `kd_wsd` beat `lm_baseline` here? **yes**: val loss 6.5000 vs 7.1000 (-0.6000)" in text
+    assert "Did `kd_offline` beat `lm_baseline` here? **no**: val loss 7.3000 vs 7.1000 (+0.2000)" in text
+    saved = json.loads((tmp_path / "reports" / "cmp.json").read_text())["comparison"]
+    assert {c["run"]: c["beat_baseline"] for c in saved} == {"kd_wsd": True, "kd_offline": False}
+    with pytest.raises(InputError, match="no baseline run 'lm' among"):
+        build([runs], "cmp", tmp_path / "reports", baseline="lm")
+
+
 def test_report_without_runs_is_one_line(tmp_path):
     with pytest.raises(InputError, match="no finished runs"):
         build([tmp_path], "x", tmp_path / "reports")

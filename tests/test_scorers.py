@@ -129,3 +129,13 @@ def test_vllm_engine_matches_hf_scorer(tiny_model_dir, rows, tmp_path):
     manual = _manual_logp(tiny_model_dir, prefixed)[:, 1:].gather(-1, torch.as_tensor(rows)[:, 1:, None]).squeeze(-1)
     assert np.abs(hb.token_logprobs - manual.numpy()).max() < 1e-6
     assert np.abs(hb.token_logprobs - h.token_logprobs).max() > 1e-3            # the prefix changes the scores
+
+
+def test_cpu_engine_starts_eager_when_start_up_would_dominate():
+    """bench/engine_start.py: on CPU eager starts ~80 s sooner and scores ~11% slower; a small pass runs eager,
+    a large one compiled (the user's teacher.engine.enforce_eager still wins: score_pass puts it last)."""
+    from refine.core.engine_settings import EAGER_BELOW_TOKENS, eager_default
+
+    assert eager_default(256 * 256) == {"enforce_eager": True}
+    assert eager_default(EAGER_BELOW_TOKENS) == {"enforce_eager": False}
+    assert eager_default(100 * EAGER_BELOW_TOKENS) == {"enforce_eager": False}

@@ -14,6 +14,11 @@ from pathlib import Path
 from refine.core.paths import config_int
 
 DEFAULT_MAX_MODEL_LEN = 2048       # packed instances are <= 1024 tokens; a cap keeps the KV cache check cheap
+# vLLM compiles the model at every start (torch.compile; its compile cache under VLLM_CACHE_ROOT shortens later
+# starts of the same model and settings). bench/results/engine_start.json, SmolLM2-135M on this 2-core CPU: eager
+# starts in 55 s against 134 s compiled with a warm cache and 205 s cold, and scores ~11% slower (134 vs 150
+# tok/s), so eager finishes first below ~100k tokens per engine start (~190k with a cold cache).
+EAGER_BELOW_TOKENS = 100_000
 
 
 def cpu_defaults(env=None) -> None:
@@ -27,6 +32,17 @@ def cpu_defaults(env=None) -> None:
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def eager_default(tokens: int) -> dict:
+    """vLLM's ``enforce_eager`` for an engine that will score ``tokens`` tokens, unless the user sets it: on CPU,
+    eager below ``EAGER_BELOW_TOKENS`` (the start-up would cost more than compiling saves), vLLM's compiled
+    default above; on a GPU vLLM's own default (compiled, CUDA graphs), which this machine cannot measure."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {}
+    return {"enforce_eager": tokens < EAGER_BELOW_TOKENS}
 
 
 def engine_max_len(model_dir: str | Path) -> int:
