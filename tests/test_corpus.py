@@ -235,6 +235,26 @@ def test_links_inside_a_corpus_folder_are_not_followed(tmp_path):
     assert corpus_fingerprint(root) == before
 
 
+def test_a_hub_cache_dataset_snapshot_is_read_through_its_blob_links(tmp_path):
+    """huggingface_hub keeps a dataset as ``snapshots/<rev>/<path>`` links into ``blobs/``: the snapshot folder
+    (or a glob in it) reads those files under their own names; a link out of the repo's blobs is still skipped."""
+    import os
+
+    repo = tmp_path / "hub" / "datasets--org--corpus"
+    (repo / "blobs").mkdir(parents=True)
+    data = repo / "snapshots" / "0123abcd" / "data"
+    data.mkdir(parents=True)
+    for i, sha in enumerate(("9f1c", "b27e")):
+        (repo / "blobs" / sha).write_bytes(_compress(f'{{"text": "shard {i} document"}}\n'.encode(), ".gz"))
+        os.symlink(f"../../../blobs/{sha}", data / f"train-{i:05d}.jsonl.gz")
+    os.symlink("/etc/hostname", data / "system.txt")
+    for path in (data.parent, f"{data}/*.jsonl.gz"):
+        stats = CorpusStats()
+        docs = list(iter_documents(path, stats=stats))
+        assert [d.text for d in docs] == ["shard 0 document", "shard 1 document"]
+        assert docs[0].id.endswith("train-00000:1") and stats.skipped_links == (path == data.parent)
+
+
 def test_documents_over_max_doc_bytes_are_skipped_and_counted(tmp_path):
     big = "x" * 5000
     corpus = tmp_path / "c.jsonl"

@@ -13,7 +13,9 @@ HF ``datasets`` directories.
 * a folder: everything inside, recursively, in sorted path order, each by the rules above; hidden files and
   folders are skipped, and so are symbolic links (counted in ``CorpusStats.skipped_links``): a link to a system
   file must not become a document, a ``..`` link would read the corpus again, two links to ``.`` never end.
-  (The corpus path itself may be a link: whoever names it chose it.)
+  (The corpus path itself may be a link: whoever names it chose it.) The one exception is a Hugging Face hub
+  cache snapshot (``datasets--org--name/snapshots/<rev>/...``), whose files are links into the same repo's
+  ``blobs/``: those are read, under the link's name; any other link there is skipped as elsewhere.
 * a glob pattern (``/data/fineweb/*.jsonl.zst``, ``shards/**/*.parquet``): every match in sorted path order, a
   matched folder read as above; names are relative to the pattern's folder part; hidden matches and links are
   skipped as inside a folder.
@@ -81,6 +83,17 @@ def is_link_below(p: Path, root: Path) -> bool:
     return False
 
 
+def hub_blob_link(p: Path) -> bool:
+    """``p`` is a file of a hub cache snapshot: a link from ``<repo>/snapshots/<rev>/...`` to a file in
+    ``<repo>/blobs/`` (how ``huggingface_hub`` lays out every downloaded repo, datasets included)."""
+    parts = p.absolute().parts
+    if not p.is_symlink() or "snapshots" not in parts[:-2]:
+        return False
+    repo = Path(*parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
+    target = p.resolve()
+    return target.is_file() and target.parent == (repo / "blobs").resolve()
+
+
 def is_hf_dataset_dir(path: Path) -> bool:
     return path.is_dir() and any((path / n).is_file() for n in HF_MARKERS)
 
@@ -124,7 +137,7 @@ def corpus_units(path: str | Path, stats: CorpusStats | None = None) -> list[tup
         for m in sorted(base.glob(str(Path(path).relative_to(base)))):
             if any(part.startswith(".") for part in m.relative_to(base).parts) or expanded.intersection(m.parents):
                 continue                                 # hidden, as inside a folder; or read already
-            if is_link_below(m, base):                   # links, as inside a folder: skipped and counted
+            if is_link_below(m.parent, base) or (m.is_symlink() and not hub_blob_link(m)):  # as inside a folder
                 stats.skipped_links += 1
                 continue
             if m.is_dir() and not is_hf_dataset_dir(m):
@@ -152,7 +165,7 @@ def _corpus_units(root: Path, stats: CorpusStats) -> list[Path]:
     for p in sorted(root.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.is_symlink():
+        if p.is_symlink() and not hub_blob_link(p):
             stats.skipped_links += 1
         elif is_hf_dataset_dir(p) or p.is_file():
             units.append(p)
