@@ -53,7 +53,7 @@ def carve(cfg: RefineConfig, corpus_key: str, tok) -> tuple[Path, dict]:
     previous = read_manifest(folder)
     if previous and previous.get("key") == key:
         return folder, previous["d_ref"]
-    units, tokens = array("d"), array("q")      # of every document below the fraction, in corpus order
+    unit_list, tokens = array("d"), array("q")  # of every document below the fraction, in corpus order: 16 bytes each
     with atomic_path(folder / "d_ref.jsonl") as train_tmp, atomic_path(folder / "d_ref_val.jsonl") as val_tmp:
         with open(train_tmp, "w") as train_f, open(val_tmp, "w") as val_f:
             batch: list = []
@@ -63,13 +63,13 @@ def carve(cfg: RefineConfig, corpus_key: str, tok) -> tuple[Path, dict]:
                 if split.holds(doc.id):
                     batch.append(doc)
                 if len(batch) == CARVE_BATCH:
-                    _write(batch, split, tok, units, tokens, train_f, val_f)
+                    _write(batch, split, tok, unit_list, tokens, train_f, val_f)
                     batch = []
-            _write(batch, split, tok, units, tokens, train_f, val_f)
-        units, tokens = np.frombuffer(units), np.frombuffer(tokens, dtype=np.int64)
+            _write(batch, split, tok, unit_list, tokens, train_f, val_f)
+        units, tokens = np.frombuffer(unit_list), np.frombuffer(tokens, dtype=np.int64)
         fraction = budget_fraction(units, tokens, split.fraction, max_tokens)
         if fraction < split.fraction:
-            _keep_below(fraction, units, split, train_tmp, val_tmp)
+            _keep_below(fraction, unit_list, split, train_tmp, val_tmp)
     record = {**_counts(units, tokens, HoldOut(fraction, split.seed)), "fraction": fraction, "seed": split.seed}
     if max_tokens:
         record.update(max_tokens=max_tokens, max_fraction=split.fraction)
@@ -88,7 +88,7 @@ def _write(batch: list, split: HoldOut, tok, units: array, tokens: array, train_
         tokens.append(n)
 
 
-def _keep_below(fraction: float, units: np.ndarray, split: HoldOut, train_tmp: Path, val_tmp: Path) -> None:
+def _keep_below(fraction: float, units: array, split: HoldOut, train_tmp: Path, val_tmp: Path) -> None:
     """Rewrite the carved files with only the documents below ``fraction`` (and its validation share), in corpus
     order: the files a carve at ``fraction`` without a budget writes. A document's line is the next one of the file
     ``split`` put it in."""
@@ -96,7 +96,7 @@ def _keep_below(fraction: float, units: np.ndarray, split: HoldOut, train_tmp: P
     new_train, new_val = train_tmp.with_name("capped_train"), val_tmp.with_name("capped_val")
     with open(train_tmp, "rb") as old_train, open(val_tmp, "rb") as old_val, open(new_train, "wb") as train_f, \
             open(new_val, "wb") as val_f:
-        for u in units.tolist():
+        for u in units:
             line = (old_val if u < split.val_below else old_train).readline()
             if u < fraction:
                 (val_f if u < capped.val_below else train_f).write(line)
