@@ -100,6 +100,9 @@ class RefSplitConfig(Checked):
     """D_ref (``refine.reference``): with ``reference.path`` empty, the share of the corpus's documents (by a hash
     of their id) held out of scoring to train the reference LM on, with the trainer's ``experiment``."""
     fraction: float = 0.05                 # of the documents; a tenth of D_ref is the reference's validation text
+    # a token budget (teacher tokens, validation included; 0: none): D_ref is then the lowest-hash documents up to
+    # it, never more than ``fraction`` of them (``refine.core.holdout.budget_fraction``)
+    max_tokens: int = 0
     seed: int = 0                          # which documents: another seed, another D_ref
     min_tokens: int = 100_000              # a smaller D_ref is refused (too little to train a reference on)
     experiment: str = "reference"          # conf/experiment/<name>.yaml of the trainer

@@ -37,8 +37,10 @@ def scoring_settings(c: dict) -> dict:
         ref = c.get("reference", {})
         if ref.get("path"):
             return model(ref)
-        # carved from the corpus: what D_ref is and how the reference is trained decide its scores
-        return {"d_ref": c.get("ref_split"), "dtype": ref.get("dtype"), "backend": ref.get("backend")}
+        # carved from the corpus: what D_ref is and how the reference is trained decide its scores (no budget
+        # stays out, so folders scored before ref_split.max_tokens existed keep their settings)
+        d_ref = {k: v for k, v in (c.get("ref_split") or {}).items() if k != "max_tokens" or v}
+        return {"d_ref": d_ref, "dtype": ref.get("dtype"), "backend": ref.get("backend")}
 
     dedup = c.get("dedup", {})
     pack = {k: v for k, v in (c.get("pack") or {}).items() if k != "workers"}   # workers: the same output

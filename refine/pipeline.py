@@ -49,22 +49,23 @@ def _refine(cfg: RefineConfig) -> dict:
     out = Path(cfg.out)
     teacher = resolve_model(cfg.teacher.path)
     tok = load_tokenizer(teacher)
-    split = hold_out(cfg)
-    reference = resolve_model(cfg.reference.path) if split is None else None
+    carving = not cfg.reference.path         # MiniPLM: the reference learns D_ref, a held-out part of this corpus
+    reference = None if carving else resolve_model(cfg.reference.path)
     if reference is not None:
         _check_tokenizers(cfg, out, tok, reference)
     corpus_key = corpus_fingerprint(cfg.corpus)
-    ref_info = {}
-    if split is not None:                    # MiniPLM: the reference learns D_ref, a held-out part of this corpus
+    ref_info, split = {}, None
+    if carving:
         d_ref, ref_info = carve(cfg, corpus_key, tok)       # into the cache: out is not touched yet
         check_size(cfg, ref_info)
+        split = hold_out(ref_info)           # what the carve held out (a budget lowers ref_split.fraction)
     check_settings(out, scoring_settings(asdict(cfg)), cfg.overwrite)   # before anything is written to out
-    if split is not None:
+    if carving:
         reference = train_reference(cfg, teacher, d_ref)
         _check_tokenizers(cfg, out, tok, reference)
     inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field,
                 max_doc_bytes=cfg.max_doc_bytes, workers=cfg.pack.workers, hold_out=split)
-    if split is None:
+    if not carving:
         check_not_trained_on_scored(reference, inst)
     if 0 < cfg.pack.max_instances < len(inst):
         # An evenly spaced subset keeps every part of the corpus represented (the first N would be one source).

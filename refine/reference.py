@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+from array import array
 from pathlib import Path
+
+import numpy as np
 
 from refine.config import RefineConfig
 from refine.core.corpus import CorpusStats, iter_documents
 from refine.core.errors import InputError
-from refine.core.holdout import HoldOut
+from refine.core.holdout import HoldOut, budget_fraction
 from refine.core.instances import Instances
 from refine.core.manifest import atomic_path, read_manifest, write_json_atomic, write_manifest
 from refine.core.paths import resolve_model
@@ -27,60 +31,96 @@ from refine.core.tokenizer import tokenizer_hash
 CARVE_BATCH = 256
 
 
-def hold_out(cfg: RefineConfig) -> HoldOut | None:
-    """The D_ref split of this run, or None when a reference is given."""
-    return None if cfg.reference.path else HoldOut(cfg.ref_split.fraction, cfg.ref_split.seed)
+def hold_out(record: dict) -> HoldOut:
+    """The D_ref split that ``carve`` made (its ``record``): the one packing leaves out. With a token budget its
+    fraction is lower than ``ref_split.fraction``."""
+    return HoldOut(record["fraction"], record["seed"])
 
 
 def carve(cfg: RefineConfig, corpus_key: str, tok) -> tuple[Path, dict]:
     """D_ref's documents as ``d_ref.jsonl`` (training) and ``d_ref_val.jsonl`` (validation) in a cache folder
     named by the corpus and the split (any refine of that corpus with that split reuses it, and its reference).
-    Returns the folder and its record (documents and tokens of each part)."""
-    split = hold_out(cfg)
+    Returns the folder and its record (documents and tokens of each part, the effective fraction)."""
+    split, max_tokens = HoldOut(cfg.ref_split.fraction, cfg.ref_split.seed), cfg.ref_split.max_tokens
+    if max_tokens < 0 or 0 < max_tokens < cfg.ref_split.min_tokens:
+        raise InputError(f"ref_split.max_tokens={max_tokens:,} must be 0 (no budget) or at least "
+                         f"ref_split.min_tokens={cfg.ref_split.min_tokens:,}")
     key = {"corpus": corpus_key, "split": split.key(), "text_field": cfg.text_field,
            "max_doc_bytes": cfg.max_doc_bytes, "tokenizer_hash": tokenizer_hash(tok)}
+    if max_tokens:                               # (no budget stays out: existing folders keep their key)
+        key["max_tokens"] = max_tokens
     folder = Path(cfg.paths.cache) / "d_ref" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     previous = read_manifest(folder)
     if previous and previous.get("key") == key:
         return folder, previous["d_ref"]
-    counts = {"train": {"documents": 0, "tokens": 0}, "val": {"documents": 0, "tokens": 0}}
-    with atomic_path(folder / "d_ref.jsonl") as train_tmp, atomic_path(folder / "d_ref_val.jsonl") as val_tmp, \
-            open(train_tmp, "w") as train_f, open(val_tmp, "w") as val_f:
-        batch: list = []
-        docs = iter_documents(cfg.corpus, text_field=cfg.text_field, stats=CorpusStats(),
-                              max_doc_bytes=cfg.max_doc_bytes)
-        for doc in docs:
-            if split.holds(doc.id):
-                batch.append(doc)
-            if len(batch) == CARVE_BATCH:
-                _write(batch, split, tok, counts, train_f, val_f)
-                batch = []
-        _write(batch, split, tok, counts, train_f, val_f)
-    record = {**counts, "fraction": split.fraction, "seed": split.seed}
+    unit_list, tokens = array("d"), array("q")  # of every document below the fraction, in corpus order: 16 bytes each
+    with atomic_path(folder / "d_ref.jsonl") as train_tmp, atomic_path(folder / "d_ref_val.jsonl") as val_tmp:
+        with open(train_tmp, "w") as train_f, open(val_tmp, "w") as val_f:
+            batch: list = []
+            docs = iter_documents(cfg.corpus, text_field=cfg.text_field, stats=CorpusStats(),
+                                  max_doc_bytes=cfg.max_doc_bytes)
+            for doc in docs:
+                if split.holds(doc.id):
+                    batch.append(doc)
+                if len(batch) == CARVE_BATCH:
+                    _write(batch, split, tok, unit_list, tokens, train_f, val_f)
+                    batch = []
+            _write(batch, split, tok, unit_list, tokens, train_f, val_f)
+        units, tokens = np.frombuffer(unit_list), np.frombuffer(tokens, dtype=np.int64)
+        fraction = budget_fraction(units, tokens, split.fraction, max_tokens)
+        if fraction < split.fraction:
+            _keep_below(fraction, unit_list, split, train_tmp, val_tmp)
+    record = {**_counts(units, tokens, HoldOut(fraction, split.seed)), "fraction": fraction, "seed": split.seed}
+    if max_tokens:
+        record.update(max_tokens=max_tokens, max_fraction=split.fraction)
     write_manifest(folder, key, corpus=str(cfg.corpus), d_ref=record)
     return folder, record
 
 
-def _write(batch: list, split: HoldOut, tok, counts: dict, train_f, val_f) -> None:
+def _write(batch: list, split: HoldOut, tok, units: array, tokens: array, train_f, val_f) -> None:
     if not batch:
         return
     lengths = map(len, tok([d.text for d in batch], add_special_tokens=False)["input_ids"])
     for doc, n in zip(batch, lengths):
-        part = "val" if split.is_val(doc.id) else "train"
-        (val_f if part == "val" else train_f).write(
+        (val_f if split.is_val(doc.id) else train_f).write(
             json.dumps({"id": doc.id, "source": doc.source, "text": doc.text}, ensure_ascii=False) + "\n")
-        counts[part]["documents"] += 1
-        counts[part]["tokens"] += n
+        units.append(split.unit(doc.id))
+        tokens.append(n)
+
+
+def _keep_below(fraction: float, units: array, split: HoldOut, train_tmp: Path, val_tmp: Path) -> None:
+    """Rewrite the carved files with only the documents below ``fraction`` (and its validation share), in corpus
+    order: the files a carve at ``fraction`` without a budget writes. A document's line is the next one of the file
+    ``split`` put it in."""
+    capped = HoldOut(fraction, split.seed)
+    new_train, new_val = train_tmp.with_name("capped_train"), val_tmp.with_name("capped_val")
+    with open(train_tmp, "rb") as old_train, open(val_tmp, "rb") as old_val, open(new_train, "wb") as train_f, \
+            open(new_val, "wb") as val_f:
+        for u in units:
+            line = (old_val if u < split.val_below else old_train).readline()
+            if u < fraction:
+                (val_f if u < capped.val_below else train_f).write(line)
+    os.replace(new_train, train_tmp)
+    os.replace(new_val, val_tmp)
+
+
+def _counts(units: np.ndarray, tokens: np.ndarray, split: HoldOut) -> dict:
+    """Documents and tokens of each part of ``split``."""
+    held, val = units < split.fraction, units < split.val_below
+    return {part: {"documents": int(mask.sum()), "tokens": int(tokens[mask].sum())}
+            for part, mask in (("train", held & ~val), ("val", val))}
 
 
 def check_size(cfg: RefineConfig, record: dict) -> None:
-    need = cfg.ref_split.min_tokens
+    need, cap = cfg.ref_split.min_tokens, cfg.ref_split.max_tokens
+    budget, raise_budget = (f", max_tokens={cap:,}", " or ref_split.max_tokens") if cap else ("", "")
     if record["train"]["tokens"] < need or record["val"]["documents"] == 0:
         raise InputError(
             f"{cfg.corpus} is too small to carve a reference split from: {record['train']['tokens']:,} tokens in "
-            f"{record['train']['documents']:,} D_ref documents (ref_split.fraction={cfg.ref_split.fraction}) and "
-            f"{record['val']['documents']} for its validation, need {need:,} (ref_split.min_tokens) and 1; raise "
-            f"ref_split.fraction, or give a pretrained reference with the teacher's tokenizer (reference.path=...)")
+            f"{record['train']['documents']:,} D_ref documents (ref_split.fraction={cfg.ref_split.fraction}{budget}) "
+            f"and {record['val']['documents']} for its validation, need {need:,} (ref_split.min_tokens) and 1; raise "
+            f"ref_split.fraction{raise_budget}, or give a pretrained reference with the teacher's tokenizer "
+            f"(reference.path=...)")
 
 
 def train(cfg: RefineConfig, teacher: Path, folder: Path) -> Path:
