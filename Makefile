@@ -100,10 +100,10 @@ sweep: benchmarks ## the papers in miniature: experiments x seeds at equal token
 	$(PY) -m distill.report runs/sweeps/$(SWEEP) --name $(SWEEP) --refined $(CACHE)/refined/default \
 	  $(if $(wildcard reports/notes/$(SWEEP).md),--notes reports/notes/$(SWEEP).md)
 
-# make demo [DEMO_STEPS=120] [DEMO_INSTANCES=256] [DEMO_REF_STEPS=200]: the stages and outputs are in tools/demo.sh
-DEMO_STEPS ?= 120
+# make demo [DEMO_STEPS=100] [DEMO_INSTANCES=256] [DEMO_REF_STEPS=100]: the stages and outputs are in tools/demo.sh
+DEMO_STEPS ?= 100
 DEMO_INSTANCES ?= 256
-DEMO_REF_STEPS ?= 200
+DEMO_REF_STEPS ?= 100
 demo: install ## fresh clone -> data, teacher, reference, refine a slice, kd_wsd vs lm_baseline, eval -> reports/demo.md
 	PY=$(PY) CACHE=$(CACHE) DEMO_STEPS=$(DEMO_STEPS) DEMO_INSTANCES=$(DEMO_INSTANCES) \
 	  DEMO_REF_STEPS=$(DEMO_REF_STEPS) bash tools/demo.sh

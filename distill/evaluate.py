@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from refine.core.errors import InputError, exit_on_input_error
+from refine.core.library_noise import no_library_bars
 from refine.core.manifest import write_json_atomic
 from refine.core.paths import REPO, benchmarks_dir, cache_dir, corpus_dir, resolve_model
 
@@ -165,8 +166,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="lm-eval model: hf (in-process transformers) or vllm (lm-eval's vLLM model)")
     a = ap.parse_args(argv)
     tasks = [t for t in a.tasks.split(",") if t]
-    print_report(evaluate_checkpoint(a.checkpoint, tasks, a.limit, a.val, a.seq_len, a.batch_size, a.device,
-                                     a.backend))
+    with no_library_bars():     # transformers' loading bar says nothing here; lm-eval's own progress stays
+        report = evaluate_checkpoint(a.checkpoint, tasks, a.limit, a.val, a.seq_len, a.batch_size, a.device,
+                                     a.backend)
+    print_report(report)
 
 
 def print_report(r: dict) -> None:

@@ -36,7 +36,11 @@ stage "lm_baseline and kd_wsd, ${DEMO_STEPS} steps each" \
     'paths.refined=${paths.cache}/refined/demo' 'data.train=${paths.refined}/instances_scored' \
     trainer.max_steps="$DEMO_STEPS" trainer.threads=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 )) \
     trainer.progress=false
-evaluate_all() { for run in "$RUNS"/train/*/; do "$PY" -m distill.evaluate "$run" --tasks ''; done; }
+evaluate_all() {   # side by side as the training, a core each
+    local pids=() run
+    for run in "$RUNS"/train/*/; do OMP_NUM_THREADS=1 "$PY" -m distill.evaluate "$run" --tasks '' & pids+=($!); done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+}
 stage "eval (whole val split)" evaluate_all
 stage "report" "$PY" -m distill.report $RUNS/train --name demo --baseline lm_baseline --refined "$CACHE/refined/demo"
 echo
