@@ -11,8 +11,9 @@ Prints, for N tokens:
   measured on that store (``bench/logits_store_bench.py``; + log2(V / 49,152) bits per id for a larger
   vocabulary, whose sorted-id gaps are that much longer);
 * **teacher scoring**: GPU-hours FLOPs-bound (2 N per token at ``--gpu-tflops`` x ``--mfu``) and host-bound (the
-  pass's host CPU-seconds per position at the nearest vocabulary, measured with a near-free teacher by
-  ``bench/refine_ceiling.py``, over ``--host-cores`` cores per GPU); the plan takes the larger. Also the hours at
+  pass's own host CPU-seconds per position for a top-p-k store at the nearest vocabulary, measured with a
+  near-free teacher by ``bench/refine_ceiling.py``, over ``--host-cores`` cores per GPU; vLLM's own scheduling
+  is not in it); the plan takes the larger. Also the hours at
   the throughput measured by ``bench/refine_bench.py`` on its machine (tokens/s scaled from its teacher's size to
   ``--teacher-params`` by parameter count);
 * **student training**: GPU-hours from FLOPs (6 N per token) at the same rate, times the offline-KD step cost
@@ -105,7 +106,7 @@ def _host_ceiling(bench: dict, vocab: int) -> tuple[float, str] | None:
     c = ceiling[nearest]
     return c["cpu_s_per_mpos"] / 1e6, (f"bench/results/refine_ceiling.json, {bench.get('machine', {}).get('cpu')}: "
                                        f"{c['cpu_s_per_mpos']:.1f} CPU-s per million positions at vocab "
-                                       f"{int(nearest):,}, rows of {c['seq_len']}")
+                                       f"{int(nearest):,}, rows of {c['seq_len']}; vLLM's own scheduling not included")
 
 
 def _kd_over_lm(train_bench: dict, vocab: int) -> float:
