@@ -205,15 +205,9 @@ def served_ceiling(scores, rows: np.ndarray) -> dict:
 
 
 def machine() -> dict:
-    import platform
+    from bench.refine_bench import machine as software
 
-    import torch
-    import vllm
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "vllm": vllm.__version__,
-            "python": platform.python_version(), "load_average": os.getloadavg()}
+    return {**software(), "load_average": os.getloadavg()}     # other jobs on the machine skew the wall clock
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ Prints, for N tokens:
 * **teacher scoring**: GPU-hours FLOPs-bound (2 N per token at ``--gpu-tflops`` x ``--mfu``) and host-bound (the
   pass's own host CPU-seconds per position for a top-p-k store at the nearest vocabulary, measured with a
   near-free teacher by ``bench/refine_ceiling.py``, over ``--host-cores`` cores per GPU; vLLM's own scheduling
-  is not in it); the plan takes the larger. Also the hours at
-  the throughput measured by ``bench/refine_bench.py`` on its machine (tokens/s scaled from its teacher's size to
-  ``--teacher-params`` by parameter count);
+  is not in it); the plan takes the larger. Also the hours at the throughput measured by
+  ``bench/refine_bench.py`` on its machine (tokens/s scaled from its teacher's size to ``--teacher-params`` by
+  parameter count);
 * **student training**: GPU-hours from FLOPs (6 N per token) at the same rate, times the offline-KD step cost
   over the LM-only step measured by ``bench/train_bench.py``; online KD adds the teacher's forward (2 N per
   token) on every batch.
