@@ -10,9 +10,12 @@ Prints, for N tokens:
   bytes per kept pair of the raw codec (2-byte ids up to 65,536 ids, 4 above) and of the compact codec
   measured on that store (``bench/logits_store_bench.py``; + log2(V / 49,152) bits per id for a larger
   vocabulary, whose sorted-id gaps are that much longer);
-* **teacher scoring**: GPU-hours at the throughput measured by ``bench/refine_bench.py`` (its JSON; tokens/s
-  scaled from its teacher's size to ``--teacher-params`` by parameter count), and from FLOPs (2 N per token) at
-  ``--gpu-tflops`` x ``--mfu``;
+* **teacher scoring**: GPU-hours FLOPs-bound (2 N per token at ``--gpu-tflops`` x ``--mfu``) and host-bound (the
+  pass's own host CPU-seconds per position for a top-p-k store at the nearest vocabulary, measured with a
+  near-free teacher by ``bench/refine_ceiling.py``, over ``--host-cores`` cores per GPU; vLLM's own scheduling
+  is not in it); the plan takes the larger. Also the hours at the throughput measured by
+  ``bench/refine_bench.py`` on its machine (tokens/s scaled from its teacher's size to ``--teacher-params`` by
+  parameter count);
 * **student training**: GPU-hours from FLOPs (6 N per token) at the same rate, times the offline-KD step cost
   over the LM-only step measured by ``bench/train_bench.py``; online KD adds the teacher's forward (2 N per
   token) on every batch.
@@ -55,7 +58,7 @@ def pairs_per_position(store_dir: str | None, top_p: float, top_k: int, sample: 
 
 
 def plan(tokens: float, vocab: int, top_p: float, top_k: int, teacher_params: float, student_params: float,
-         gpu_tflops: float, mfu: float, store_dir: str | None) -> dict:
+         gpu_tflops: float, mfu: float, store_dir: str | None, host_cores: float = 4) -> dict:
     pairs, pairs_src = pairs_per_position(store_dir, top_p, top_k)
     id_bytes = 2 if vocab <= 65536 else 4
     raw_bpt = 1 + pairs * (id_bytes + 2)                       # count byte + (id, fp16 log-prob) per pair
@@ -70,6 +73,12 @@ def plan(tokens: float, vocab: int, top_p: float, top_k: int, teacher_params: fl
                    compact_source=f"bench/results/logits_store.json ({store_bench.get('machine', {}).get('cpu')})")
     rate = gpu_tflops * 1e12 * mfu
     out["teacher_gpu_hours_flops"] = 2 * teacher_params * tokens / rate / 3600
+    out["teacher_gpu_hours"] = out["teacher_gpu_hours_flops"]
+    host = _host_ceiling(_load("refine_ceiling.json") or {}, vocab)
+    if host:
+        cpu_s, src = host
+        out.update(teacher_gpu_hours_host=tokens * cpu_s / host_cores / 3600, teacher_host_source=src,
+                   teacher_gpu_hours=max(out["teacher_gpu_hours_flops"], tokens * cpu_s / host_cores / 3600))
     refine_bench = _load("refine_cuda.json") or _load("refine_cpu.json")
     if refine_bench:
         tok_s = refine_bench["pipeline_tok_s"] * SMOLLM2_PARAMS / teacher_params
@@ -83,8 +92,21 @@ def plan(tokens: float, vocab: int, top_p: float, top_k: int, teacher_params: fl
                student_kd_offline_gpu_hours=lm_hours * kd_over_lm,
                student_kd_online_gpu_hours=lm_hours * kd_over_lm + out["teacher_gpu_hours_flops"],
                assumptions=f"{gpu_tflops:g} TFLOP/s peak x MFU {mfu:g}; training 6 N FLOPs/token, teacher "
-                           f"forward 2 N FLOPs/token")
+                           f"forward 2 N FLOPs/token; {host_cores:g} host cores per GPU for the teacher pass")
     return out
+
+
+def _host_ceiling(bench: dict, vocab: int) -> tuple[float, str] | None:
+    """Host CPU-seconds per position of the teacher pass at the measured vocabulary nearest to ``vocab``, and
+    where it was measured."""
+    ceiling = bench.get("host_ceiling") or {}
+    if not ceiling:
+        return None
+    nearest = min(ceiling, key=lambda v: abs(math.log(int(v) / vocab)))
+    c = ceiling[nearest]
+    return c["cpu_s_per_mpos"] / 1e6, (f"bench/results/refine_ceiling.json, {bench.get('machine', {}).get('cpu')}: "
+                                       f"{c['cpu_s_per_mpos']:.1f} CPU-s per million positions at vocab "
+                                       f"{int(nearest):,}, rows of {c['seq_len']}; vLLM's own scheduling not included")
 
 
 def _kd_over_lm(train_bench: dict, vocab: int) -> float:
@@ -109,7 +131,10 @@ def _print(p: dict) -> None:
     if "compact_tb" in p:
         print(f"  logits, compact codec   {p['compact_bytes_per_token']:.1f} B/token = {p['compact_tb']:,.2f} TB"
               f"  (scaled from {p['compact_source']})")
-    print(f"  teacher scoring         {_h(p['teacher_gpu_hours_flops'])} GPU-hours from FLOPs")
+    print(f"  teacher scoring         {_h(p['teacher_gpu_hours'])} GPU-hours, the larger of:")
+    print(f"                          {_h(p['teacher_gpu_hours_flops'])} FLOPs-bound")
+    if "teacher_gpu_hours_host" in p:
+        print(f"                          {_h(p['teacher_gpu_hours_host'])} host-bound ({p['teacher_host_source']})")
     if "teacher_hours_measured" in p:
         print(f"                          {_h(p['teacher_hours_measured'])} hours on the measuring machine, its "
               f"throughput scaled to this teacher ({p['teacher_tok_s_measured']:,.1f} tok/s; measured: "
@@ -132,11 +157,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--student-params", type=float, help="instead of --student")
     ap.add_argument("--gpu-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100 SXM: 989)")
     ap.add_argument("--mfu", type=float, default=0.4)
+    ap.add_argument("--host-cores", type=float, default=4,
+                    help="host cores per GPU the teacher pass keeps busy (its engine thread + write workers)")
     ap.add_argument("--store", default=str(REPO / ".cache" / "refined" / "default" / "teacher" / "logits"))
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a = ap.parse_args(argv)
     student = a.student_params or _config_params(a.student, a.vocab)
-    p = plan(a.tokens, a.vocab, a.top_p, a.top_k, a.teacher_params, student, a.gpu_tflops, a.mfu, a.store)
+    p = plan(a.tokens, a.vocab, a.top_p, a.top_k, a.teacher_params, student, a.gpu_tflops, a.mfu, a.store,
+             a.host_cores)
     p["student_params"] = student
     print(json.dumps(p, indent=1)) if a.json else _print(p)
 

@@ -61,16 +61,17 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 def _writers(cfg: PassConfig, inst: Instances, out_dir: Path) -> tuple[LogitsWriter | None, LogitsWriter | None]:
     """The top-p-k store's writer (``logits.top_k`` > 0) and the RS-KD sampled store's (``rs_samples`` > 0)."""
     lc = cfg.logits
+    threads = max(1, (os.cpu_count() or 1) // write_workers(cfg))     # zstd threads of each shard's encoder
     header = StoreHeader(inst.tokenizer.vocab_size, inst.tokenizer.hash, lc.top_p, lc.top_k, inst.seq_len - 1,
                          codec=str(lc.codec))
-    writer = LogitsWriter(out_dir / "logits", header) if lc.top_k else None
+    writer = LogitsWriter(out_dir / "logits", header, threads) if lc.top_k else None
     if not lc.rs_samples:
         return writer, None
     if not lc.top_k:
         raise InputError("RS-KD sampling draws from the teacher's top-K candidates: it needs top_k > 0")
     return writer, LogitsWriter(out_dir / "logits_rs", replace(header, top_p=1.0, top_k=lc.rs_samples, kind="sampled",
                                                                samples=lc.rs_samples,
-                                                               sample_temperature=lc.rs_temperature))
+                                                               sample_temperature=lc.rs_temperature), threads)
 
 
 def _make_scorer(cfg: PassConfig, seq_len: int, tokens: int):
@@ -177,8 +178,7 @@ def _score_shards(cfg: PassConfig, inst: Instances, todo: list[int], scorer, wri
     outruns one encoder thread; numpy, scipy and zstd release the GIL, so threads scale). At most ``workers``
     shards wait, so memory stays at workers + 1 shards' candidates. Each shard is finished by its own json, so
     the order in which they finish does not matter."""
-    size, batch = cfg.shard_size, cfg.model.batch_rows
-    workers = cfg.model.write_workers or min(4, max(1, (os.cpu_count() or 1) // 4))
+    size, batch, workers = cfg.shard_size, cfg.model.batch_rows, write_workers(cfg)
     pending: list = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for s in todo:
@@ -191,6 +191,12 @@ def _score_shards(cfg: PassConfig, inst: Instances, todo: list[int], scorer, wri
             pending.append(pool.submit(write, s, rows, parts, score_s))
         for job in pending:
             job.result()
+
+
+def write_workers(cfg: PassConfig) -> int:
+    """Threads encoding and writing shards while the next ones are scored (``model.write_workers``, 0: cores / 4,
+    1..4); each shard's zstd frames then get the cores left over (``_writers``)."""
+    return cfg.model.write_workers or min(4, max(1, (os.cpu_count() or 1) // 4))
 
 
 def _key_guard(out_dir: Path):

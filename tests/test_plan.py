@@ -39,3 +39,24 @@ def test_kd_ratio_is_the_paired_one_at_the_nearest_vocab():
     bench = {"kd_offline_over_lm": 0.8, "paired": {"49152": {"kd_over_lm": 0.99}, "151552": {"kd_over_lm": 1.03}}}
     assert _kd_over_lm(bench, 32_000) == 0.99 and _kd_over_lm(bench, 262_144) == 1.03
     assert _kd_over_lm({"kd_offline_over_lm": 1.2}, 32_000) == 1.2 and _kd_over_lm({}, 32_000) == 1.0
+
+
+def test_teacher_hours_are_the_larger_of_flops_and_host_bound(monkeypatch, capsys):
+    import distill.plan as plan_mod
+
+    ceiling = {"machine": {"cpu": "test cpu"}, "host_ceiling": {
+        "1024": {"cpu_s_per_mpos": 50.0, "seq_len": 2048}, "151552": {"cpu_s_per_mpos": 200.0, "seq_len": 2048}}}
+    monkeypatch.setattr(plan_mod, "_load", lambda name: ceiling if name == "refine_ceiling.json" else None)
+    cpu_s, source = plan_mod._host_ceiling(ceiling, 200_000)
+    assert cpu_s == 200e-6 and "vocab 151,552" in source and "test cpu" in source
+    small = plan(1e12, 200_000, 0.95, 50, teacher_params=1e8, student_params=1e8, gpu_tflops=100, mfu=0.5,
+                 store_dir=None, host_cores=4)
+    assert small["teacher_gpu_hours_host"] == pytest.approx(1e12 * 200e-6 / 4 / 3600)
+    assert small["teacher_gpu_hours"] == small["teacher_gpu_hours_host"] > small["teacher_gpu_hours_flops"]
+    big = plan(1e12, 2048, 0.95, 50, teacher_params=1e11, student_params=1e8, gpu_tflops=100, mfu=0.5,
+               store_dir=None, host_cores=4)
+    assert big["teacher_gpu_hours_host"] == pytest.approx(1e12 * 50e-6 / 4 / 3600)     # the 1,024 entry: nearest
+    assert big["teacher_gpu_hours"] == big["teacher_gpu_hours_flops"] > big["teacher_gpu_hours_host"]
+    main(["--tokens", "1e9", "--student-params", "1e7", "--vocab", "151552", "--store", "none"])
+    out = capsys.readouterr().out
+    assert "host-bound (bench/results/refine_ceiling.json, test cpu" in out and "FLOPs-bound" in out

@@ -7,10 +7,16 @@ import numpy as np
 from refine.core.logits.format import CorruptShard
 
 
+def varint_lengths(values: np.ndarray) -> np.ndarray:
+    """How many LEB128 bytes each non-negative integer (< 2^35) takes."""
+    v = np.asarray(values)
+    return 1 + sum((v >= (1 << (7 * k))).astype(np.int64) for k in range(1, 5))
+
+
 def varint_encode(values: np.ndarray) -> np.ndarray:
     """LEB128 bytes of non-negative integers (< 2^35), vectorised."""
     v = values.astype(np.int64)
-    nbytes = 1 + sum((v >= (1 << (7 * k))).astype(np.int64) for k in range(1, 5))
+    nbytes = varint_lengths(v)
     starts = np.cumsum(nbytes) - nbytes
     out = np.empty(int(nbytes.sum()), dtype=np.uint8)
     for k in range(5):

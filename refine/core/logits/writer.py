@@ -19,14 +19,15 @@ from refine.core.manifest import atomic_path, sha256_file, write_json_atomic
 class LogitsWriter:
     """Append instances' truncated top-K in instance order; each ``write_shard`` call is one shard file."""
 
-    def __init__(self, folder: str | Path, header: StoreHeader):
+    def __init__(self, folder: str | Path, header: StoreHeader, threads: int = 1):
+        """``threads``: zstd threads per compact shard (the same bytes whatever the number)."""
         if not 1 <= header.top_k <= MAX_K:
             raise InputError(f"logits top_k must be in 1..{MAX_K}, got {header.top_k}")
         if not 0 < header.top_p <= 1:
             raise InputError(f"logits top_p must be in (0, 1], got {header.top_p}")
         if header.codec not in CODECS:
             raise InputError(f"unknown logits codec {header.codec!r} ({' | '.join(CODECS)})")
-        self.folder = Path(folder)
+        self.folder, self.threads = Path(folder), threads
         lp_dtype = LOGPROB_DTYPE.name if header.codec == "raw" else "float32"     # what the reader returns
         self.header = StoreHeader(**{**asdict(header), "id_dtype": dtype_for(header.vocab_size).name,
                                      "logprob_dtype": lp_dtype, "version": VERSION})
@@ -58,7 +59,7 @@ class LogitsWriter:
         path = self.shard_path(shard)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             if self.header.codec == "zstd":
-                f.write(encode_shard(counts.reshape(n, -1), ids, lps, self.header.vocab_size))
+                f.write(encode_shard(counts.reshape(n, -1), ids, lps, self.header.vocab_size, threads=self.threads))
             else:
                 for arr, dt in ((counts, np.uint8), (offsets, np.int64), (ids, self.header.id_dtype),
                                 (lps, LOGPROB_DTYPE)):
