@@ -43,15 +43,15 @@ def find_runs(roots: list[Path]) -> list[Path]:
     return sorted(set(found))
 
 
-def _label(folder: Path, run_name: str) -> str:
-    """The row a run belongs to: its run name plus the Hydra sweep overrides it was launched with (Hydra's
-    ``.hydra/overrides.yaml``) other than the seed and the keys that only name or size the sweep (the config's
-    ``override_dirname.exclude_keys``). Paths are shown by their last component."""
+def _overrides(folder: Path) -> list[str]:
+    """The Hydra sweep overrides a run was launched with (Hydra's ``.hydra/overrides.yaml``) other than the seed
+    and the keys that only name or size the sweep (the config's ``override_dirname.exclude_keys``). Paths are shown
+    by their last component."""
     from omegaconf import OmegaConf
 
     overrides, hydra_cfg = folder / ".hydra" / "overrides.yaml", folder / ".hydra" / "hydra.yaml"
     if not overrides.is_file():
-        return run_name
+        return []
     skip = {"seed", "+experiment", "run_name"}
     if hydra_cfg.is_file():
         skip |= set(OmegaConf.select(OmegaConf.load(hydra_cfg), "hydra.job.config.override_dirname.exclude_keys")
@@ -61,7 +61,15 @@ def _label(folder: Path, run_name: str) -> str:
         key, _, value = str(item).partition("=")
         if key not in skip and not key.startswith("hydra"):
             extra.append(f"{key}={Path(value).name if '/' in value else value}")
-    return " ".join([run_name, *extra])
+    return extra
+
+
+def label_runs(runs: list[dict]) -> None:
+    """Each run's row: its run name plus its overrides, less those every run of the report shares (they say
+    nothing about how the rows differ)."""
+    shared = set.intersection(*(set(r["overrides"]) for r in runs)) if len(runs) > 1 else set()
+    for r in runs:
+        r["label"] = " ".join([r["name"], *(o for o in r["overrides"] if o not in shared)])
 
 
 def _store_bytes(kd: dict) -> float | None:
@@ -82,7 +90,7 @@ def read_run(folder: Path) -> dict:
     cfg = run["config"]
     ckpt = Path(summary.get("checkpoint", ""))
     ev = json.loads((ckpt / "eval.json").read_text()) if (ckpt / "eval.json").is_file() else {}
-    return {"folder": str(folder), "name": cfg["run_name"], "label": _label(folder, cfg["run_name"]),
+    return {"folder": str(folder), "name": cfg["run_name"], "overrides": _overrides(folder),
             "seed": cfg["seed"], "tokens": summary["tokens"], "val_loss": summary["val_loss"],
             "val_bpb": ev.get("val_bpb"),
             "val_bpb_by_source": {k: v["bpb"] for k, v in ev.get("val_by_source", {}).items()},
@@ -207,6 +215,7 @@ def _comparison_lines(rows: list[dict]) -> list[str]:
 def build(roots: list[Path], name: str, out_dir: Path, refined: Path | None = None,
           notes: Path | None = None, baseline: str | None = None) -> Path:
     runs = [read_run(f) for f in find_runs(roots)]
+    label_runs(runs)
     groups = group(runs)
     tasks = sorted({t for r in runs for t in r["tasks"]})
     out_dir.mkdir(parents=True, exist_ok=True)
