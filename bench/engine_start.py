@@ -92,7 +92,7 @@ def main() -> None:
     summary = {name: {k: float(np.median([x[k] for x in xs])) for k in ("start_s", "tok_s", "process_s")}
                for name, xs in runs.items()}
     # What a refine of N tokens costs with each, start included: where eager's faster start stops paying.
-    for name, s in summary.items():
+    for s in summary.values():
         s["seconds_for_65k_tokens"] = s["start_s"] + 65_536 / s["tok_s"]
         s["seconds_for_1m_tokens"] = s["start_s"] + 1e6 / s["tok_s"]
     result = {"variants": summary, "runs": runs,
