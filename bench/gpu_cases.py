@@ -37,7 +37,7 @@ from distill.optim import build_optimizer
 from distill.signal import OnlineTeacher, TeacherSignal, from_sorted_topk
 
 VARIANTS = ("plain", "lm", "kd_offline", "kd_online")
-TOP_K, TOP_P = 50, 0.95          # the stores' and the online teacher's defaults (refine and distill configs)
+TOP_K, TOP_P = KDConfig.top_k, KDConfig.top_p      # the online teacher's defaults, the stores' too: 50, 0.95
 # GPT-3 Small's shape (12 x 768, SwiGLU width 8/3 x 768): 123M parameters at vocab 49,152
 STUDENT_125M = ModelConfig(name="student_125m", tokenizer="unused", hidden_size=768, num_layers=12, num_heads=12,
                            num_kv_heads=12, intermediate_size=2048)
@@ -196,6 +196,8 @@ class StudentCases:
             out.update(compile_stats())
         if variant == "kd_offline":
             out["signal_kept_mean"] = float(teacher.sig.mask.float().sum(-1).mean())
+        if variant == "kd_online":      # its weights are in mem_mb too
+            out["teacher_params"] = n_params(teacher.model)
         return out
 
     def close(self) -> None:

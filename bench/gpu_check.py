@@ -1,8 +1,8 @@
 """GPU readiness check (issue 15): the trainer's fused LM / offline-KD / online-KD steps against the plain
 transformers step, and the HF scorer's throughput, torch.compile off and on, on random-init models; JSON out.
 
-    python bench/gpu_check.py [--budget-s 420] [--peak-tflops T]      # -> bench/results/gpu_check.json
-    python bench/gpu_check.py --dry --out /tmp/gpu_check.json         # CPU, tiny shapes, seconds (tests/)
+    python bench/gpu_check.py [--budget-s 420] [--peak-tflops T]      # -> results/gpu_check.json beside it
+    python bench/gpu_check.py --dry --out /tmp/gpu_check.json         # CPU, tiny shapes, ~35 s of CPU (tests/)
 
 Cases (``bench/gpu_cases.py``): a ~125M student at vocabulary 49,152 and the 335M ``pd_330m`` at 151,552, each
 step variant with its median step time, ``max_memory_allocated`` and both as a ratio to the plain step; the HF
@@ -17,18 +17,16 @@ no vLLM, lm-eval or scipy, no weights, tokenizer or data (bench/README.md says w
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-T0 = time.monotonic()   # the budget counts from here: imports take ~10-20 s of it
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
+T0 = time.monotonic()   # the budget counts from here: torch's, transformers' and the project's imports are in it
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")     # nothing here downloads; a GPU machine has no network
@@ -133,18 +131,18 @@ def print_table(records: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry", action="store_true", help="tiny shapes, same code paths (CPU, seconds); needs --out")
-    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/gpu_check.json)")
+    ap.add_argument("--out", type=Path, help="JSON path (default: results/gpu_check.json beside this script)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget; later cases are skipped")
     ap.add_argument("--peak-tflops", type=float, help="the device's peak bf16 TFLOP/s for MFU (default: by name)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     if a.dry and a.out is None:
-        ap.error("--dry needs --out (bench/results/gpu_check.json holds the real run)")
+        ap.error("--dry needs --out (results/gpu_check.json holds the real run)")
     device = torch.device(a.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)    # tiny shapes: on a shared machine 2 threads' barriers made steps ~15x slower
     if device.type != "cuda" and not a.dry:
         sys.exit("gpu_check: no CUDA device here; --dry --out PATH runs the tiny CPU check")
+    if device.type == "cpu":
+        torch.set_num_threads(1)    # tiny shapes: on a shared machine 2 threads' barriers made steps ~15x slower
     info = device_info(device)
     peak = a.peak_tflops * 1e12 if a.peak_tflops else next(
         (v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in info["name"]), None)
