@@ -66,9 +66,10 @@ def jobs(p: cases.Plan, device: torch.device, tmp: Path, peak: float | None) -> 
     return out
 
 
-def run_jobs(todo: list[dict], budget_s: float, clock=time.monotonic, start: float = T0) -> list[dict]:
+def run_jobs(todo: list[dict], budget_s: float, clock=time.monotonic, start: float = T0,
+             after=lambda records: None) -> list[dict]:
     """Each job's case record with its figures and ``status``: ok, error (with the error) or skipped (the budget
-    left was below ``MIN_LEFT`` for its compile mode)."""
+    left was below ``MIN_LEFT`` for its compile mode). ``after(records)`` runs after each job."""
     records = []
     for job in todo:
         rec = dict(job["case"])
@@ -87,6 +88,7 @@ def run_jobs(todo: list[dict], budget_s: float, clock=time.monotonic, start: flo
         if job["done"]:
             job["done"]()
         records.append(rec)
+        after(records)
     return records
 
 
@@ -115,22 +117,23 @@ def device_info(device: torch.device) -> dict:
             "cuda": torch.version.cuda, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def print_table(records: list[dict]) -> None:
-    print(f"{'case':<44}{'status':>8}{'step/call s':>12}{'x plain':>8}{'x eager':>8}{'mem MB':>9}{'x plain':>8}"
+HEADER = (f"{'case':<44}{'status':>8}{'step/call s':>12}{'x plain':>8}{'x eager':>8}{'mem MB':>9}{'x plain':>8}"
           f"{'tok/s':>11}{'MFU':>7}")
-    fmt = lambda r, k, f: format(r[k], f) if r.get(k) is not None else "-"
-    for r in records:
-        name = f"{r['model']} v{r['vocab']} {r['variant']} compile={r['compile']}"
-        print(f"{name:<44}{r['status']:>8}{fmt(r, 'step_s' if 'step_s' in r else 'call_s', '.4f'):>12}"
-              f"{fmt(r, 'x_plain_step', '.2f'):>8}{fmt(r, 'x_eager', '.2f'):>8}{fmt(r, 'mem_mb', '.0f'):>9}"
-              f"{fmt(r, 'x_plain_mem', '.2f'):>8}{fmt(r, 'tokens_per_s', ',.0f'):>11}{fmt(r, 'mfu', '.3f'):>7}")
-        if r["status"] != "ok":
-            print(f"    {r.get('error') or r.get('reason')}")
+
+
+def row(r: dict) -> str:
+    """One case as a table row (and its error or skip reason on the next line)."""
+    fmt = lambda k, f: format(r[k], f) if r.get(k) is not None else "-"
+    name = f"{r['model']} v{r['vocab']} {r['variant']} compile={r['compile']}"
+    line = (f"{name:<44}{r['status']:>8}{fmt('step_s' if 'step_s' in r else 'call_s', '.4f'):>12}"
+            f"{fmt('x_plain_step', '.2f'):>8}{fmt('x_eager', '.2f'):>8}{fmt('mem_mb', '.0f'):>9}"
+            f"{fmt('x_plain_mem', '.2f'):>8}{fmt('tokens_per_s', ',.0f'):>11}{fmt('mfu', '.3f'):>7}")
+    return line if r["status"] == "ok" else f"{line}\n    {r.get('error') or r.get('reason')}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dry", action="store_true", help="tiny shapes, same code paths (CPU, seconds); needs --out")
+    ap.add_argument("--dry", action="store_true", help="tiny shapes, same code paths (CPU, ~35 s); needs --out")
     ap.add_argument("--out", type=Path, help="JSON path (default: results/gpu_check.json beside this script)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget; later cases are skipped")
     ap.add_argument("--peak-tflops", type=float, help="the device's peak bf16 TFLOP/s for MFU (default: by name)")
@@ -147,27 +150,32 @@ def main() -> None:
     peak = a.peak_tflops * 1e12 if a.peak_tflops else next(
         (v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in info["name"]), None)
     p = cases.plan(a.dry)
-    with tempfile.TemporaryDirectory() as tmp:
-        records = run_jobs(jobs(p, device, Path(tmp), peak), a.budget_s)
-    add_ratios(records)
-    imported = {m: m in sys.modules for m in FORBIDDEN}
-    res = {"check": "gpu_check", "dry": a.dry, "device": info, "peak_bf16_flops": peak,
-           "budget_s": a.budget_s, "elapsed_s": time.monotonic() - T0, "imported": imported,
+    out = a.out or REPO / "bench" / "results" / "gpu_check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res = {"check": "gpu_check", "dry": a.dry, "device": info, "peak_bf16_flops": peak, "budget_s": a.budget_s,
            "plan": {"students": [{"model": c.name, "vocab": v, "layers": c.num_layers, "hidden": c.hidden_size}
                                  for c, v in p.students],
                     "teacher": {"model": p.teacher.name, "layers": p.teacher.num_layers,
                                 "hidden": p.teacher.hidden_size, "scorer_vocab": p.scorer_vocab},
                     "batch": [p.batch, p.seq_len], "warmup": p.warmup, "steps": p.steps,
                     "scorer_rows": p.scorer_rows, "scorer_batch": p.scorer_batch, "scorer_reps": p.scorer_reps,
-                    "compile_backend": p.backend, "autocast": "bfloat16", "top_k": cases.TOP_K},
-           "cases": records}
-    print_table(records)
-    print(f"{info['name']}: {res['elapsed_s']:.0f} s; imported {[m for m, v in imported.items() if v] or 'none'}"
-          f" of {list(FORBIDDEN)}")
-    out = a.out or REPO / "bench" / "results" / "gpu_check.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"-> {out}")
+                    "compile_backend": p.backend, "autocast": "bfloat16", "top_k": cases.TOP_K}}
+
+    def save(records: list[dict], done: bool = False) -> None:
+        """After every case: its row, and the JSON so far (a run killed at its time limit keeps what it did)."""
+        add_ratios(records)
+        if not done:
+            print(row(records[-1]), flush=True)
+        res.update(complete=done, elapsed_s=time.monotonic() - T0,
+                   imported={m: m in sys.modules for m in FORBIDDEN}, cases=records)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+
+    print(HEADER)
+    with tempfile.TemporaryDirectory() as tmp:
+        records = run_jobs(jobs(p, device, Path(tmp), peak), a.budget_s, after=save)
+    save(records, done=True)
+    print(f"{info['name']}: {res['elapsed_s']:.0f} s; imported "
+          f"{[m for m, v in res['imported'].items() if v] or 'none'} of {list(FORBIDDEN)}\n-> {out}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def test_dry_run_writes_every_case(tmp_path):
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["dry"] and res["imported"] == {"vllm": False, "lm_eval": False}
+    assert res["dry"] and res["complete"] and res["imported"] == {"vllm": False, "lm_eval": False}
     assert res["device"]["type"] == "cpu" and res["device"]["torch"] and res["device"]["transformers"]
     cases = res["cases"]
     assert [r for r in cases if r["status"] != "ok"] == []
@@ -67,7 +67,7 @@ def test_dry_run_writes_every_case(tmp_path):
         assert all(_positive(r[k]) for k in keys), {k: r.get(k) for k in keys}
     kd = next(r for r in cases if r["variant"] == "kd_offline")
     assert 1 <= kd["signal_kept_mean"] <= 50
-    assert "plain" in run.stdout and str(out) in run.stdout       # the table was printed
+    assert "kd_online compile=on" in run.stdout and str(out) in run.stdout       # the table was printed
 
 
 def test_budget_skips_and_errors_are_recorded():
@@ -91,7 +91,9 @@ def test_budget_skips_and_errors_are_recorded():
     todo = [job("plain", "off", 2.0), job("lm", "off", 1.0), job("kd_online", "off", 1.0, fail=True),
             job("plain", "on", 4.0), job("lm", "on", 1.0)]
     budget = 4.0 + MIN_LEFT["on"]          # the first compiled case starts with exactly MIN_LEFT["on"] left
-    records = run_jobs(todo, budget, clock=clock, start=0.0)
+    seen = []
+    records = run_jobs(todo, budget, clock=clock, start=0.0, after=lambda rs: seen.append(len(rs)))
+    assert seen == [1, 2, 3, 4, 5]                                     # the JSON is rewritten after every case
     assert [r["status"] for r in records] == ["ok", "ok", "error", "ok", "skipped"]
     assert "out of memory" in records[2]["error"] and "budget" in records[4]["reason"]
     assert closed == ["plain", "lm", "kd_online", "plain", "lm"]      # cleanup runs for skipped cases too
