@@ -72,7 +72,7 @@ def plan(dry: bool) -> Plan:
 
 def random_model(cfg: ModelConfig, vocab: int, device: torch.device, dtype=torch.float32, seed: int = 0):
     torch.manual_seed(seed)
-    with torch.device(device):      # initialised on the device: a 1B model's init on the host takes tens of s
+    with torch.device(device):      # initialised where it runs: no host init and copy of a 1B model
         return AutoModelForCausalLM.from_config(hf_config(cfg, vocab, None, 0), dtype=dtype)
 
 
