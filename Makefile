@@ -117,8 +117,9 @@ test-unit: install ## unit tests only (formats, losses, schedules, config, score
 test-slow: install ## tests that download from the registries or run for minutes
 	$(PY) -m pytest -q -m slow
 
+# The CPU benchmarks; bench/gpu_check.py runs on a GPU machine (bench/README.md), the other bench/*.py are helpers.
 bench: install ## benchmarks: print tables, write bench/results/*.json
-	@ls bench/*.py > /dev/null 2>&1 && for b in bench/*.py; do $(PY) $$b; done || echo "no benchmarks yet"
+	@for b in bench/*_bench.py bench/kd_compare.py; do $(PY) $$b; done
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check refine distill tests tools bench

@@ -31,25 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.step_timing import peak_mb, tensor_peak_mb, train_step  # noqa: E402  (after the path insert)
+
 TEACHER_VOCAB = 49152
-
-
-def _peak_mb(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _Spread:
@@ -114,31 +106,17 @@ def make_step(variant: str, refined: str, vocab: int, model=None):
             return 0.1 * lm_loss(logits, batch) + 0.9 * kd_loss(logits[:, :-1], signal)
         return distiller.loss(model, batch, rows, 100)[0]
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def step() -> float:
-        """One timed step (seconds)."""
-        sync()
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        return time.perf_counter() - t0
-
-    return model, step, device
+    return model, train_step(loss_fn, opt, device, amp), device
 
 
 def run_variant(variant: str, refined: str, steps: int, vocab: int) -> dict:
     _, step, device = make_step(variant, refined, vocab)
     step()                                      # warms up allocators and kernels
-    rss_before = _peak_mb(device)               # after AdamW's state exists: what a step adds comes after
+    rss_before = peak_mb(device)                # after AdamW's state exists: what a step adds comes after
     times = [step() for _ in range(steps)]
-    peak = _peak_mb(device)
+    peak = peak_mb(device)
     return {"step_s": float(np.median(times)), "peak_mb": peak, "step_peak_mb": peak - rss_before,
-            "tensor_peak_mb": _tensor_peak_mb(step, device), "device": str(device)}
+            "tensor_peak_mb": tensor_peak_mb(step, device), "device": str(device)}
 
 
 def run_paired(refined: str, steps: int, vocab: int) -> dict:
@@ -151,26 +129,6 @@ def run_paired(refined: str, steps: int, vocab: int) -> dict:
     lm, kd = (float(np.median(x)) for x in zip(*pairs))
     return {"lm_step_s": lm, "kd_offline_step_s": kd, "kd_over_lm": kd / lm,
             "pair_ratios": [b / a for a, b in pairs], "device": str(device)}
-
-
-def _tensor_peak_mb(step, device) -> float:
-    """Peak bytes of live tensors during one more step, from the profiler's memory timeline: the CPU analogue of
-    ``torch.cuda.max_memory_allocated``, unlike peak RSS blind to what glibc keeps cached between steps."""
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as tmp:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)      # deprecated for CUDA, the only CPU timeline
-            prof.export_memory_timeline(f"{tmp}/t.json", device="cpu" if device.type == "cpu" else "cuda:0")
-        _, sizes = json.loads(Path(f"{tmp}/t.json").read_text())
-    return float(np.asarray(sizes).sum(1).max() / 2**20)
 
 
 def main() -> None:

@@ -14,11 +14,15 @@ lower. Print them::
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MambaConfig, PretrainedConfig, Qwen2Config
 
 from distill.config import ModelConfig
 from refine.core.errors import InputError
+
+SIZES_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, bos_id: int | None, eos_id: int) -> PretrainedConfig:
@@ -57,17 +61,20 @@ def count_params(cfg: ModelConfig, vocab_size: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _main() -> None:
-    from pathlib import Path
-
+def size_config(path: Path) -> ModelConfig:
+    """A ``conf/model/*.yaml`` size on its own (no Hydra composition, tokenizer left unset): for listing sizes
+    and for benchmarks that build random-init models without a tokenizer (bench/gpu_check.py)."""
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parent.parent / "conf" / "model"
+    raw = OmegaConf.load(path)
+    raw.tokenizer = "unused"
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+
+
+def _main() -> None:
     print(f"{'config':<14}{'arch':>7}{'layers':>7}{'hidden':>8}{'vocab 49,152':>15}{'vocab 151,552':>15}")
-    for path in sorted(conf.glob("*.yaml")):
-        raw = OmegaConf.load(path)
-        raw.tokenizer = "unused"
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+    for path in sorted(SIZES_DIR.glob("*.yaml")):
+        cfg = size_config(path)
         counts = [count_params(cfg, v) / 1e6 for v in (49152, 151552)]
         print(f"{cfg.name:<14}{cfg.arch:>7}{cfg.num_layers:>7}{cfg.hidden_size:>8}"
               f"{counts[0]:>14,.1f}M{counts[1]:>14,.1f}M")

@@ -113,12 +113,18 @@ class OnlineTeacher:
     log-probs moved by up to 0.013 and half of the rank slots changed id, so its targets would not be the ones
     a stored (fp32) pass gives for the same rows."""
 
-    def __init__(self, model_dir: str, top_p: float = 0.95, top_k: int = 50, device: str = "cpu",
+    def __init__(self, model_dir: str | torch.nn.Module, top_p: float = 0.95, top_k: int = 50, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, rs_samples: int = 0,
                  rs_temperature: float = 1.0, seed: int = 0):
+        """``model_dir``: a teacher folder (or anything ``load_teacher`` resolves), or a frozen model already on
+        its device and in its dtype, run without a BOS prefix (bench/gpu_check.py's random-init teachers, which
+        have no tokenizer)."""
         self.top_p, self.top_k = top_p, top_k
         self.rs_samples, self.rs_temperature, self.seed = rs_samples, rs_temperature, seed
-        self.model, self.bos_id = load_teacher(model_dir, device, dtype, trust_remote_code)
+        if isinstance(model_dir, torch.nn.Module):
+            self.model, self.bos_id = model_dir, None
+        else:
+            self.model, self.bos_id = load_teacher(model_dir, device, dtype, trust_remote_code)
 
     @torch.no_grad()  # not inference_mode: the signal enters the student's autograd graph as a constant
     def signal(self, rows: np.ndarray | None, tokens: torch.Tensor) -> TeacherSignal:

@@ -22,7 +22,6 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse
 import zstandard
 
 from refine.core.logits.format import CLASSES, MAGIC, MAX_K, STREAMS
@@ -53,6 +52,10 @@ def _cluster(pos: np.ndarray, ids: np.ndarray, n_pos: int, vocab: int, k: int, i
     prior = (freq[seen] + 0.5) / (n_pos + 1.0)
     prior_unseen = (np.zeros(1, dtype=np.int64) + 0.5) / (n_pos + 1.0)
     z = np.random.default_rng(0).integers(0, k, n_pos)                      # seeded: reruns write the same bytes
+    # imported here: only writing a store needs scipy, so the trainer's import chain (the store reader,
+    # distill.signal) runs without it, as on bench/gpu_check.py's GPU machines
+    import scipy.sparse
+
     # positions x ids as a sparse 0/1 matrix: a position's log-likelihood under every cluster is one sparse
     # matmul (C, no per-cluster pass over the pairs); columns in id order, as over the full vocabulary
     member = scipy.sparse.csr_matrix((np.ones(len(col)), (pos, col)), shape=(n_pos, n_seen))
