@@ -119,7 +119,7 @@ test-slow: install ## tests that download from the registries or run for minutes
 
 # The CPU benchmarks; bench/gpu_check.py runs on a GPU machine (bench/README.md), the other bench/*.py are helpers.
 bench: install ## benchmarks: print tables, write bench/results/*.json
-	@for b in bench/*_bench.py bench/kd_compare.py; do $(PY) $$b; done
+	@for b in bench/*_bench.py bench/refine_ceiling.py bench/engine_start.py bench/kd_compare.py; do $(PY) $$b; done
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check refine distill tests tools bench
