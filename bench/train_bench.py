@@ -11,7 +11,12 @@ the llama_small student (4 layers, width 256). Variants:
 * ``kd_naive``   the same logits + the reference ``lm_loss`` + ``kd_loss`` (a second log-softmax): the old path;
 * ``lm``         the trainer's LM-only step (``distill.kd.Distiller`` without a teacher: fused loss);
 * ``kd_offline`` the trainer's offline KD step (stored top-0.95-50 logits, fused loss), store read included;
-* ``kd_online``  the trainer's online KD step (live SmolLM2-135M teacher, top-k from its hidden states).
+* ``kd_online``  the trainer's online KD step (live SmolLM2-135M teacher, top-k from its hidden states);
+* ``lm_xtok``    cross_family_kd's student (qwen2_small, GPT-2 tokenizer) LM-only on the same SmolLM2 rows
+                 re-tokenized (4 x 288 GPT-2 tokens, padded);
+* ``kd_xtok``    the same with cross-tokenizer KD from the stored SmolLM2 logits (``kd.signal=cross_tokenizer``):
+                 re-tokenizing, aligning and mapping the batch's signal are inside the timed step (the
+                 alignment cache is off here; the trainer does it on the prefetch thread, during backward).
 
 Each variant runs in its own process (peak memory is its own), all alternating for ``--rounds`` rounds; a
 variant's step time is the median of its timed steps (after one warm-up step); its memory is the peak of live
@@ -72,7 +77,7 @@ def make_step(variant: str, refined: str, vocab: int, model=None):
     from hydra import compose, initialize_config_dir
 
     from distill.config import to_config
-    from distill.data import BatchStream, open_instances
+    from distill.data import BatchStream, open_instances, open_retokenized
     from distill.kd import Distiller
     from distill.losses import kd_loss, lm_loss
     from distill.models import hf_config
@@ -81,15 +86,22 @@ def make_step(variant: str, refined: str, vocab: int, model=None):
     from refine.core.tokenizer import load_tokenizer, tokenizer_hash
 
     exp = {"lm_plain": "lm_baseline", "lm": "lm_baseline", "kd_naive": "kd_offline", "kd_offline": "kd_offline",
-           "kd_online": "kd_online"}[variant]
+           "kd_online": "kd_online", "lm_xtok": "cross_family_kd", "kd_xtok": "cross_family_kd"}[variant]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = to_config(compose("train", overrides=[f"+experiment={exp}", "run_dir=/tmp/unused",
-                                                     f"paths.refined={refined}",
+                                                     f"paths.refined={refined}", f"kd.logits={refined}/teacher/logits",
                                                      f"data.train={refined}/instances_scored"]))
     device = pick_device("auto")
     amp = autocast_dtype("auto", device)
     tok = load_tokenizer(cfg.model.tokenizer)
-    train_set = open_instances(cfg.data.train, tok, cfg.data.seq_len, cfg.paths.cache, quiet=True)
+    if variant.endswith("xtok"):
+        train_set = open_retokenized(cfg.data.train, cfg.kd.teacher, tok, cfg.data.seq_len)
+        train_set.cross._cache_rows = 0         # every step aligns its rows again, as the trainer's does once
+        vocab = len(tok)
+        if variant == "lm_xtok":
+            cfg.kd.signal = "none"
+    else:
+        train_set = open_instances(cfg.data.train, tok, cfg.data.seq_len, cfg.paths.cache, quiet=True)
     if model is None:
         from transformers import AutoModelForCausalLM
 
@@ -98,11 +110,11 @@ def make_step(variant: str, refined: str, vocab: int, model=None):
         model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     distiller = Distiller(cfg.kd, train_set, tokenizer_hash(tok), device, 1000)
-    if vocab != TEACHER_VOCAB and distiller.teacher is not None:
+    if vocab != TEACHER_VOCAB and distiller.teacher is not None and not variant.endswith("xtok"):
         distiller.teacher = _Spread(distiller.teacher)
     stream = BatchStream(train_set, cfg.data.batch_size, seed=0)
     rows = stream.next_rows()
-    batch = stream.fetch(rows).to(device) * (3 if vocab != TEACHER_VOCAB else 1)
+    batch = stream.fetch(rows).to(device) * (3 if vocab not in (TEACHER_VOCAB, len(tok)) else 1)
 
     def loss_fn():
         if variant == "lm_plain":
@@ -141,11 +153,12 @@ def run_variant(variant: str, refined: str, steps: int, vocab: int) -> dict:
             "tensor_peak_mb": _tensor_peak_mb(step, device), "device": str(device)}
 
 
-def run_paired(refined: str, steps: int, vocab: int) -> dict:
+def run_paired(refined: str, steps: int, vocab: int, xtok: bool = False) -> dict:
     """LM-only and offline-KD steps of one student alternating in one process: the machine's drift hits both
-    alike, so their ratio is sharper than that of separate processes (which the memory figures need)."""
-    model, lm_step, device = make_step("lm", refined, vocab)
-    _, kd_step, _ = make_step("kd_offline", refined, vocab, model=model)
+    alike, so their ratio is sharper than that of separate processes (which the memory figures need).
+    ``xtok``: the cross-tokenizer pair (lm_xtok, kd_xtok) instead."""
+    model, lm_step, device = make_step("lm_xtok" if xtok else "lm", refined, vocab)
+    _, kd_step, _ = make_step("kd_xtok" if xtok else "kd_offline", refined, vocab, model=model)
     lm_step(), kd_step()
     pairs = [(lm_step(), kd_step()) for _ in range(steps)]
     lm, kd = (float(np.median(x)) for x in zip(*pairs))
@@ -184,8 +197,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=TEACHER_VOCAB, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.variant:
-        run = run_paired(a.refined, a.steps, a.vocab) if a.variant == "paired" else \
-            run_variant(a.variant, a.refined, a.steps, a.vocab)
+        run = run_paired(a.refined, a.steps, a.vocab, a.variant == "paired_xtok") if a.variant.startswith("paired") \
+            else run_variant(a.variant, a.refined, a.steps, a.vocab)
         print(json.dumps(run))
         return
     names = ["lm_plain", "kd_naive", "lm", "kd_offline", "kd_online"]
