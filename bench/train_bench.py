@@ -47,6 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 TEACHER_VOCAB = 49152
+ALL = ("lm_plain", "kd_naive", "lm", "kd_offline", "kd_online", "lm_xtok", "kd_xtok")
 
 
 def _peak_mb(device) -> float:
@@ -162,7 +163,7 @@ def run_paired(refined: str, steps: int, vocab: int, xtok: bool = False) -> dict
     lm_step(), kd_step()
     pairs = [(lm_step(), kd_step()) for _ in range(steps)]
     lm, kd = (float(np.median(x)) for x in zip(*pairs))
-    return {"lm_step_s": lm, "kd_offline_step_s": kd, "kd_over_lm": kd / lm,
+    return {"lm_step_s": lm, "kd_step_s": kd, "kd_over_lm": kd / lm,
             "pair_ratios": [b / a for a, b in pairs], "device": str(device)}
 
 
@@ -193,6 +194,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--vocabs", default=f"{TEACHER_VOCAB},151552")
     ap.add_argument("--paired-steps", type=int, default=10, help="LM/KD step pairs in the paired run")
+    ap.add_argument("--variants", default=",".join(ALL), help="a subset of the variants, comma-separated")
+    ap.add_argument("--out", help="results file name in bench/results (default train_cpu.json / train_cuda.json)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=TEACHER_VOCAB, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -201,9 +204,9 @@ def main() -> None:
             else run_variant(a.variant, a.refined, a.steps, a.vocab)
         print(json.dumps(run))
         return
-    names = ["lm_plain", "kd_naive", "lm", "kd_offline", "kd_online"]
+    names = [v for v in ALL if v in a.variants.split(",")]
     jobs = [(v, int(voc)) for voc in a.vocabs.split(",") for v in names
-            if not (v == "kd_online" and int(voc) != TEACHER_VOCAB)]
+            if not (v in ("kd_online", "lm_xtok", "kd_xtok") and int(voc) != TEACHER_VOCAB)]
 
     def child(variant: str, vocab: int, steps: int) -> dict:
         out = subprocess.run([sys.executable, __file__, "--variant", variant, "--vocab", str(vocab), "--refined",
@@ -222,36 +225,46 @@ def main() -> None:
         res[f"{key}_peak_mb"] = float(max(r["peak_mb"] for r in runs))
         res[f"{key}_step_peak_mb"] = float(max(r["step_peak_mb"] for r in runs))
         res[f"{key}_tensor_peak_mb"] = float(max(r["tensor_peak_mb"] for r in runs))
-    for voc in a.vocabs.split(","):
+    for voc in a.vocabs.split(",") if "kd_offline" in names else []:
         paired = child("paired", int(voc), a.paired_steps)
         res[f"{_key('kd_offline', int(voc))}_over_lm_paired"] = paired["kd_over_lm"]
         res.setdefault("paired", {})[voc] = paired
+    if "kd_xtok" in names:
+        paired = child("paired_xtok", TEACHER_VOCAB, a.paired_steps)
+        res["kd_xtok_over_lm_xtok_paired"] = paired["kd_over_lm"]
+        res.setdefault("paired", {})["xtok"] = paired
     for voc in a.vocabs.split(","):
-        base = _key("lm", int(voc))
         for v in names:
-            key = _key(v, int(voc))
-            if f"{key}_step_s" in res and v != "lm":
+            key, base = _key(v, int(voc)), _key(_lm_of(v), int(voc))
+            if f"{key}_step_s" in res and f"{base}_step_s" in res and key != base:
                 res[f"{key}_over_lm"] = res[f"{key}_step_s"] / res[f"{base}_step_s"]
     res["rounds"] = results
     from bench.refine_bench import machine
 
     dev = next(iter(results.values()))[0]["device"]
     res["setup"] = {"student": "llama_small (4 x 256; 16M params at vocab 49,152)", "batch": "4 x 256",
+                    "xtok_student": "qwen2_small, GPT-2 tokenizer (50,257), 4 x 288 re-tokenized SmolLM2 rows",
                     "teacher": "SmolLM2-135M", "store": "top-0.95-50", "steps_timed": a.steps, "device": dev}
     res["machine"] = machine()
     print(f"{'variant':<22}{'step s':>9}{'x LM':>7}{'x plain':>9}{'tensor MB':>11}{'peak RSS MB':>13}")
     for key in results:
         voc = key.rsplit("_v", 1)[1] if "_v" in key else str(TEACHER_VOCAB)
-        lm, plain = res[f"{_key('lm', int(voc))}_step_s"], res[f"{_key('lm_plain', int(voc))}_step_s"]
         step = res[f"{key}_step_s"]
+        lm, plain = (res.get(f"{_key(v, int(voc))}_step_s", float("nan")) for v in (_lm_of(key), "lm_plain"))
         print(f"{key:<22}{step:>9.3f}{step / lm:>7.2f}{step / plain:>9.2f}{res[f'{key}_tensor_peak_mb']:>11.0f}"
               f"{res[f'{key}_peak_mb']:>13.0f}")
-    for voc, p in res["paired"].items():
-        print(f"paired, vocab {voc}: LM {p['lm_step_s']:.3f} s, offline KD {p['kd_offline_step_s']:.3f} s "
-              f"-> KD/LM {p['kd_over_lm']:.3f} (median of {a.paired_steps} alternating steps, one process)")
-    out = REPO / "bench" / "results" / ("train_cpu.json" if dev == "cpu" else "train_cuda.json")
+    for voc, p in res.get("paired", {}).items():
+        print(f"paired, {'cross-tokenizer' if voc == 'xtok' else f'vocab {voc}'}: LM {p['lm_step_s']:.3f} s, KD "
+              f"{p['kd_step_s']:.3f} s -> KD/LM {p['kd_over_lm']:.3f} (median of {a.paired_steps} alternating "
+              f"steps, one process)")
+    out = REPO / "bench" / "results" / (a.out or ("train_cpu.json" if dev == "cpu" else "train_cuda.json"))
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"-> {out}")
+
+
+def _lm_of(variant: str) -> str:
+    """The LM-only step a variant is compared with (its own student and batch)."""
+    return "lm_xtok" if variant.startswith(("lm_xtok", "kd_xtok")) else "lm"
 
 
 def _key(variant: str, vocab: int) -> str:

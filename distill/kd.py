@@ -44,7 +44,10 @@ def auto_missing_mass(signal: str, sampled: bool) -> str:
 class Distiller:
     def __init__(self, cfg: KDConfig, train_set: Instances, student_tokenizer_hash: str, device: torch.device,
                  max_steps: int, seed: int = 0, bos_id: int | None = None):
+        from distill.data import RetokenizedInstances
+
         self.cfg, self.device, self.max_steps = cfg, device, max_steps
+        self.padded = isinstance(train_set, RetokenizedInstances)   # rows padded with PAD after their text
         self.student_hash, self.bos_id = student_tokenizer_hash, bos_id      # bos_id: the student's BOS prefix
         self.teacher = None
         self.sampled = False
@@ -53,7 +56,6 @@ class Distiller:
         if cfg.signal == "none":
             return
         if cfg.signal in ("offline", "cross_tokenizer"):
-            from distill.data import RetokenizedInstances
             from distill.signal import CrossTokenizerTeacher, OfflineTeacher
             from refine.core.logits import LogitsStore
 
@@ -66,7 +68,7 @@ class Distiller:
                 store.check_aligned(train_set, "data.train")
                 self.teacher = OfflineTeacher(store)
             else:       # data.train: the teacher's instances, read as student tokens (distill.data.open_train)
-                assert isinstance(train_set, RetokenizedInstances)
+                assert self.padded, "cross_tokenizer's data.train is read by distill.data.open_retokenized"
                 store.check_tokenizer(train_set.teacher.tokenizer.hash)
                 store.check_aligned(train_set.teacher, "data.train")
                 self.teacher = CrossTokenizerTeacher(store, train_set)
@@ -125,7 +127,7 @@ class Distiller:
         weight = lm_head_weight(model)
         # a re-tokenized row is padded with PAD (= the losses' ignore index) after its end: any id does as input
         # there, since no earlier position attends to it
-        inputs = batch if self.same_vocabulary else batch.clamp_min(0)
+        inputs = batch.clamp_min(0) if self.padded else batch
         if weight is not None:
             hidden = forward_logits(model, inputs, self.bos_id, hidden=True)[:, :-1]
             total, lm, kd = fused_lm_kd(hidden, weight, batch[:, 1:], signal, lm_weight=1 - alpha,

@@ -13,6 +13,8 @@ from distill.signal import TeacherSignal
 from distill.token_alignment import CrossTokenizer
 from refine.core.errors import InputError
 from refine.core.token_bytes import byte_lengths, row_bytes, token_bytes
+from tests.test_cross_family import gpt2_style_tokenizer  # noqa: F401  (a fixture)
+from tests.test_train import tiny_kd_data  # noqa: F401  (a fixture)
 
 
 def _bpe(merges: list[str], normalizer=None):
@@ -163,3 +165,30 @@ def test_a_tokenizer_without_byte_pieces_is_refused(pair):
     words = PreTrainedTokenizerFast(tokenizer_object=wp, eos_token="[UNK]")
     with pytest.raises(InputError, match="cannot map its tokens to bytes"):
         CrossTokenizer(pair[0], words, seq_len=8)
+
+
+@pytest.mark.integration
+def test_cross_tokenizer_run_trains_on_the_teacher_rows_and_resumes_exactly(tiny_overrides, request, tmp_path):
+    """kd.signal=cross_tokenizer end to end on tiny assets: a student with another vocabulary trains on the
+    teacher's packed rows re-tokenized, learns from the stored logits, logs what the alignment keeps, and a run
+    stopped at a checkpoint and resumed gives the uninterrupted run's losses bit for bit."""
+    import json
+
+    from distill.train import train
+    from tests.test_train import _cfg, _records
+
+    _, student_tok = request.getfixturevalue("gpt2_style_tokenizer")      # fixtures of test_cross_family, test_train
+    kd_data = request.getfixturevalue("tiny_kd_data")
+    keep = [o for o in tiny_overrides if o.startswith("paths.")]
+    base = ["+experiment=cross_family_kd", "+debug=tiny", *keep, *kd_data, f"model.tokenizer={student_tok}",
+            "data.seq_len=112", "schedule=constant", "trainer.eval_every=4", "trainer.ckpt_every=4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(_cfg(base + ["trainer.max_steps=8", f"run_dir={straight}"]))
+    train(_cfg(base + ["trainer.max_steps=4", f"run_dir={split}"]))
+    train(_cfg(base + ["trainer.max_steps=8", f"run_dir={split}"]))      # resumes at step 4
+    recs = _records(straight, "train")
+    assert [r["loss"] for r in recs] == [r["loss"] for r in _records(split, "train")]
+    assert all(0.5 < r["xtok_pos_aligned"] <= 1 and 0.3 < r["xtok_mass_kept"] <= 1 for r in recs)
+    assert all(np.isfinite(r["kd_loss"]) and r["kd_loss"] > 0 for r in recs)
+    run = json.loads((straight / "run.json").read_text())
+    assert run["train_instances"]["path"].endswith("inst")                   # the teacher's rows, fingerprinted
