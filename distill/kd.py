@@ -67,7 +67,7 @@ class Distiller:
                 store.check_tokenizer(student_tokenizer_hash)
                 store.check_aligned(train_set, "data.train")
                 self.teacher = OfflineTeacher(store)
-            else:       # data.train: the teacher's instances, read as student tokens (distill.data.open_train)
+            else:       # data.train: the teacher's instances, read as student tokens (distill.data.open_retokenized)
                 assert self.padded, "cross_tokenizer's data.train is read by distill.data.open_retokenized"
                 store.check_tokenizer(train_set.teacher.tokenizer.hash)
                 store.check_aligned(train_set.teacher, "data.train")
