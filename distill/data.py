@@ -43,6 +43,14 @@ def open_instances(path: str | Path, tokenizer, seq_len: int, cache: str | Path,
     return pack(path, tokenizer, seq_len, out, text_field=text_field, quiet=quiet, max_doc_bytes=max_doc_bytes)
 
 
+def read_rows(instances: Instances, rows: np.ndarray) -> np.ndarray:
+    """Token rows ``rows`` (in that order), their ids checked against the vocabulary."""
+    # Sorted fancy-indexing reads the memmap sequentially; the batch keeps the permutation's row order.
+    batch = instances.tokens[np.sort(rows)][np.argsort(np.argsort(rows))]
+    instances.check_ids(batch, rows)
+    return batch
+
+
 def open_retokenized(path: str | Path, teacher_tokenizer: str, student_tokenizer, seq_len: int
                      ) -> RetokenizedInstances:
     """``data.train`` for ``kd.signal=cross_tokenizer``: the teacher's packed instances (``kd.teacher`` names
@@ -76,9 +84,7 @@ class RetokenizedInstances:
 
     def alignments(self, rows: np.ndarray) -> list:
         rows = np.asarray(rows)
-        tokens = self.teacher.tokens[np.sort(rows)][np.argsort(np.argsort(rows))]
-        self.teacher.check_ids(tokens, rows)
-        return [self.cross.align(t, int(r)) for t, r in zip(tokens, rows.tolist(), strict=True)]
+        return [self.cross.align(t, int(r)) for t, r in zip(read_rows(self.teacher, rows), rows.tolist(), strict=True)]
 
     def fetch(self, rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.cross.padded_ids(self.alignments(rows)))
@@ -118,10 +124,7 @@ class BatchStream:
     def fetch(self, rows: np.ndarray) -> torch.Tensor:
         if isinstance(self.instances, RetokenizedInstances):
             return self.instances.fetch(rows)
-        # Sorted fancy-indexing reads the memmap sequentially; the batch keeps the permutation's row order.
-        batch = self.instances.tokens[np.sort(rows)][np.argsort(np.argsort(rows))]
-        self.instances.check_ids(batch, rows)
-        return torch.from_numpy(batch.astype(np.int64))
+        return torch.from_numpy(read_rows(self.instances, rows).astype(np.int64))
 
     def next_batch(self) -> torch.Tensor:
         return self.fetch(self.next_rows())

@@ -73,7 +73,7 @@ class CrossTokenizer:
             if i != self.t_eos and i < len(t_bytes):
                 t_bytes[i] = t.content.encode()
         self.t_bytes, self.s_bytes = t_bytes, s_bytes
-        self.t_len = np.array([len(b) if b is not None else 1 for b in t_bytes], dtype=np.int64)
+        self.t_len = np.array([len(b) if b is not None else 0 for b in t_bytes], dtype=np.int64)
         self.t_len[self.t_eos] = 1                         # the virtual separator byte
         self.s_len = np.array([len(b) if b is not None else 1 for b in s_bytes], dtype=np.int64)
         self.s_len[self.s_eos] = 1
@@ -100,6 +100,9 @@ class CrossTokenizer:
         return out
 
     def _align(self, row: np.ndarray, key) -> RowAlignment:
+        if not self.t_len[row].all():    # an id without bytes would shift every byte offset after it
+            bad = int(row[np.flatnonzero(self.t_len[row] == 0)[0]])
+            raise InputError(f"teacher row {key} holds token id {bad}, which spells no bytes; cannot align it")
         eos_at = np.flatnonzero(row == self.t_eos)
         bounds = [-1, *eos_at.tolist(), len(row)]
         texts, starts = [], []            # each segment's text and its first byte's row offset

@@ -58,6 +58,23 @@ def test_token_bytes_of_byte_level_tokens(pair):
     assert row_bytes(row, byte_lengths(teacher)).tolist() == [len("héllo world".encode())]
 
 
+def test_token_bytes_of_sentencepiece_pieces():
+    """Gemma's kind: ``▁`` is a space, ``<0xNN>`` one byte, special tokens none."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<0xC3>": 2, "<0xA9>": 3, "▁": 4, "h": 5, "i": 6, "hi": 7, "▁hi": 8}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[("h", "i"), ("▁", "hi")], byte_fallback=True, unk_token="<unk>"))
+    sp.normalizer = normalizers.Replace(" ", "▁")
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    sp.add_special_tokens(["<unk>", "<eos>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="<eos>", unk_token="<unk>")
+    table = token_bytes(tok)
+    assert table[:4] == [None, None, b"\xc3", b"\xa9"] and table[8] == b" hi" and table[7] == b"hi"
+    ids = tok(" hi é", add_special_tokens=False)["input_ids"]
+    assert b"".join(table[i] for i in ids) == " hi é".encode()     # byte fallback spells é
+
+
 def test_alignment_round_trip_on_known_boundaries(pair):
     teacher, student = pair
     cross = CrossTokenizer(teacher, student, seq_len=16)
