@@ -209,3 +209,23 @@ def test_cross_tokenizer_run_trains_on_the_teacher_rows_and_resumes_exactly(tiny
     assert all(np.isfinite(r["kd_loss"]) and r["kd_loss"] > 0 for r in recs)
     run = json.loads((straight / "run.json").read_text())
     assert run["train_instances"]["path"].endswith("inst")                   # the teacher's rows, fingerprinted
+
+
+def test_cross_tokenizer_data_must_be_the_teachers_instances(tiny_corpus, tiny_tokenizer_dir, tmp_path):
+    from distill.data import open_retokenized
+    from refine.core.pack import pack
+    from refine.core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    with pytest.raises(InputError, match="trains on the teacher's packed instances"):
+        open_retokenized(tiny_corpus / "train.jsonl", str(tiny_tokenizer_dir), tok, 64)
+    other = _bpe(STUDENT)
+    other.save_pretrained(tmp_path / "other")
+    inst = pack(tiny_corpus / "val.jsonl", tok, 64, tmp_path / "inst", quiet=True)
+    with pytest.raises(InputError, match="kd.teacher's tokenizer"):            # kd.teacher names another tokenizer
+        open_retokenized(inst.folder, str(tmp_path / "other"), tok, 64)
+    data = open_retokenized(inst.folder, str(tiny_tokenizer_dir), other, 1024)
+    batch = data.fetch(np.array([2, 0]))
+    assert batch.shape == (2, 1024) and (batch[:, 0] >= 0).all() and (batch[:, -1] == IGNORE).all()
+    # row 0 again, as text: the student's tokens spell the teacher row's (less a character cut at its end)
+    assert other.decode(batch[1][batch[1] >= 0]) == tok.decode(np.asarray(inst.tokens[0])).rstrip("\ufffd")
