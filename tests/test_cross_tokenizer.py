@@ -73,6 +73,8 @@ def test_token_bytes_of_sentencepiece_pieces():
     assert table[:4] == [None, None, b"\xc3", b"\xa9"] and table[8] == b" hi" and table[7] == b"hi"
     ids = tok(" hi é", add_special_tokens=False)["input_ids"]
     assert b"".join(table[i] for i in ids) == " hi é".encode()     # byte fallback spells é
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])      # no byte fallback
+    assert token_bytes(PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="<eos>"))[8] == b" hi"
 
 
 def test_alignment_round_trip_on_known_boundaries(pair):

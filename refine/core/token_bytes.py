@@ -2,7 +2,7 @@
 
 Two tokenizers meet only in bytes: cross-tokenizer KD aligns positions by byte offsets
 (``distill.token_alignment``) and refine's ``select.normalize=bytes`` divides a row's summed NLL by its byte
-count, so a reference with another tokenizer scores the same text on the same scale. Both need each token's
+count, the scale on which models with different tokenizers compare over the same text. Both need each token's
 bytes exactly, which the vocabulary gives without running the tokenizer:
 
 * byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen): a token's string spells its bytes through GPT-2's
@@ -50,7 +50,8 @@ def _kind(tok) -> str:
     types = {p.get("type") for p in parts}
     if "ByteLevel" in types:
         return "byte_level"
-    if "ByteFallback" in types or any(p.get("type") == "Replace" and "▁" in json.dumps(p) for p in parts):
+    metaspace = any(p.get("type") == "Replace" and "▁" in json.dumps(p, ensure_ascii=False) for p in parts)
+    if "ByteFallback" in types or metaspace:
         return "sentencepiece"
     raise InputError(f"tokenizer {getattr(tok, 'name_or_path', '?')}: cannot map its tokens to bytes (decoder "
                      f"{sorted(t for t in types if t) or 'none'}); byte alignment needs byte-level BPE or "
