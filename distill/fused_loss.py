@@ -71,7 +71,7 @@ class _FusedLMKD(torch.autograd.Function):
         # teacher target (a cross-tokenizer signal has none where the tokenizations do not align); both are n
         # for a same-tokenizer batch
         counts = (max(int((targets != IGNORE).sum()), 1),
-                  max(int(kd["mask"].any(-1).sum()), 1) if kd is not None else n)
+                  max(int(kd["mask"].any(-1).sum()), 1) if kd is not None else n, n)
         cd = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else hidden.dtype
         with torch.autocast(dev.type, enabled=False):
             w = weight.to(cd)
@@ -101,7 +101,7 @@ class _FusedLMKD(torch.autograd.Function):
         return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None, None
 
 
-def _chunk(z: torch.Tensor, y: torch.Tensor, kd: dict | None, a: int, counts: tuple[int, int], lm_weight: float,
+def _chunk(z: torch.Tensor, y: torch.Tensor, kd: dict | None, a: int, counts: tuple[int, int, int], lm_weight: float,
            kd_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss parts of one chunk of logits ``z`` [c, V] and d(weighted mean loss)/dz, computed in z's buffer."""
     z = z.float()
@@ -136,7 +136,9 @@ def _chunk(z: torch.Tensor, y: torch.Tensor, kd: dict | None, a: int, counts: tu
             kd_part = kd_from_log_q(log_q, kd["logprobs"][a:a + c], kd["mask"][a:a + c], kd["loss"],
                                     tau_col if exp_t is not None else 1.0, kd["missing_mass"],
                                     kd["tau_squared"]).sum()
-        total = lm_weight * lm / counts[0] + kd_weight * kd_part / counts[1]
+        n = counts[2]
+        total = (lm_weight * lm + kd_weight * kd_part) / n if counts[:2] == (n, n) \
+            else lm_weight * lm / counts[0] + kd_weight * kd_part / counts[1]      # one expression: same bits
         names = list(leaves)
         grads = dict(zip(names, torch.autograd.grad(total, [leaves[k] for k in names], allow_unused=True)))
 

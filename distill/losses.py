@@ -69,7 +69,8 @@ def kd_loss(student_logits: torch.Tensor, signal, loss: str = "kld", temperature
     tau = _tau_tensor(temperature, student_logits.device)
     log_q = torch.log_softmax(student_logits.float() / tau, dim=-1).gather(-1, signal.ids)
     per_position = kd_from_log_q(log_q, signal.logprobs, signal.mask, loss, tau, missing_mass, tau_squared)
-    return per_position.sum() / signal.mask.any(-1).sum().clamp_min(1)
+    has_target = signal.mask.any(-1)
+    return per_position.mean() if bool(has_target.all()) else per_position.sum() / has_target.sum().clamp_min(1)
 
 
 def _tau_tensor(temperature: float | torch.Tensor, device) -> torch.Tensor:
