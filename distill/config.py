@@ -49,6 +49,7 @@ class Signal(StrEnum):
     none = auto()       # LM loss only
     offline = auto()    # stored top-p-k (or RS-KD) logits from the refine stage
     online = auto()     # a live HF teacher run on every batch
+    cross_tokenizer = auto()   # another tokenizer's stored logits, byte-aligned (distill.token_alignment)
 
 
 class KDLoss(StrEnum):
@@ -156,8 +157,8 @@ class AlphaConfig(Checked):
 class KDConfig(Checked):
     """Distillation: off (LM loss only), or a teacher signal from stored logits or a live teacher."""
     signal: Signal = Signal.none
-    logits: str = ""                       # offline: the refine logits store aligned with data.train
-    teacher: str = "${paths.teacher}"      # online: an HF teacher folder (frozen)
+    logits: str = ""                       # offline, cross_tokenizer: the refine logits store aligned with data.train
+    teacher: str = "${paths.teacher}"      # online: an HF teacher folder (frozen); cross_tokenizer: its tokenizer
     teacher_dtype: Dtype = Dtype.float32   # the live/validation teacher's own dtype, never the student's autocast
     top_p: float = 0.95                    # online truncation (offline stores carry their own)
     top_k: int = 50                        # online; 0 = full vocabulary

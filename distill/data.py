@@ -43,6 +43,53 @@ def open_instances(path: str | Path, tokenizer, seq_len: int, cache: str | Path,
     return pack(path, tokenizer, seq_len, out, text_field=text_field, quiet=quiet, max_doc_bytes=max_doc_bytes)
 
 
+def read_rows(instances: Instances, rows: np.ndarray) -> np.ndarray:
+    """Token rows ``rows`` (in that order), their ids checked against the vocabulary."""
+    # Sorted fancy-indexing reads the memmap sequentially; the batch keeps the permutation's row order.
+    batch = instances.tokens[np.sort(rows)][np.argsort(np.argsort(rows))]
+    instances.check_ids(batch, rows)
+    return batch
+
+
+def open_retokenized(path: str | Path, teacher_tokenizer: str, student_tokenizer, seq_len: int
+                     ) -> RetokenizedInstances:
+    """``data.train`` for ``kd.signal=cross_tokenizer``: the teacher's packed instances (``kd.teacher`` names
+    its tokenizer), read as ``seq_len`` student tokens a row."""
+    from refine.core.errors import InputError
+    from refine.core.tokenizer import load_tokenizer
+
+    if not (Path(path) / "index.json").is_file():
+        raise InputError(f"kd.signal=cross_tokenizer trains on the teacher's packed instances (refine's instances/, "
+                         f"which kd.logits is aligned with); data.train={path} is not such a folder")
+    return RetokenizedInstances(Instances(path), load_tokenizer(teacher_tokenizer), student_tokenizer, seq_len)
+
+
+class RetokenizedInstances:
+    """A teacher's packed instances read as student tokens (cross-tokenizer KD): row i is the text of teacher row
+    i re-tokenized with the student tokenizer (``distill.token_alignment``: row edges, EOS, the ``seq_len`` cut),
+    padded with ``PAD``. Rows are re-tokenized when fetched (a few ms each, cached for the signal that aligns the
+    same rows), so nothing new is written and the stream's position, hence resume, is the teacher rows'."""
+
+    def __init__(self, teacher: Instances, teacher_tokenizer, student_tokenizer, seq_len: int):
+        from distill.token_alignment import CrossTokenizer
+        from refine.core.tokenizer import tokenizer_hash
+
+        teacher.check_tokenizer(tokenizer_hash(teacher_tokenizer), "kd.teacher's tokenizer")
+        self.teacher, self.seq_len = teacher, seq_len
+        self.cross = CrossTokenizer(teacher_tokenizer, student_tokenizer, seq_len)
+        self.folder, self.index = teacher.folder, teacher.index     # the run record's fingerprint of data.train
+
+    def __len__(self) -> int:
+        return len(self.teacher)
+
+    def alignments(self, rows: np.ndarray) -> list:
+        rows = np.asarray(rows)
+        return [self.cross.align(t, int(r)) for t, r in zip(read_rows(self.teacher, rows), rows.tolist(), strict=True)]
+
+    def fetch(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.cross.padded_ids(self.alignments(rows)))
+
+
 class BatchStream:
     """Endless, seeded, resumable stream of [batch, seq_len] token batches from ``Instances``."""
 
@@ -75,10 +122,9 @@ class BatchStream:
             self.epoch, self.cursor, self._order = saved
 
     def fetch(self, rows: np.ndarray) -> torch.Tensor:
-        # Sorted fancy-indexing reads the memmap sequentially; the batch keeps the permutation's row order.
-        batch = self.instances.tokens[np.sort(rows)][np.argsort(np.argsort(rows))]
-        self.instances.check_ids(batch, rows)
-        return torch.from_numpy(batch.astype(np.int64))
+        if isinstance(self.instances, RetokenizedInstances):
+            return self.instances.fetch(rows)
+        return torch.from_numpy(read_rows(self.instances, rows).astype(np.int64))
 
     def next_batch(self) -> torch.Tensor:
         return self.fetch(self.next_rows())

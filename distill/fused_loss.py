@@ -29,6 +29,7 @@ import torch
 
 from distill.losses import kd_from_log_q
 
+IGNORE = -100   # a target position without a token (padding): no LM loss there, as in F.cross_entropy
 # Chunk size in logits elements (rows = CHUNK_ELEMENTS // vocab): 8M fp32 = 32 MB, ~170 rows at 49k.
 CHUNK_ELEMENTS = 1 << 23
 # Config attributes that make a model's logits differ from hidden @ W^T; such heads take the unfused path.
@@ -66,6 +67,11 @@ class _FusedLMKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, kd, lm_weight, kd_weight, chunk_rows):
         n, dev = hidden.shape[0], hidden.device
+        # the means' denominators: positions with a target (IGNORE pads a re-tokenized row) and positions with a
+        # teacher target (a cross-tokenizer signal has none where the tokenizations do not align); both are n
+        # for a same-tokenizer batch
+        counts = (max(int((targets != IGNORE).sum()), 1),
+                  max(int(kd["mask"].any(-1).sum()), 1) if kd is not None else n, n)
         cd = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else hidden.dtype
         with torch.autocast(dev.type, enabled=False):
             w = weight.to(cd)
@@ -75,7 +81,7 @@ class _FusedLMKD(torch.autograd.Function):
             kd_sum = torch.zeros((), device=dev)
             for a in range(0, n, chunk_rows):
                 h = hidden[a:a + chunk_rows].to(cd)
-                dz, lm_c, kd_c = _chunk(h @ w.T, targets[a:a + chunk_rows], kd, a, n, lm_weight, kd_weight)
+                dz, lm_c, kd_c = _chunk(h @ w.T, targets[a:a + chunk_rows], kd, a, counts, lm_weight, kd_weight)
                 dz = dz.to(cd)
                 grad_h[a:a + chunk_rows] = (dz @ w).to(hidden.dtype)
                 if cd == torch.float32:
@@ -85,7 +91,7 @@ class _FusedLMKD(torch.autograd.Function):
                 lm_sum += lm_c
                 kd_sum += kd_c
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        lm_mean, kd_mean = lm_sum / n, kd_sum / n
+        lm_mean, kd_mean = lm_sum / counts[0], kd_sum / counts[1]
         ctx.mark_non_differentiable(lm_mean, kd_mean)
         return lm_weight * lm_mean + kd_weight * kd_mean, lm_mean, kd_mean
 
@@ -95,11 +101,13 @@ class _FusedLMKD(torch.autograd.Function):
         return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None, None
 
 
-def _chunk(z: torch.Tensor, y: torch.Tensor, kd: dict | None, a: int, n: int, lm_weight: float,
+def _chunk(z: torch.Tensor, y: torch.Tensor, kd: dict | None, a: int, counts: tuple[int, int, int], lm_weight: float,
            kd_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss parts of one chunk of logits ``z`` [c, V] and d(weighted mean loss)/dz, computed in z's buffer."""
     z = z.float()
     c = z.shape[0]
+    has_y = y != IGNORE
+    y = y.clamp_min(0)
     z_y = z.gather(1, y[:, None])[:, 0]
     small = {"lse": None, "z_y": z_y}
     tau = None
@@ -120,7 +128,7 @@ def _chunk(z: torch.Tensor, y: torch.Tensor, kd: dict | None, a: int, n: int, lm
 
     leaves = {k: v.detach().requires_grad_() for k, v in small.items()}
     with torch.enable_grad():
-        lm = (leaves["lse"] - leaves["z_y"]).sum()
+        lm = (leaves["lse"] - leaves["z_y"]).masked_fill(~has_y, 0).sum()
         kd_part = torch.zeros((), device=z.device)
         if kd is not None:
             log_q = leaves["z_s"] / tau_col - leaves["lse_t"][:, None] if exp_t is not None \
@@ -128,7 +136,9 @@ def _chunk(z: torch.Tensor, y: torch.Tensor, kd: dict | None, a: int, n: int, lm
             kd_part = kd_from_log_q(log_q, kd["logprobs"][a:a + c], kd["mask"][a:a + c], kd["loss"],
                                     tau_col if exp_t is not None else 1.0, kd["missing_mass"],
                                     kd["tau_squared"]).sum()
-        total = (lm_weight * lm + kd_weight * kd_part) / n
+        n = counts[2]
+        total = (lm_weight * lm + kd_weight * kd_part) / n if counts[:2] == (n, n) \
+            else lm_weight * lm / counts[0] + kd_weight * kd_part / counts[1]      # one expression: same bits
         names = list(leaves)
         grads = dict(zip(names, torch.autograd.grad(total, [leaves[k] for k in names], allow_unused=True)))
 
@@ -147,7 +157,8 @@ def fused_lm_kd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                 chunk_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``lm_weight * LM + kd_weight * KD`` (each a mean over positions), and the two means (detached).
 
-    ``hidden`` [..., D] of the predicting positions, ``targets`` [...] their next tokens, ``signal`` a
+    ``hidden`` [..., D] of the predicting positions, ``targets`` [...] their next tokens (``IGNORE``: none;
+    the LM mean is over the others, the KD mean over positions whose signal keeps an id), ``signal`` a
     ``TeacherSignal`` of the same leading shape (or None: LM loss only), ``temperature`` a float or a tensor of
     the leading shape. Same values and gradients as ``lm_loss`` + ``kd_loss`` on ``hidden @ weight.T``.
     """

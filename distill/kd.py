@@ -44,7 +44,10 @@ def auto_missing_mass(signal: str, sampled: bool) -> str:
 class Distiller:
     def __init__(self, cfg: KDConfig, train_set: Instances, student_tokenizer_hash: str, device: torch.device,
                  max_steps: int, seed: int = 0, bos_id: int | None = None):
+        from distill.data import RetokenizedInstances
+
         self.cfg, self.device, self.max_steps = cfg, device, max_steps
+        self.padded = isinstance(train_set, RetokenizedInstances)   # rows padded with PAD after their text
         self.student_hash, self.bos_id = student_tokenizer_hash, bos_id      # bos_id: the student's BOS prefix
         self.teacher = None
         self.sampled = False
@@ -52,16 +55,23 @@ class Distiller:
         self._val_teacher = None
         if cfg.signal == "none":
             return
-        if cfg.signal == "offline":
-            from distill.signal import OfflineTeacher
+        if cfg.signal in ("offline", "cross_tokenizer"):
+            from distill.signal import CrossTokenizerTeacher, OfflineTeacher
             from refine.core.logits import LogitsStore
 
             if not cfg.logits:
-                raise InputError("kd.signal=offline needs kd.logits (a refine logits store aligned with data.train)")
+                raise InputError(f"kd.signal={cfg.signal} needs kd.logits (a refine logits store aligned with "
+                                 f"data.train)")
             store = LogitsStore(cfg.logits, verify="lazy")
-            store.check_tokenizer(student_tokenizer_hash)
-            store.check_aligned(train_set, "data.train")
-            self.teacher = OfflineTeacher(store)
+            if cfg.signal == "offline":
+                store.check_tokenizer(student_tokenizer_hash)
+                store.check_aligned(train_set, "data.train")
+                self.teacher = OfflineTeacher(store)
+            else:       # data.train: the teacher's instances, read as student tokens (distill.data.open_retokenized)
+                assert self.padded, "cross_tokenizer's data.train is read by distill.data.open_retokenized"
+                store.check_tokenizer(train_set.teacher.tokenizer.hash)
+                store.check_aligned(train_set.teacher, "data.train")
+                self.teacher = CrossTokenizerTeacher(store, train_set)
             self.sampled = store.header.kind == "sampled"
         elif cfg.signal == "online":
             from distill.signal import OnlineTeacher
@@ -83,12 +93,17 @@ class Distiller:
                              f"temperature (the stored weights are tau = 1 ones); use renorm for tau != 1")
         if self.missing_mass == "none" and cfg.loss == "rkl":
             raise InputError("kd.loss=rkl needs a normalised teacher target: kd.missing_mass=renorm or tail")
-        if self.missing_mass == "tail" and cfg.signal == "offline":
+        if self.missing_mass == "tail" and cfg.signal != "online":
             self.teacher.store.check_tail_mass()
 
     @property
     def enabled(self) -> bool:
         return self.teacher is not None
+
+    @property
+    def same_vocabulary(self) -> bool:
+        """Teacher and student share a vocabulary (``val_kl`` compares their full distributions)."""
+        return self.cfg.signal != "cross_tokenizer"
 
     def prefetch(self, rows) -> None:
         """Start reading the signal of the batch that comes next (a stored teacher; a live one has nothing to
@@ -110,18 +125,22 @@ class Distiller:
         kd_opts = {"loss": cfg.loss, "temperature": tau, "missing_mass": self.missing_mass,
                    "tau_squared": cfg.tau_squared}          # tau^2 (Hinton) per position, inside the KD term
         weight = lm_head_weight(model)
+        # a re-tokenized row is padded with PAD (= the losses' ignore index) after its end: any id does as input
+        # there, since no earlier position attends to it
+        inputs = batch.clamp_min(0) if self.padded else batch
         if weight is not None:
-            hidden = forward_logits(model, batch, self.bos_id, hidden=True)[:, :-1]
+            hidden = forward_logits(model, inputs, self.bos_id, hidden=True)[:, :-1]
             total, lm, kd = fused_lm_kd(hidden, weight, batch[:, 1:], signal, lm_weight=1 - alpha,
                                         kd_weight=alpha, **kd_opts)
         else:
-            logits = forward_logits(model, batch, self.bos_id)
+            logits = forward_logits(model, inputs, self.bos_id)
             lm = lm_loss(logits, batch)
             kd = kd_loss(logits[:, :-1], signal, **kd_opts) if signal is not None else lm * 0
             total = (1 - alpha) * lm + alpha * kd
         if signal is None:
             return total, {"lm_loss": lm.item()}
-        return total, {"lm_loss": lm.item(), "kd_loss": kd.item(), "alpha": alpha, "tau": tau.float().mean().item()}
+        return total, {"lm_loss": lm.item(), "kd_loss": kd.item(), "alpha": alpha, "tau": tau.float().mean().item(),
+                       **(signal.stats or {})}
 
     @torch.no_grad()
     def val_kl(self, model, batches: list[torch.Tensor], amp) -> float:

@@ -59,7 +59,8 @@ def _masked_softmax(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def kd_loss(student_logits: torch.Tensor, signal, loss: str = "kld", temperature: float | torch.Tensor = 1.0,
             missing_mass: str = "renorm", tau_squared: bool = False) -> torch.Tensor:
-    """Mean per-position KD loss from full student logits ``[B, T, V]`` for the T predicted positions.
+    """Mean per-position KD loss from full student logits ``[B, T, V]`` over the predicted positions whose signal
+    keeps an id (all of them, but where a cross-tokenizer signal has no aligned teacher position).
 
     The reference path (tests, small batches): it materialises ``log_softmax`` over the vocabulary. The trainer
     uses ``distill.fused_loss``, which gets the same ``log_q`` at the kept ids chunk by chunk from hidden states.
@@ -67,7 +68,9 @@ def kd_loss(student_logits: torch.Tensor, signal, loss: str = "kld", temperature
     """
     tau = _tau_tensor(temperature, student_logits.device)
     log_q = torch.log_softmax(student_logits.float() / tau, dim=-1).gather(-1, signal.ids)
-    return kd_from_log_q(log_q, signal.logprobs, signal.mask, loss, tau, missing_mass, tau_squared).mean()
+    per_position = kd_from_log_q(log_q, signal.logprobs, signal.mask, loss, tau, missing_mass, tau_squared)
+    has_target = signal.mask.any(-1)
+    return per_position.mean() if bool(has_target.all()) else per_position.sum() / has_target.sum().clamp_min(1)
 
 
 def _tau_tensor(temperature: float | torch.Tensor, device) -> torch.Tensor:

@@ -37,9 +37,10 @@ class TeacherSignal:
     ids: torch.Tensor        # [B, T, K] int64, padding 0
     logprobs: torch.Tensor   # [B, T, K] float32 full-softmax log-probs, padding -inf
     mask: torch.Tensor       # [B, T, K] bool
+    stats: dict | None = None  # a cross-tokenizer signal's alignment statistics (logged)
 
     def to(self, device) -> TeacherSignal:
-        return TeacherSignal(self.ids.to(device), self.logprobs.to(device), self.mask.to(device))
+        return TeacherSignal(self.ids.to(device), self.logprobs.to(device), self.mask.to(device), self.stats)
 
     def kept_mass(self) -> torch.Tensor:
         return self.logprobs.exp().masked_fill(~self.mask, 0).sum(-1)
@@ -88,6 +89,23 @@ class OfflineTeacher:
         if ready is not None and np.array_equal(ready[0], rows):
             return ready[1]
         return self._read(rows)
+
+
+class CrossTokenizerTeacher(OfflineTeacher):
+    """Stored top-p-k logits of a teacher with another tokenizer, moved to the student's positions and vocabulary
+    (``distill.token_alignment``: byte-aligned positions, exact token-string map); each signal carries its
+    alignment statistics (positions aligned, teacher mass kept), which the trainer logs."""
+
+    def __init__(self, store: LogitsStore, retokenized):
+        super().__init__(store)
+        self.retokenized = retokenized          # distill.data.RetokenizedInstances: the rows' alignments
+
+    def _read(self, rows: np.ndarray) -> TeacherSignal:
+        aligned = self.retokenized.alignments(rows)
+        *arrays, stats = self.retokenized.cross.map_signal(aligned, *self.store.padded(rows))
+        signal = TeacherSignal(*map(torch.from_numpy, arrays))
+        signal.stats = stats
+        return signal
 
 
 def load_teacher(model_dir: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False):

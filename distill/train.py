@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from distill import distributed
 from distill.config import TrainConfig, to_config
-from distill.data import open_instances
+from distill.data import open_instances, open_retokenized
 from distill.schedules import check as check_schedule
 from distill.trainer import Trainer, autocast_dtype, pick_device
 from refine.core.errors import InputError, everyone, exit_on_input_error
@@ -66,7 +66,9 @@ def _check_inputs(cfg: TrainConfig, device: torch.device):
     autocast_dtype(tc.precision, device)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     for path in (dc.train, dc.val):
-        if (Path(path) / "index.json").is_file():   # packed instances (refine output): seq_len, tokenizer
+        if path == dc.train and cfg.kd.signal == "cross_tokenizer":   # the teacher's instances, re-tokenized
+            open_retokenized(path, cfg.kd.teacher, tokenizer, dc.seq_len)
+        elif (Path(path) / "index.json").is_file():   # packed instances (refine output): seq_len, tokenizer
             open_instances(path, tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, quiet=True)
         elif not Path(path).exists():
             raise InputError(f"corpus not found: {path}")

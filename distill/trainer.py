@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from distill import checkpoint, distributed
 from distill.config import TrainConfig
-from distill.data import BatchStream, open_instances, val_batches
+from distill.data import BatchStream, open_instances, open_retokenized, val_batches
 from distill.kd import Distiller
 from distill.losses import lm_loss
 from distill.metrics import Metrics, StepMeans, write_run_record, write_summary
@@ -108,17 +108,22 @@ class Trainer:
             return open_instances(path, self.tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field,
                                   max_doc_bytes=dc.max_doc_bytes, **kw)
 
+        def open_train(**kw):
+            if cfg.kd.signal == "cross_tokenizer":     # the teacher's instances, read as student tokens
+                return open_retokenized(dc.train, cfg.kd.teacher, self.tokenizer, dc.seq_len)
+            return open_set(dc.train, **kw)
+
         def claim_and_pack():
             # One trainer per run folder: a second run with this run_name refuses, naming the first's host and pid.
             held.enter_context(FolderLock(self.run_dir, "trainer", "use another run_name"))
-            return [open_set(p) for p in (dc.train, dc.val)]
+            return open_train(), open_set(dc.val)
 
         # rank 0 takes the run folder and packs a raw corpus into the cache first; the others then reuse it
         self.train_set, self.val_set = distributed.on_main(d, claim_and_pack) or (None, None)
         ckpt, state, error = None, None, None
         try:                              # every rank alike, no collectives: errors are agreed on below
             if not d.is_main:
-                self.train_set, self.val_set = (open_set(p, quiet=True) for p in (dc.train, dc.val))
+                self.train_set, self.val_set = open_train(quiet=True), open_set(dc.val, quiet=True)
             ckpt = checkpoint.latest(self.run_dir) if cfg.resume else None
             if ckpt is not None:
                 checkpoint.check_resumable(self.run_dir, self.resolved)
@@ -236,7 +241,7 @@ class Trainer:
         """Val loss on the fixed val batches (and KL to the teacher when distilling), logged; returns the record."""
         val_loss = evaluate(self.student, self.vbatches, self.device, self.amp)
         record = {"step": self.step, "split": "val", "loss": val_loss, "tokens": self.tokens_seen}
-        if self.distiller.enabled and self.cfg.kd.val_kl_batches > 0:
+        if self.distiller.enabled and self.distiller.same_vocabulary and self.cfg.kd.val_kl_batches > 0:
             record["kl_teacher"] = self.distiller.val_kl(self.student, self.vbatches[: self.cfg.kd.val_kl_batches],
                                                          self.amp)
         self.metrics.log(record)

@@ -79,10 +79,16 @@ class LogitsConfig(Checked):
     codec: Codec = Codec.zstd
 
 
+class ScoreUnit(StrEnum):
+    tokens = auto()     # mean NLL per token (MiniPLM)
+    bytes = auto()      # bits per byte of the same text: a scale that does not depend on the tokenizer
+
+
 @dataclass
 class SelectConfig(Checked):
     alpha: float = 0.5                     # fraction kept (MiniPLM: 0.5)
     mode: SelectMode = SelectMode.top
+    normalize: ScoreUnit = ScoreUnit.tokens    # score = reference minus teacher, per token or per byte
     temperature: float = 1.0               # sample mode: p ~ exp(score / temperature)
     seed: int = 0
 

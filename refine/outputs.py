@@ -58,6 +58,16 @@ def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size:
     return LogitsStore(out)
 
 
+def byte_normalised(inst: Instances, tok, *mean_nlls: np.ndarray) -> list[np.ndarray]:
+    """Each pass's bits per byte of the text each row predicts (tokens 1..L-1), same tokenizer for both."""
+    from refine.core.token_bytes import byte_lengths, row_bytes
+    from refine.select import bits_per_byte
+
+    lengths = byte_lengths(tok)
+    nbytes = np.concatenate([row_bytes(inst.tokens[a:a + 4096, 1:], lengths) for a in range(0, len(inst), 4096)])
+    return [bits_per_byte(nll, inst.seq_len - 1, nbytes) for nll in mean_nlls]
+
+
 def write_selection(cfg: RefineConfig, out: Path, s: Scored) -> dict:
     """Select from the two passes' NLLs and write every selection output, the manifest last."""
     from refine.report import write_report
@@ -65,7 +75,8 @@ def write_selection(cfg: RefineConfig, out: Path, s: Scored) -> dict:
     inst, tok = s.inst, s.tok
     teacher_nll = np.load(out / "teacher" / "nll.npy", allow_pickle=False)
     ref_nll = np.load(out / "reference" / "nll.npy", allow_pickle=False)
-    scores = difference_scores(teacher_nll, ref_nll)
+    scores = difference_scores(*byte_normalised(inst, tok, teacher_nll, ref_nll)) \
+        if cfg.select.normalize == "bytes" else difference_scores(teacher_nll, ref_nll)
     kept = select(scores, cfg.select.alpha, cfg.select.mode, cfg.select.temperature, cfg.select.seed)
     with atomic_path(out / "scores.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, teacher_nll=teacher_nll, ref_nll=ref_nll, score=scores, kept=kept)

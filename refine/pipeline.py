@@ -97,7 +97,9 @@ def _check_tokenizers(cfg: RefineConfig, out: Path, tok, reference: Path) -> Non
     """Difference sampling compares NLLs of the same tokens; and a folder keeps one teacher vocabulary."""
     if tokenizer_hash(load_tokenizer(reference)) != tokenizer_hash(tok):
         raise InputError(f"reference model {reference} uses another tokenizer than the teacher; difference "
-                         f"sampling compares per-token NLLs of the same tokens")
+                         f"sampling scores the teacher's packed rows with both models (select.normalize=bytes puts "
+                         f"the scores on a per-byte scale, but a reference pass over re-tokenized rows is not "
+                         f"implemented yet)")
     previous = read_manifest(out)
     if previous and not cfg.overwrite and previous.get("tokenizer_hash") not in (None, tokenizer_hash(tok)):
         raise InputError(f"{out} holds the refine output of a teacher with another tokenizer; choose another "

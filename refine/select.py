@@ -2,6 +2,9 @@
 
     score(x) = mean_t log p_teacher(x_t | x_<t) - mean_t log p_ref(x_t | x_<t) = NLL_ref(x) - NLL_teacher(x)
 
+(``select.normalize=bytes``: bits per byte of the reference minus the teacher's over the same text, the same
+ranking scaled per row by tokens / bytes.)
+
 A high score means the large teacher predicts the text much better than the small reference model: text
 worth learning. Easy, common text (both models fine) scores near zero and noise (neither model knows it)
 scores low, so both are down-sampled. ``select_top`` keeps the top ``alpha`` fraction (ties broken by corpus
@@ -27,6 +30,13 @@ def difference_scores(teacher_nll: np.ndarray, ref_nll: np.ndarray) -> np.ndarra
         raise InputError(f"teacher and reference scored different instance counts ({teacher_nll.shape} vs "
                          f"{ref_nll.shape})")
     return (ref_nll.astype(np.float64) - teacher_nll.astype(np.float64))
+
+
+def bits_per_byte(mean_nll: np.ndarray, tokens: int | np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """Per-row bits per byte from a pass's mean NLL (nats) over ``tokens`` predicted tokens that spell ``nbytes``
+    bytes (``refine.core.token_bytes.row_bytes``): ``select.normalize=bytes`` scores the same text on a scale
+    that does not depend on how it was cut into tokens. A row without bytes (special tokens only) counts 1."""
+    return mean_nll.astype(np.float64) * tokens / (np.maximum(nbytes, 1) * np.log(2))
 
 
 def n_keep(n: int, alpha: float) -> int:

@@ -47,3 +47,25 @@ def test_bad_alpha_and_mode():
         select(np.zeros(3), 0)
     with pytest.raises(InputError):
         select(np.zeros(3), 0.5, mode="best")
+
+
+def test_byte_normalised_scores_are_token_scores_times_the_length_factor(tiny_tokenizer_dir, tiny_corpus, tmp_path):
+    """select.normalize=bytes with one tokenizer: each row's score is its per-token score times
+    tokens / (bytes x ln 2), the bytes being those of the text the row predicts (checked against decoding)."""
+    from refine.core.pack import pack
+    from refine.core.tokenizer import load_tokenizer
+    from refine.outputs import byte_normalised
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    inst = pack(tiny_corpus / "train.jsonl", tok, 64, tmp_path / "inst", quiet=True)
+    rng = np.random.default_rng(0)
+    teacher, ref = rng.uniform(1, 3, len(inst)), rng.uniform(2, 5, len(inst))
+    t_bpb, r_bpb = byte_normalised(inst, tok, teacher, ref)
+    by_token, by_byte = difference_scores(teacher, ref), difference_scores(t_bpb, r_bpb)
+    texts = [tok.decode(np.asarray(row[1:]).tolist(), skip_special_tokens=True) for row in inst.tokens]
+    nbytes = np.array([len(t.encode()) for t in texts])
+    whole = np.array(["\ufffd" not in t for t in texts])
+    assert whole.sum() > len(inst) // 2               # rows that cut no character: decoding counts their bytes
+    factor = (inst.seq_len - 1) / (nbytes * np.log(2))
+    assert np.allclose(by_byte[whole], (by_token * factor)[whole], rtol=1e-12)
+    assert not np.allclose(by_byte / by_token, by_byte[0] / by_token[0])   # rows differ in bytes per token
