@@ -13,9 +13,8 @@ HF ``datasets`` directories.
 * a folder: everything inside, recursively, in sorted path order, each by the rules above; hidden files and
   folders are skipped, and so are symbolic links (counted in ``CorpusStats.skipped_links``): a link to a system
   file must not become a document, a ``..`` link would read the corpus again, two links to ``.`` never end.
-  (The corpus path itself may be a link: whoever names it chose it.) The one exception is a Hugging Face hub
-  cache snapshot (``datasets--org--name/snapshots/<rev>/...``), whose files are links into the same repo's
-  ``blobs/``: those are read, under the link's name; any other link there is skipped as elsewhere.
+  (The corpus path itself may be a link: whoever names it chose it.) Except in a hub cache snapshot, whose files
+  are links into the repo's ``blobs/`` (``refine.core.hub.hub_blob_link``): read under the link's name.
 * a glob pattern (``/data/fineweb/*.jsonl.zst``, ``shards/**/*.parquet``): every match in sorted path order, a
   matched folder read as above; names are relative to the pattern's folder part; hidden matches and links are
   skipped as inside a folder.
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from refine.core.compressed import COMPRESSIONS, open_stream
 from refine.core.errors import InputError
+from refine.core.hub import hub_blob_link
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
@@ -81,17 +81,6 @@ def is_link_below(p: Path, root: Path) -> bool:
             return True
         p = p.parent
     return False
-
-
-def hub_blob_link(p: Path) -> bool:
-    """``p`` is a file of a hub cache snapshot: a link from ``<repo>/snapshots/<rev>/...`` to a file in
-    ``<repo>/blobs/`` (how ``huggingface_hub`` lays out every downloaded repo, datasets included)."""
-    parts = p.absolute().parts
-    if not p.is_symlink() or "snapshots" not in parts[:-2]:
-        return False
-    repo = Path(*parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
-    target = p.resolve()
-    return target.is_file() and target.parent == (repo / "blobs").resolve()
 
 
 def is_hf_dataset_dir(path: Path) -> bool:
@@ -159,8 +148,7 @@ def corpus_units(path: str | Path, stats: CorpusStats | None = None) -> list[tup
 
 
 def _corpus_units(root: Path, stats: CorpusStats) -> list[Path]:
-    """Files and saved-dataset folders under ``root``, sorted, hidden ones and links skipped, datasets not
-    descended."""
+    """Files and saved-dataset folders under ``root``, sorted; hidden ones and links skipped, datasets whole."""
     units = []
     for p in sorted(root.iterdir()):
         if p.name.startswith("."):

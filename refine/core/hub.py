@@ -62,3 +62,14 @@ def local_model(path: str | Path) -> Path:
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise InputError(f"{path}: cannot fetch from the hub: {str(e).splitlines()[0]}") from None
     return Path(folder)
+
+
+def hub_blob_link(p: Path) -> bool:
+    """``p`` is a file of a hub cache snapshot: a link from ``<repo>/snapshots/<rev>/...`` to a file in
+    ``<repo>/blobs/`` (how ``huggingface_hub`` lays out every downloaded repo, datasets included)."""
+    parts = p.absolute().parts
+    if not p.is_symlink() or "snapshots" not in parts[:-2]:
+        return False
+    repo = Path(*parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
+    target = p.resolve()
+    return target.is_file() and target.parent == (repo / "blobs").resolve()
