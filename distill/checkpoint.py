@@ -4,7 +4,8 @@
 (loadable by transformers, vLLM and ``lm_eval --model hf``) and ``trainer_state.pt`` (optimizer, scheduler,
 step, data position, RNG states), loaded with ``weights_only=True`` (no pickled code). The folder is
 written under a temporary name and renamed; ``checkpoints/latest`` names the newest complete one, so a
-crash at any moment leaves the previous checkpoint usable. ``trainer_state`` / ``restore`` say what the trainer
+crash at any moment leaves the previous checkpoint usable. Under FSDP the weights and optimizer state are
+sharded instead (``dcp/``, ``distill.sharded_checkpoint``). ``trainer_state`` / ``restore`` say what the trainer
 state holds; ``check_resumable`` refuses to continue a run folder under a config that would make another run.
 """
 
@@ -37,26 +38,41 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
     return ckpt_root(run_dir) / f"step_{step:07d}"
 
 
-def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: int,
-         weights: dict | None = None) -> Path:
-    """``weights``: the full state dict when ``model``'s own tensors are shards (FSDP)."""
-    root = ckpt_root(run_dir)
+def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: int) -> Path:
+    """One process's checkpoint (single-process and DDP: every rank holds the whole model): rank 0 calls it."""
     final = step_dir(run_dir, step)
+    with atomic_path(final) as tmp:       # an error removes the temporary: the previous checkpoint stands
+        tmp.mkdir(parents=True)
+        write_folder(tmp, model, tokenizer, state)
+    publish(run_dir, final, keep)
+    return final
+
+
+def write_folder(folder: Path, model, tokenizer, state: dict, weights: dict | None = None,
+                 with_weights: bool = True) -> None:
+    """The HF folder (``model.safetensors`` unless ``with_weights`` is off: a sharded checkpoint keeps them in
+    ``dcp/``) plus ``trainer_state.pt``. ``weights``: the gathered state dict when ``model``'s own tensors are
+    shards (FSDP's final checkpoint). A failed write is one ``InputError`` line."""
     try:
-        with atomic_path(final) as tmp:
-            tmp.mkdir(parents=True)
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-            tokenizer.save_pretrained(tmp)
-            _torch_save(state, tmp / STATE)
-        with atomic_path(root / "latest") as tmp:
-            tmp.write_text(final.name + "\n")
+        if with_weights:
+            model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
+        else:
+            model.config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        _torch_save(state, folder / STATE)
     except Exception as e:  # noqa: BLE001 - safetensors and torch.save wrap the OSError of a full disk in their own
-        line = write_error_line(e, getattr(e, "filename", None) or final)
+        line = write_error_line(e, getattr(e, "filename", None) or folder)
         if line is None:
             raise
-        raise InputError(line) from None   # atomic_path removed the temporary; the previous checkpoint stands
+        raise InputError(line) from None
+
+
+def publish(run_dir: str | Path, final: Path, keep: int) -> None:
+    """Point ``checkpoints/latest`` at the complete ``final`` and drop the oldest beyond ``keep``."""
+    root = ckpt_root(run_dir)
+    with atomic_path(root / "latest") as tmp:
+        tmp.write_text(final.name + "\n")
     _prune(root, keep, final)
-    return final
 
 
 class _Recording:
@@ -107,8 +123,8 @@ def latest(run_dir: str | Path) -> Path | None:
     return path
 
 
-def load_model(path: str | Path, expected_config) -> PreTrainedModel:
-    """Load a checkpoint's weights, refusing one made for another architecture."""
+def check_config(path: str | Path, expected_config) -> None:
+    """Refuse a checkpoint made for another architecture than ``expected_config``."""
     from transformers import AutoConfig
 
     try:  # the saved config with every default filled in, so absent keys compare as what they mean
@@ -121,6 +137,11 @@ def load_model(path: str | Path, expected_config) -> PreTrainedModel:
         shown = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
         raise InputError(f"checkpoint {path} is for another model config ({shown}); "
                          f"use another run_name or resume=false")
+
+
+def load_model(path: str | Path, expected_config) -> PreTrainedModel:
+    """Load a checkpoint's weights, refusing one made for another architecture."""
+    check_config(path, expected_config)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
 
 

@@ -161,9 +161,9 @@ def eval_module(wrapped: torch.nn.Module) -> torch.nn.Module:
     return getattr(wrapped, "module", wrapped)
 
 
-def model_state(wrapped: torch.nn.Module, d: Dist) -> dict | None:
-    """The student's full state dict for an HF checkpoint (FSDP: gathered to CPU, a collective; None = the
-    student's own tensors already are full)."""
+def full_weights(wrapped: torch.nn.Module, d: Dist) -> dict | None:
+    """The student's full state dict for an HF ``model.safetensors`` (FSDP: gathered to CPU, a collective; None
+    = the student's own tensors already are full)."""
     if d.world == 1 or d.mode != "fsdp":
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -176,25 +176,24 @@ def model_state(wrapped: torch.nn.Module, d: Dist) -> dict | None:
     return sd
 
 
-def optimizer_state(wrapped: torch.nn.Module, opt, d: Dist) -> dict:
-    if d.world == 1 or d.mode != "fsdp":
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def load_optimizer_state(wrapped: torch.nn.Module, opt, state: dict, d: Dist) -> None:
-    """Load what ``optimizer_state`` saved. Single-process and DDP states (keyed by parameter index) move between
-    any numbers of processes; an FSDP state (keyed by parameter name) resumes under FSDP only."""
-    fsdp = d.world > 1 and d.mode == "fsdp"
-    saved_fsdp = any(isinstance(p, str) for g in state.get("param_groups", []) for p in g["params"])
-    if saved_fsdp != fsdp:
-        raise InputError(f"the checkpoint's optimizer state was saved {'with' if saved_fsdp else 'without'} "
-                         f"trainer.parallel=fsdp; resume it the same way")
-    if not fsdp:
+    """Load an optimizer state from ``trainer_state.pt``: keyed by parameter index (single-process and DDP
+    checkpoints, which move between any numbers of processes) or, from FSDP checkpoints of earlier versions, by
+    parameter name. FSDP loads it by name (each rank keeps its shard of the full state)."""
+    by_name = any(isinstance(p, str) for g in state.get("param_groups", []) for p in g["params"])
+    if not by_name and not (d.world > 1 and d.mode == "fsdp"):
         opt.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(wrapped, opt, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(wrapped, opt, state if by_name else _keyed_by_name(wrapped, opt, state),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _keyed_by_name(wrapped: torch.nn.Module, opt, state: dict) -> dict:
+    """An index-keyed optimizer state keyed by parameter name instead: index i is the i-th parameter of the
+    optimizer's groups in order, the same parameters (``build_optimizer``) under any wrapping."""
+    names = {id(p): n for n, p in wrapped.named_parameters()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    return {"state": {order[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from distill import checkpoint, distributed
+from distill import checkpoint, distributed, sharded_checkpoint
 from distill.config import TrainConfig
 from distill.data import BatchStream, open_instances, open_retokenized, val_batches
 from distill.kd import Distiller
@@ -129,8 +129,10 @@ class Trainer:
                 checkpoint.check_resumable(self.run_dir, self.resolved)
             torch.manual_seed(cfg.seed)
             self.model = build_student(cfg.model, self.tokenizer, cfg.seed)
-            if ckpt is not None:
-                self.model = checkpoint.load_model(ckpt, self.model.config)
+            if ckpt is not None:      # a sharded checkpoint's weights are read once the student is wrapped
+                checkpoint.check_config(ckpt, self.model.config)
+                if not sharded_checkpoint.is_sharded(ckpt):
+                    self.model = checkpoint.load_model(ckpt, self.model.config)
                 state = checkpoint.load_state(ckpt)
             self.distiller = Distiller(cfg.kd, self.train_set, tokenizer_hash(self.tokenizer), self.device,
                                        cfg.trainer.max_steps, cfg.seed, bos_id=bos_prefix(self.tokenizer))
@@ -141,7 +143,10 @@ class Trainer:
 
     def _resume(self, ckpt: Path, state: dict) -> None:
         try:
-            distributed.load_optimizer_state(self.module, self.opt, state["optimizer"], self.d)
+            if sharded_checkpoint.is_sharded(ckpt):      # weights and optimizer, resharded to this run's ranks
+                sharded_checkpoint.load(self.module, self.opt, ckpt)
+            else:
+                distributed.load_optimizer_state(self.module, self.opt, state["optimizer"], self.d)
         except InputError as e:           # raised alike on every rank, before any collective
             raise everyone(e) from None
         self.step, self.tokens_seen = checkpoint.restore(state, self.sched, self.stream)
@@ -248,21 +253,28 @@ class Trainer:
         return record
 
     def save_checkpoint(self) -> Path:
-        """Weights + trainer state at this step; every rank calls it (FSDP gathers), rank 0 writes."""
-        d = self.d
-        # FSDP gathers the full weights and optimizer state (collectives on every rank); rank 0 writes
-        weights = distributed.model_state(self.module, d)
-        opt_state = distributed.optimizer_state(self.module, self.opt, d)
+        """Weights + trainer state at this step; every rank calls it. Under FSDP each rank writes its shard
+        (``distill.sharded_checkpoint``), the final checkpoint also the gathered weights; else rank 0 writes."""
+        d, final = self.d, checkpoint.step_dir(self.run_dir, self.step)
+        sharded = d.world > 1 and d.mode == "fsdp"
+        last = self.step == self.cfg.trainer.max_steps
+        weights = distributed.full_weights(self.module, d) if sharded and last else None   # a collective
 
-        def write() -> None:              # a full disk here ends every rank with rank 0's one line
+        def state() -> dict:              # rank 0; a full disk here ends every rank with rank 0's one line
             if self.metrics.failed:       # metrics could not be written since the last checkpoint: resume there
                 raise InputError(self.metrics.failed)
-            state = checkpoint.trainer_state(self.step, self.tokens_seen, opt_state, self.sched, self.stream)
-            checkpoint.save(self.run_dir, self.step, self.model, self.tokenizer, state,
-                            self.cfg.trainer.keep_checkpoints, weights)
+            opt_state = None if sharded else self.opt.state_dict()    # sharded: in dcp/ with the weights
+            return checkpoint.trainer_state(self.step, self.tokens_seen, opt_state, self.sched, self.stream)
 
-        distributed.on_main(d, write)
-        return checkpoint.step_dir(self.run_dir, self.step)
+        keep = self.cfg.trainer.keep_checkpoints
+        if sharded:
+            sharded_checkpoint.save(d, self.module, self.opt, final, lambda tmp: checkpoint.write_folder(
+                tmp, self.model, self.tokenizer, state(), weights, with_weights=last))
+            distributed.on_main(d, lambda: checkpoint.publish(self.run_dir, final, keep))
+        else:
+            distributed.on_main(d, lambda: checkpoint.save(self.run_dir, self.step, self.model, self.tokenizer,
+                                                           state(), keep))
+        return final
 
     def _finish(self, val_loss: float, elapsed: float) -> dict:
         """summary.json and the closing line (rank 0), then lm-eval on the final checkpoint if asked."""

@@ -1,5 +1,6 @@
 """torchrun on CPU (gloo): 2 processes train exactly like 1 process with the same global batch, for DDP (also with
-gradient accumulation) and FSDP2, and a 2-process checkpoint resumes in 1 process (the data position is global)."""
+gradient accumulation) and FSDP2, and checkpoints resume exactly under another number of processes (the data
+position is global; FSDP's sharded checkpoints are resharded)."""
 
 from __future__ import annotations
 
@@ -50,8 +51,13 @@ def test_two_processes_match_one(tiny_overrides, tmp_path):
     _assert_same(one, fsdp)
     run = json.loads((tmp_path / "fsdp" / "run.json").read_text())
     assert run["processes"] == 2 and run["parallel"] == "fsdp"
-    # FSDP's gathered checkpoint is a plain HF folder with the same weights as the 1-process run's
+    # FSDP's checkpoints are sharded; the final one also holds the gathered weights, the 1-process run's
     from safetensors.torch import load_file
+
+    ckpts = tmp_path / "fsdp" / "checkpoints"
+    assert sorted(p.name for p in (ckpts / "step_0000003" / "dcp").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (ckpts / "step_0000003" / "model.safetensors").exists()
 
     a = load_file(tmp_path / "one" / "checkpoints" / "step_0000006" / "model.safetensors")
     b = load_file(tmp_path / "fsdp" / "checkpoints" / "step_0000006" / "model.safetensors")
@@ -60,13 +66,35 @@ def test_two_processes_match_one(tiny_overrides, tmp_path):
 
 
 def test_ddp_checkpoint_resumes_in_one_process(tiny_overrides, tmp_path):
-    import shutil
-
     full = _run(tiny_overrides + STEPS, tmp_path / "full")
     _run(tiny_overrides + STEPS, tmp_path / "split", procs=2)
-    ckpts = tmp_path / "split" / "checkpoints"
-    shutil.rmtree(ckpts / "step_0000006")                       # as if the 2-process run had stopped at step 3
-    (ckpts / "latest").write_text("step_0000003\n")
+    _stop_at_3(tmp_path / "split")
     resumed = _run(tiny_overrides + STEPS, tmp_path / "split")   # same folder, 1 process: steps 4-6 again
     assert [r["step"] for r in resumed["train"]] == list(range(1, 7))
     _assert_same(full, resumed)
+
+
+def _stop_at_3(run_dir: Path) -> None:
+    """As if the run had stopped after its step-3 checkpoint."""
+    import shutil
+
+    ckpts = run_dir / "checkpoints"
+    shutil.rmtree(ckpts / "step_0000006")
+    (ckpts / "latest").write_text("step_0000003\n")
+
+
+def test_sharded_checkpoints_resume_exactly_under_any_world_size(tiny_overrides, tmp_path):
+    import shutil
+
+    fsdp = STEPS + ["trainer.parallel=fsdp"]
+    full = _run(tiny_overrides + STEPS, tmp_path / "full")
+    _run(tiny_overrides + fsdp, tmp_path / "two")
+    for procs, run in ((2, "two_two"), (1, "two_one")):            # FSDP 2 -> FSDP 2, FSDP 2 -> 1 process
+        shutil.copytree(tmp_path / "two", tmp_path / run)
+        _stop_at_3(tmp_path / run)
+        resumed = _run(tiny_overrides + (fsdp if procs > 1 else STEPS), tmp_path / run, procs=procs)
+        assert [r["step"] for r in resumed["train"]] == list(range(1, 7))
+        _assert_same(full, resumed)
+    shutil.copytree(tmp_path / "full", tmp_path / "one_two")         # 1 process -> FSDP 2: plain -> sharded
+    _stop_at_3(tmp_path / "one_two")
+    _assert_same(full, _run(tiny_overrides + fsdp, tmp_path / "one_two", procs=2))
