@@ -43,16 +43,17 @@ def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: in
     final = step_dir(run_dir, step)
     with atomic_path(final) as tmp:       # an error removes the temporary: the previous checkpoint stands
         tmp.mkdir(parents=True)
-        write_folder(tmp, model, tokenizer, state)
+        write_folder(tmp, model, tokenizer, state, shown=final)
     publish(run_dir, final, keep)
     return final
 
 
 def write_folder(folder: Path, model, tokenizer, state: dict, weights: dict | None = None,
-                 with_weights: bool = True) -> None:
+                 with_weights: bool = True, shown: Path | None = None) -> None:
     """The HF folder (``model.safetensors`` unless ``with_weights`` is off: a sharded checkpoint keeps them in
     ``dcp/``) plus ``trainer_state.pt``. ``weights``: the gathered state dict when ``model``'s own tensors are
-    shards (FSDP's final checkpoint). A failed write is one ``InputError`` line."""
+    shards (FSDP's final checkpoint). A failed write is one ``InputError`` line naming ``shown`` (the folder the
+    temporary ``folder`` becomes)."""
     try:
         if with_weights:
             model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
@@ -61,7 +62,7 @@ def write_folder(folder: Path, model, tokenizer, state: dict, weights: dict | No
         tokenizer.save_pretrained(folder)
         _torch_save(state, folder / STATE)
     except Exception as e:  # noqa: BLE001 - safetensors and torch.save wrap the OSError of a full disk in their own
-        line = write_error_line(e, getattr(e, "filename", None) or folder)
+        line = write_error_line(e, shown or folder)
         if line is None:
             raise
         raise InputError(line) from None

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
@@ -113,8 +114,8 @@ def save(d: Dist, module: torch.nn.Module, opt, final: Path, write_rest: Callabl
             with _one_process_quiet():
                 dcp.save({"model": model_sd, "optim": optim_sd},
                          storage_writer=FileSystemWriter(tmp / DCP_DIR, thread_count=1))
-        except Exception as e:  # noqa: BLE001 - DCP gathers every rank's failure into one CheckpointException
-            error = _write_error(e, tmp / DCP_DIR)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's gathers every rank's failure
+            error = _write_error(e, final / DCP_DIR)
             if error is None:
                 raise
         together(d, error)
@@ -132,12 +133,16 @@ def _one_process_quiet():
 def _write_error(e: BaseException, where: Path) -> str | None:
     """One line for a failed shard write, also when DCP wrapped it (``CheckpointException.failures``: rank ->
     (exception, traceback))."""
-    causes = [e] + [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
-    for cause in causes:
-        line = write_error_line(cause, getattr(cause, "filename", None) or where)
+    for cause in _causes(e):
+        line = write_error_line(cause, where)
         if line:
             return line
     return None
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """``e`` and, for DCP's ``CheckpointException``, each rank's failure (rank -> (exception, traceback))."""
+    return [e] + [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
 
 
 def load(module: torch.nn.Module, opt, step: Path) -> None:
@@ -154,8 +159,15 @@ def load(module: torch.nn.Module, opt, step: Path) -> None:
     else:
         model_sd, optim_sd = get_state_dict(module, opt)
         state = {"model": model_sd, "optim": optim_sd}
-    with _one_process_quiet():
-        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+    try:
+        with _one_process_quiet():
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's gathers every rank's failure
+        refused = next((c for c in _causes(e) if isinstance(c, pickle.UnpicklingError)), None)
+        if refused is None:
+            raise
+        raise everyone(InputError(f"refusing {step / DCP_DIR}: {str(refused).splitlines()[0]} (resume only "
+                                  f"checkpoints this trainer wrote)")) from None
     if opt is None:
         module.load_state_dict(state["model"])
     else:

@@ -269,7 +269,7 @@ class Trainer:
         keep = self.cfg.trainer.keep_checkpoints
         if sharded:
             sharded_checkpoint.save(d, self.module, self.opt, final, lambda tmp: checkpoint.write_folder(
-                tmp, self.model, self.tokenizer, state(), weights, with_weights=last))
+                tmp, self.model, self.tokenizer, state(), weights, with_weights=last, shown=final))
             distributed.on_main(d, lambda: checkpoint.publish(self.run_dir, final, keep))
         else:
             distributed.on_main(d, lambda: checkpoint.save(self.run_dir, self.step, self.model, self.tokenizer,

@@ -88,7 +88,20 @@ def test_sharded_checkpoints_resume_exactly_under_any_world_size(tiny_overrides,
 
     fsdp = STEPS + ["trainer.parallel=fsdp"]
     full = _run(tiny_overrides + STEPS, tmp_path / "full")
-    _run(tiny_overrides + fsdp, tmp_path / "two")
+    _run(tiny_overrides + fsdp, tmp_path / "two", procs=2)
+    # an intermediate sharded step is no HF folder until exported; exported, it has the 1-process run's weights
+    from safetensors.torch import load_file
+
+    from distill.export import export
+    from refine.core.errors import InputError
+    from refine.core.paths import resolve_model
+
+    sharded = tmp_path / "two" / "checkpoints" / "step_0000003"
+    with pytest.raises(InputError, match="sharded checkpoint"):
+        resolve_model(sharded)
+    a = load_file(export(sharded, tmp_path / "exported") / "model.safetensors")
+    b = load_file(tmp_path / "full" / "checkpoints" / "step_0000003" / "model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     for procs, run in ((2, "two_two"), (1, "two_one")):            # FSDP 2 -> FSDP 2, FSDP 2 -> 1 process
         shutil.copytree(tmp_path / "two", tmp_path / run)
         _stop_at_3(tmp_path / run)

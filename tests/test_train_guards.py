@@ -150,3 +150,23 @@ def test_a_full_disk_under_torchrun_is_one_line(tiny_overrides, tmp_path):
     res = _train(base + [f"run_dir={run}", "trainer.max_steps=200", "trainer.ckpt_every=1000"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert [s for s, split, _ in _curve(run) if split == "train"] == list(range(1, 201))
+
+
+def test_a_shard_write_failure_under_fsdp_is_one_line(tiny_overrides, tmp_path):
+    """FSDP: every rank writes its own shard; when they cannot (a file-size limit), every rank ends with one line,
+    and the previous checkpoint stays the latest, with no temporary left."""
+    base = [o for o in tiny_overrides if not o.startswith("run_dir=")] + ["trainer.parallel=fsdp",
+                                                                          "trainer.ckpt_every=5"]
+    run = tmp_path / "run"
+    assert _torchrun(base + [f"run_dir={run}", "trainer.max_steps=5"]).returncode == 0
+    shard = run / "checkpoints" / "step_0000005" / "dcp" / "__0_0.distcp"
+    limit = shard.stat().st_size // 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distill.train"]
+    res = subprocess.run(cmd + base + [f"run_dir={run}", "trainer.max_steps=10"], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=600, preexec_fn=_file_size_limit(limit))
+    line = _one_error_line(res)
+    print(f"limit {limit} B, FSDP shards: {line}")
+    assert f"cannot write {run / 'checkpoints' / 'step_0000010' / 'dcp'}: File too large (EFBIG)" in line
+    assert "Traceback" not in res.stdout and "gloo" not in res.stderr.lower()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000005"]

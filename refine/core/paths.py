@@ -62,6 +62,9 @@ def resolve_model(path: str | Path) -> Path:
     if not (p / "config.json").is_file():
         hint = " (run `make reference`)" if "reference" in str(path) else ""
         raise InputError(f"no model at {path}{hint}")
+    if (p / "dcp").is_dir() and not any(p.glob("*.safetensors")):   # an FSDP run's intermediate checkpoint
+        raise InputError(f"{p} is a sharded checkpoint (FSDP): make it an HF folder first with "
+                         f"`python -m distill.export {p} OUT`")
     return p
 
 
