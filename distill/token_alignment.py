@@ -5,11 +5,10 @@ packed instances and learns from the logits the refine pass stored for them. Thi
 and the loss share:
 
 * ``CrossTokenizer.align(row)`` re-tokenizes a teacher row with the student tokenizer and pairs the positions
-  where both have read the same bytes. Row edges: the row's bytes are what its teacher tokens spell; teacher EOS
-  tokens (document separators in a packed row) become student EOS tokens, each counted as one virtual byte on
-  both sides so positions after a document boundary align too; a UTF-8 character cut by the row's first or last
-  edge (byte-level tokens can split one) is dropped from the student's text, so only the bytes that form whole
-  characters are re-tokenized; other special tokens count as their literal text. The student row is cut at
+  where both have read the same bytes. The row's text and its edges are ``refine.core.retokenize``'s (shared
+  with refine's cross-tokenizer reference pass): teacher EOS tokens become student EOS tokens, each one virtual
+  byte on both sides so positions after a document boundary align too; a UTF-8 character cut by the row's first
+  or last edge is left out; other special tokens count as their literal text. The student row is cut at
   ``seq_len`` tokens (the rest of the text goes untrained; ``RowAlignment.cut`` counts it) and padded with
   ``PAD`` (ignored by the loss).
 * Position pairs: teacher position t (having read tokens 0..t, predicting t+1) and student position s pair when
@@ -31,8 +30,7 @@ from threading import Lock
 import numpy as np
 
 from distill.fused_loss import IGNORE as PAD  # a padded student position: no loss there
-from refine.core.errors import InputError
-from refine.core.token_bytes import token_bytes
+from refine.core.retokenize import Retokenizer
 
 
 @dataclass(frozen=True)
@@ -43,42 +41,17 @@ class RowAlignment:
     cut: int                # student tokens beyond seq_len, left out
 
 
-def _utf8_lead_trim(b: bytes) -> int:
-    """Continuation bytes at the start of ``b`` (the tail of a character begun in the previous row)."""
-    n = 0
-    while n < min(3, len(b)) and b[n] & 0xC0 == 0x80:
-        n += 1
-    return n
-
-
-def _utf8_tail_trim(b: bytes) -> int:
-    """Bytes at the end of ``b`` that begin a character the row does not finish."""
-    for back in range(1, min(4, len(b)) + 1):
-        c = b[-back]
-        if c & 0xC0 != 0x80:           # a lead byte (or ASCII): is its character complete?
-            need = 1 if c < 0x80 else 2 if c >> 5 == 0b110 else 3 if c >> 4 == 0b1110 else 4
-            return back if need > back else 0
-    return 0
-
-
 class CrossTokenizer:
     """Teacher and student tokenizers, their byte tables and the exact id map (teacher id -> student id)."""
 
     def __init__(self, teacher_tok, student_tok, seq_len: int, cache_rows: int = 4096):
         self.student_tok, self.seq_len = student_tok, seq_len
-        t_bytes, s_bytes = token_bytes(teacher_tok), token_bytes(student_tok)
-        self.t_eos, self.s_eos = int(teacher_tok.eos_token_id), int(student_tok.eos_token_id)
-        # special tokens other than EOS are their literal text in the row (a document that contains one)
-        for i, t in teacher_tok.added_tokens_decoder.items():
-            if i != self.t_eos and i < len(t_bytes):
-                t_bytes[i] = t.content.encode()
-        self.t_bytes, self.s_bytes = t_bytes, s_bytes
-        self.t_len = np.array([len(b) if b is not None else 0 for b in t_bytes], dtype=np.int64)
-        self.t_len[self.t_eos] = 1                         # the virtual separator byte
-        self.s_len = np.array([len(b) if b is not None else 1 for b in s_bytes], dtype=np.int64)
-        self.s_len[self.s_eos] = 1
-        by_bytes = {b: i for i, b in enumerate(s_bytes) if b is not None}
-        self.id_map = np.array([by_bytes.get(b, -1) if b is not None else -1 for b in t_bytes], dtype=np.int64)
+        self.retok = Retokenizer(teacher_tok, student_tok, ("teacher", "student"))    # the row text, re-tokenized
+        r = self.retok
+        self.t_eos, self.s_eos, self.t_bytes, self.s_bytes = r.src_eos, r.tgt_eos, r.src_bytes, r.tgt_bytes
+        self.t_len, self.s_len = r.src_len, r.tgt_len
+        by_bytes = {b: i for i, b in enumerate(self.s_bytes) if b is not None}
+        self.id_map = np.array([by_bytes.get(b, -1) if b is not None else -1 for b in self.t_bytes], dtype=np.int64)
         self.id_map[self.t_eos] = self.s_eos
         self._cache: OrderedDict[int, RowAlignment] = OrderedDict()
         self._cache_rows, self._lock = cache_rows, Lock()
@@ -100,44 +73,10 @@ class CrossTokenizer:
         return out
 
     def _align(self, row: np.ndarray, key) -> RowAlignment:
-        if not self.t_len[row].all():    # an id without bytes would shift every byte offset after it
-            bad = int(row[np.flatnonzero(self.t_len[row] == 0)[0]])
-            raise InputError(f"teacher row {key} holds token id {bad}, which spells no bytes; cannot align it")
-        eos_at = np.flatnonzero(row == self.t_eos)
-        bounds = [-1, *eos_at.tolist(), len(row)]
-        texts, starts = [], []            # each segment's text and its first byte's row offset
-        t_ends = np.cumsum(self.t_len[row])
-        for j in range(len(bounds) - 1):
-            a, b = bounds[j] + 1, bounds[j + 1]
-            blob = b"".join(self.t_bytes[i] or b"" for i in row[a:b].tolist())
-            start = int(t_ends[a - 1]) if a > 0 else 0
-            lead = _utf8_lead_trim(blob) if j == 0 else 0
-            tail = _utf8_tail_trim(blob) if j == len(bounds) - 2 else 0
-            blob = blob[lead:len(blob) - tail]
-            try:
-                texts.append(blob.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise InputError(f"teacher row {key}: its tokens do not spell UTF-8 text (byte {e.start} of a "
-                                 f"segment); cannot align it with the student tokenizer") from None
-            starts.append(start + lead)
-        encoded = self.student_tok(texts, add_special_tokens=False)["input_ids"]
-        ids, ends = [], []
-        for j, (text, seg, start) in enumerate(zip(texts, encoded, starts, strict=True)):
-            seg = np.asarray(seg, dtype=np.int64)
-            if b"".join(self.s_bytes[i] or b"" for i in seg.tolist()) != text.encode():
-                raise InputError(f"student tokenizer {getattr(self.student_tok, 'name_or_path', '?')} does not "
-                                 f"give back the bytes of teacher row {key}'s text (a normaliser that rewrites "
-                                 f"it?): its tokens cannot be aligned by byte offsets")
-            ids.append(seg)
-            ends.append(start + np.cumsum(self.s_len[seg]))
-            if j < len(texts) - 1:                          # the EOS that followed this segment
-                ids.append(np.array([self.s_eos]))
-                ends.append(np.array([int(t_ends[eos_at[j]])]))
-        s_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-        s_ends = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
-        cut = max(0, len(s_ids) - self.seq_len)
-        s_ids, s_ends = s_ids[:self.seq_len], s_ends[:self.seq_len]
-        _, s_pos, t_pos = np.intersect1d(s_ends[:-1], t_ends[:-1], assume_unique=True, return_indices=True)
+        r = self.retok(row, key)
+        cut = max(0, len(r.ids) - self.seq_len)
+        s_ids, s_ends = r.ids[:self.seq_len], r.ends[:self.seq_len]
+        _, s_pos, t_pos = np.intersect1d(s_ends[:-1], r.source_ends[:-1], assume_unique=True, return_indices=True)
         return RowAlignment(s_ids, s_pos.astype(np.int64), t_pos.astype(np.int64), cut)
 
     def padded_ids(self, aligned: list[RowAlignment]) -> np.ndarray:

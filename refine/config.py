@@ -140,7 +140,7 @@ class RefineConfig(Checked):
     pack: PackConfig = field(default_factory=PackConfig)
     teacher: ModelPassConfig = field(default_factory=lambda: ModelPassConfig(path="${paths.teacher}"))
     # empty: carve D_ref out of the corpus and train the reference on it (ref_split); else an HF folder, hub id or
-    # run with the teacher's tokenizer, e.g. a small pretrained sibling of the teacher
+    # run, e.g. a small pretrained sibling of the teacher; another tokenizer needs select.normalize=bytes
     reference: ModelPassConfig = field(default_factory=ModelPassConfig)
     ref_split: RefSplitConfig = field(default_factory=RefSplitConfig)
     logits: LogitsConfig = field(default_factory=LogitsConfig)

@@ -20,7 +20,9 @@ from refine.core.instances import Instances
 
 
 @torch.inference_mode()
-def embed(inst: Instances, model_dir: str, batch_size: int = 16) -> np.ndarray:
+def embed(inst: Instances, model_dir: str, batch_size: int = 16, lengths: np.ndarray | None = None) -> np.ndarray:
+    """``lengths``: each row's real tokens (rows padded at the end, re-tokenized for a reference of another
+    tokenizer): pooled over those only; right padding leaves a causal model's earlier states as they are."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True,
@@ -28,7 +30,13 @@ def embed(inst: Instances, model_dir: str, batch_size: int = 16) -> np.ndarray:
     out = np.empty((len(inst), model.config.hidden_size), dtype=np.float32)
     for i in range(0, len(inst), batch_size):
         batch = torch.as_tensor(np.asarray(inst.tokens[i:i + batch_size], dtype=np.int64))
-        pooled = model(input_ids=batch).last_hidden_state.mean(dim=1)
+        hidden = model(input_ids=batch).last_hidden_state
+        if lengths is None:
+            pooled = hidden.mean(dim=1)
+        else:
+            n = torch.as_tensor(np.maximum(lengths[i:i + batch_size], 1), dtype=hidden.dtype)
+            real = (torch.arange(hidden.shape[1])[None, :] < n[:, None]).to(hidden.dtype)
+            pooled = (hidden * real[..., None]).sum(dim=1) / n[:, None]
         out[i:i + len(batch)] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
     return out
 

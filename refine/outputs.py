@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from refine.config import RefineConfig
-from refine.core.instances import Instances, write_subset
+from refine.core.errors import InputError
+from refine.core.instances import Instances, TokenizerInfo, write_subset
 from refine.core.logits import LogitsStore, LogitsWriter
 from refine.core.manifest import atomic_path, code_version, write_manifest
 from refine.core.tokenizer import tokenizer_hash
@@ -68,6 +69,21 @@ def byte_normalised(inst: Instances, tok, *mean_nlls: np.ndarray) -> list[np.nda
     return [bits_per_byte(nll, inst.seq_len - 1, nbytes) for nll in mean_nlls]
 
 
+def _scores(cfg: RefineConfig, out: Path, s: Scored, teacher_nll: np.ndarray, ref_nll: np.ndarray) -> np.ndarray:
+    """Reference minus teacher, per token or per byte; a reference of another tokenizer scored its re-tokenized
+    rows (``refine.cross_reference``): only per byte, even when re-selecting its saved scores."""
+    if s.rpass.get("retokenized"):
+        if cfg.select.normalize != "bytes":
+            raise InputError(f"{out}'s reference ({s.reference}) uses another tokenizer than the teacher; per-token "
+                             f"NLLs of two vocabularies do not compare: use select.normalize=bytes")
+        from refine.cross_reference import FOLDER, cross_bits_per_byte
+
+        return difference_scores(*cross_bits_per_byte(s.inst, Instances(out / FOLDER), teacher_nll, ref_nll))
+    if cfg.select.normalize == "bytes":
+        return difference_scores(*byte_normalised(s.inst, s.tok, teacher_nll, ref_nll))
+    return difference_scores(teacher_nll, ref_nll)
+
+
 def write_selection(cfg: RefineConfig, out: Path, s: Scored) -> dict:
     """Select from the two passes' NLLs and write every selection output, the manifest last."""
     from refine.report import write_report
@@ -75,8 +91,7 @@ def write_selection(cfg: RefineConfig, out: Path, s: Scored) -> dict:
     inst, tok = s.inst, s.tok
     teacher_nll = np.load(out / "teacher" / "nll.npy", allow_pickle=False)
     ref_nll = np.load(out / "reference" / "nll.npy", allow_pickle=False)
-    scores = difference_scores(*byte_normalised(inst, tok, teacher_nll, ref_nll)) \
-        if cfg.select.normalize == "bytes" else difference_scores(teacher_nll, ref_nll)
+    scores = _scores(cfg, out, s, teacher_nll, ref_nll)
     kept = select(scores, cfg.select.alpha, cfg.select.mode, cfg.select.temperature, cfg.select.seed)
     with atomic_path(out / "scores.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, teacher_nll=teacher_nll, ref_nll=ref_nll, score=scores, kept=kept)
@@ -100,7 +115,9 @@ def write_selection(cfg: RefineConfig, out: Path, s: Scored) -> dict:
     manifest = write_manifest(out, key, teacher=s.teacher, reference=s.reference,
                               **({"reference_trained_on": {"d_ref": s.d_ref, "corpus": s.corpus_key}}
                                  if s.d_ref else {}),
-                              tokenizer_hash=tokenizer_hash(tok), instances_scored=len(inst),
+                              tokenizer_hash=tokenizer_hash(tok),
+                              reference_tokenizer=s.rpass.get("tokenizer") or TokenizerInfo.of(tok).__dict__,
+                              instances_scored=len(inst),
                               instances_kept=len(refined), teacher_pass=s.tpass, reference_pass=s.rpass,
                               seconds={"total": time.perf_counter() - s.t0, "scoring": s.scoring_s},
                               report=report, code=code_version())

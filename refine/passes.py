@@ -31,14 +31,17 @@ def model_fingerprint(model: Path) -> str:
 
 def score(cfg: RefineConfig, name: str, model: Path, inst: Instances) -> dict:
     """Run (or reuse) pass ``name`` (teacher: NLL + the ``logits`` capture; reference: NLL only) of ``model`` over
-    ``inst`` in ``<out>/<name>``; return its summary (a partial one for one part of a sharded run). The finished
-    shards of the same pass in ``merge_from`` are copied in first. A pass folder holding another key is refused
-    (``overwrite``: replaced); the caller holds the refine folder's lock."""
+    ``inst`` (the teacher's rows, or for a reference of another tokenizer those rows re-tokenized:
+    ``refine.cross_reference``) in ``<out>/<name>``; return its summary (a partial one for one part of a sharded
+    run). The finished shards of the same pass in ``merge_from`` are copied in first. A pass folder holding another
+    key is refused (``overwrite``: replaced); the caller holds the refine folder's lock."""
     assert name in PASSES
     pass_cfg, out = getattr(cfg, name), Path(cfg.out) / name
     logits = cfg.logits if name == "teacher" else LogitsConfig(top_p=1.0, top_k=0)
     key = {"model": model_fingerprint(model), "instances": inst.index["tokens_sha256"], **asdict(logits),
            "dtype": pass_cfg.dtype, "backend": pass_cfg.backend, "shard_size": cfg.shard_size}
+    if "retokenized_from" in inst.index:      # a reference of another tokenizer: its rows and what each counts
+        key.update(counted=inst.index["counted_sha256"], retokenized_from=inst.index["retokenized_from"])
     summary = _reuse(out, key, logits.codec, cfg.overwrite)
     if summary is not None:
         return summary

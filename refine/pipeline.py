@@ -11,14 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from refine.config import RefineConfig
+from refine.config import RefineConfig, ScoreUnit
 from refine.core.errors import InputError
 from refine.core.folder_lock import FolderLock
 from refine.core.instances import Instances, write_subset
 from refine.core.manifest import atomic_path, read_manifest, write_json_atomic
 from refine.core.pack import corpus_fingerprint, pack
 from refine.core.paths import resolve_model
+from refine.core.retokenize import Retokenizer
 from refine.core.tokenizer import load_tokenizer, tokenizer_hash
+from refine.cross_reference import FOLDER as REF_ROWS
+from refine.cross_reference import check_fits, read_counted, reference_rows
 from refine.folder_key import check_settings, scoring_settings
 from refine.outputs import Scored, write_selection
 from refine.passes import model_fingerprint, score
@@ -51,8 +54,9 @@ def _refine(cfg: RefineConfig) -> dict:
     tok = load_tokenizer(teacher)
     carving = not cfg.reference.path         # MiniPLM: the reference learns D_ref, a held-out part of this corpus
     reference = None if carving else resolve_model(cfg.reference.path)
+    ref_tok = None                           # a reference with another tokenizer's (select.normalize=bytes)
     if reference is not None:
-        _check_tokenizers(cfg, out, tok, reference)
+        ref_tok = _check_tokenizers(cfg, out, tok, reference)
     corpus_key = corpus_fingerprint(cfg.corpus)
     ref_info, split = {}, None
     if carving:
@@ -74,7 +78,8 @@ def _refine(cfg: RefineConfig) -> dict:
 
     emb, dedup_info = None, {}
     if cfg.dedup.enabled or cfg.dedup.diversity:
-        emb = embeddings(inst, reference, out)
+        emb = embeddings(inst, reference, out,
+                         None if ref_tok is None else reference_rows(inst, tok, ref_tok, out / REF_ROWS))
     if cfg.dedup.enabled:
         inst, emb, dedup_info = _dedup(cfg, inst, emb, out)
     # The scored set always lives at instances_scored/ (row i <-> teacher/logits row i): offline KD on the
@@ -82,8 +87,12 @@ def _refine(cfg: RefineConfig) -> dict:
     inst = _subset(inst, np.arange(len(inst)), out / "instances_scored")
 
     t_pass = time.perf_counter()
+    # the reference's rows are written before the teacher pass: text it cannot align stops the run before any scoring
+    ref_inst = inst if ref_tok is None else reference_rows(inst, tok, ref_tok, out / REF_ROWS)
+    if ref_tok is not None:
+        check_fits(ref_inst, reference, ref_tok)
     tpass = score(cfg, "teacher", teacher, inst)
-    rpass = score(cfg, "reference", reference, inst)
+    rpass = score(cfg, "reference", reference, ref_inst)
     t_scored = time.perf_counter()
     if "partial" in tpass or "partial" in rpass:
         print(f"part {cfg.shard} scored -> {out}; when every part is done, finish on one machine with "
@@ -93,17 +102,23 @@ def _refine(cfg: RefineConfig) -> dict:
                                             corpus_key, t0, t_scored - t_pass, ref_info))
 
 
-def _check_tokenizers(cfg: RefineConfig, out: Path, tok, reference: Path) -> None:
-    """Difference sampling compares NLLs of the same tokens; and a folder keeps one teacher vocabulary."""
-    if tokenizer_hash(load_tokenizer(reference)) != tokenizer_hash(tok):
-        raise InputError(f"reference model {reference} uses another tokenizer than the teacher; difference "
-                         f"sampling scores the teacher's packed rows with both models (select.normalize=bytes puts "
-                         f"the scores on a per-byte scale, but a reference pass over re-tokenized rows is not "
-                         f"implemented yet)")
+def _check_tokenizers(cfg: RefineConfig, out: Path, tok, reference: Path):
+    """The reference's tokenizer when it is another than the teacher's (None: the same), refused unless scores
+    are per byte (per-token NLLs of two vocabularies do not compare) or when its tokens have no byte spelling;
+    and a folder keeps one teacher vocabulary."""
+    ref_tok = load_tokenizer(reference)
+    other = tokenizer_hash(ref_tok) != tokenizer_hash(tok)
+    if other and cfg.select.normalize != ScoreUnit.bytes:
+        raise InputError(f"reference model {reference} uses another tokenizer than the teacher; per-token NLLs of two "
+                         f"vocabularies do not compare: use select.normalize=bytes (bits per byte of the same text, "
+                         f"the reference scoring each teacher row re-tokenized)")
+    if other:
+        Retokenizer(tok, ref_tok, ("teacher", "reference"))   # both spell bytes, or one line now, before packing
     previous = read_manifest(out)
     if previous and not cfg.overwrite and previous.get("tokenizer_hash") not in (None, tokenizer_hash(tok)):
         raise InputError(f"{out} holds the refine output of a teacher with another tokenizer; choose another "
                          f"name= (e.g. name=gemma with paths=gemma) or delete the folder")
+    return ref_tok if other else None
 
 
 def _dedup(cfg: RefineConfig, inst: Instances, emb: np.ndarray, out: Path) -> tuple[Instances, np.ndarray, dict]:
@@ -118,16 +133,19 @@ def _dedup(cfg: RefineConfig, inst: Instances, emb: np.ndarray, out: Path) -> tu
     return inst, emb, info
 
 
-def embeddings(inst: Instances, reference: Path, out: Path) -> np.ndarray:
-    """Reference-model embeddings of ``inst``, cached in ``out`` under a key of instances + model."""
+def embeddings(inst: Instances, reference: Path, out: Path, ref_rows: Instances | None = None) -> np.ndarray:
+    """Reference-model embeddings of ``inst`` (``ref_rows``: its rows re-tokenized for a reference of another
+    tokenizer, pooled over their real tokens), cached in ``out`` under a key of instances + model."""
     from refine.dedup import embed
 
-    key = {"instances": inst.index["tokens_sha256"], "model": model_fingerprint(reference)}
+    key = {"instances": inst.index["tokens_sha256"], "model": model_fingerprint(reference),
+           **({"reference_rows": ref_rows.index["tokens_sha256"]} if ref_rows is not None else {})}
     path, key_path = out / "embeddings.npy", out / "embeddings.json"
     if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == key:
         return np.load(path, allow_pickle=False)
     t0 = time.perf_counter()
-    emb = embed(inst, str(reference))
+    emb = embed(inst, str(reference)) if ref_rows is None else \
+        embed(ref_rows, str(reference), lengths=read_counted(ref_rows)[:, 1])
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, emb, allow_pickle=False)
     write_json_atomic(key_path, key)

@@ -61,6 +61,8 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
         "instances_scored": len(inst), "instances_kept": len(refined), "seq_len": inst.seq_len,
         "teacher_tok_s": tpass["tok_s"], "reference_tok_s": rpass["tok_s"],
         "teacher_mean_nll": tpass["mean_nll"], "reference_mean_nll": rpass["mean_nll"],
+        # a reference of another tokenizer scored the teacher's rows re-tokenized (refine.cross_reference)
+        "reference_tokenizer": rpass.get("tokenizer", {}).get("name") or f"the teacher's ({inst.tokenizer.name})",
         "score_mean": float(scores.mean()), "score_kept_min": float(scores[kept].min()),
         "kept_fraction_by_source": {s: c["kept"] / c["total"] for s, c in sorted(per_source.items())},
         "instances_by_source": {s: c["total"] for s, c in sorted(per_source.items())},
@@ -82,6 +84,8 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
         f"| teacher throughput | {tpass['tok_s']:,.0f} tok/s |",
         f"| reference throughput | {rpass['tok_s']:,.0f} tok/s |",
         f"| mean NLL teacher / reference | {tpass['mean_nll']:.3f} / {rpass['mean_nll']:.3f} nats/token |",
+        f"| reference tokenizer | {md_text(figures['reference_tokenizer'])}"
+        f"{' (another: rows re-tokenized, scored per byte)' if rpass.get('retokenized') else ''} |",
         f"| mean score / lowest kept | {figures['score_mean']:+.3f} / {figures['score_kept_min']:+.3f} |",
     ]
     for name, store in stores.items():

@@ -31,6 +31,7 @@ from refine.core.instances import Instances
 from refine.core.logits import LogitsWriter, StoreHeader
 from refine.core.manifest import atomic_path, write_json_atomic
 from refine.core.schema import Checked, to_typed
+from refine.cross_reference import counted_mean_nll, read_counted
 from refine.progress import Events, Progress
 
 
@@ -102,6 +103,7 @@ def run_pass(cfg: PassConfig, scorer=None) -> dict:
     # shard files, and a folder holding all of them finishes into exactly the unsharded pass (refine merge_from)
     todo = [s for s in range(part, n_shards, part_count) if not (out_dir / f"shard-{s:05d}.json").is_file()]
     writer, rs_writer = _writers(cfg, inst, out_dir)
+    counted = read_counted(inst)     # re-tokenized rows of a reference with another tokenizer (or None)
     load_s = 0.0
     check_key = _key_guard(out_dir)
     if todo:
@@ -113,7 +115,8 @@ def run_pass(cfg: PassConfig, scorer=None) -> dict:
         load_s = time.perf_counter() - t_load
         progress = _progress(cfg, len(inst), [s for s in range(part, n_shards, part_count)], todo)
         try:
-            _score_shards(cfg, inst, todo, scorer, _ShardWriter(cfg, out_dir, writer, rs_writer, check_key, progress))
+            _score_shards(cfg, inst, todo, scorer, _ShardWriter(cfg, out_dir, writer, rs_writer, check_key, progress,
+                                                                  counted))
         finally:
             if progress is not None:
                 progress.close()
@@ -124,7 +127,11 @@ def run_pass(cfg: PassConfig, scorer=None) -> dict:
         return {"model": cfg.model.path, "partial": f"{part}/{part_count}", "shards_done": done, "shards": n_shards,
                 "engine_load_seconds": load_s}
     check_key("before the pass was finished")
-    return finish(out_dir, n_shards, writer, rs_writer, cfg.model.path, load_s, inst)
+    # re-tokenized rows: the summary says what the NLLs are of, for the manifest and report (refine.cross_reference)
+    extra = None if counted is None else {
+        "retokenized": True, "tokenizer": inst.tokenizer.__dict__,
+        "nll": "mean over the counted positions of rows re-tokenized from the teacher's"}
+    return finish(out_dir, n_shards, writer, rs_writer, cfg.model.path, load_s, inst, extra)
 
 
 def _progress(cfg: PassConfig, n_instances: int, mine: list[int], todo: list[int]):
@@ -142,14 +149,20 @@ def _progress(cfg: PassConfig, n_instances: int, mine: list[int], todo: list[int
 class _ShardWriter:
     """Writes a scored shard's files, ``shard-XXXXX.json`` last (what marks it finished), then reports it."""
 
-    def __init__(self, cfg: PassConfig, out_dir: Path, writer, rs_writer, check_key, progress):
+    def __init__(self, cfg: PassConfig, out_dir: Path, writer, rs_writer, check_key, progress, counted=None):
         self.cfg, self.out_dir, self.writer, self.rs_writer = cfg, out_dir, writer, rs_writer
-        self.check_key, self.progress = check_key, progress
+        self.check_key, self.progress, self.counted = check_key, progress, counted
 
     def __call__(self, s: int, rows: np.ndarray, parts: list, score_s: float) -> None:
         t0, lc, out_dir = time.perf_counter(), self.cfg.logits, self.out_dir
         self.check_key(f"before shard {s} was written")
-        nll = np.concatenate([p.mean_nll() for p in parts]).astype(np.float32)
+        tokens = int(rows.size)
+        if self.counted is None:
+            nll = np.concatenate([p.mean_nll() for p in parts]).astype(np.float32)
+        else:                         # padded re-tokenized rows: only their counted positions, only real tokens
+            counted = self.counted[s * self.cfg.shard_size:s * self.cfg.shard_size + len(rows)]
+            lps = np.concatenate([p.token_logprobs for p in parts])
+            nll, tokens = counted_mean_nll(lps, counted).astype(np.float32), int(counted[:, 1].sum())
         entry = rs_entry = None
         if self.writer is not None:
             cand_ids = np.concatenate([p.topk_ids for p in parts])
@@ -159,8 +172,8 @@ class _ShardWriter:
             rs_entry = _write_sampled(self.rs_writer, s, cand_ids, cand_lps, lc.rs_samples, lc.rs_temperature, lc.seed)
         _save_npy(out_dir / f"nll-{s:05d}.npy", nll)
         write_json_atomic(out_dir / f"shard-{s:05d}.json", {
-            "shard": s, "instances": len(rows), "tokens": int(rows.size), "seconds": score_s,
-            "tok_s": rows.size / score_s, "write_seconds": time.perf_counter() - t0, "logits": entry,
+            "shard": s, "instances": len(rows), "tokens": tokens, "seconds": score_s,
+            "tok_s": tokens / score_s, "write_seconds": time.perf_counter() - t0, "logits": entry,
             "logits_rs": rs_entry})
         try:
             self.check_key(f"while shard {s} was written")
@@ -170,7 +183,7 @@ class _ShardWriter:
                 f.unlink(missing_ok=True)
             raise
         if self.progress is not None:
-            self.progress.update(len(rows), int(rows.size))
+            self.progress.update(len(rows), tokens)
 
 
 def _score_shards(cfg: PassConfig, inst: Instances, todo: list[int], scorer, write: _ShardWriter) -> None:
@@ -238,7 +251,7 @@ def _write_sampled(writer: LogitsWriter, shard: int, cand_ids: np.ndarray, cand_
 
 
 def finish(out_dir: Path, n_shards: int, writer: LogitsWriter | None, rs_writer: LogitsWriter | None, model: str,
-           load_s: float, inst) -> dict:
+           load_s: float, inst, extra: dict | None = None) -> dict:
     entries = [json.loads((out_dir / f"shard-{s:05d}.json").read_text()) for s in range(n_shards)]
     nll = np.concatenate([np.load(out_dir / f"nll-{s:05d}.npy", allow_pickle=False) for s in range(n_shards)])
     _save_npy(out_dir / "nll.npy", nll)
@@ -248,7 +261,8 @@ def finish(out_dir: Path, n_shards: int, writer: LogitsWriter | None, rs_writer:
         rs_writer.finish([e["logits_rs"] for e in entries], instances=inst)
     tokens, seconds = sum(e["tokens"] for e in entries), sum(e["seconds"] for e in entries)
     summary = {"model": str(model), "instances": int(len(nll)), "tokens": tokens, "score_seconds": seconds,
-               "tok_s": tokens / max(seconds, 1e-9), "engine_load_seconds": load_s, "mean_nll": float(nll.mean())}
+               "tok_s": tokens / max(seconds, 1e-9), "engine_load_seconds": load_s, "mean_nll": float(nll.mean()),
+               **(extra or {})}
     write_json_atomic(out_dir / "pass.json", summary)
     return summary
 

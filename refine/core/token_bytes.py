@@ -1,7 +1,8 @@
 """The UTF-8 bytes behind each token id of a tokenizer, and byte counts of token rows.
 
-Two tokenizers meet only in bytes: cross-tokenizer KD aligns positions by byte offsets
-(``distill.token_alignment``) and refine's ``select.normalize=bytes`` divides a row's summed NLL by its byte
+Two tokenizers meet only in bytes: a row re-tokenized with another tokenizer keeps its byte offsets
+(``refine.core.retokenize``: cross-tokenizer KD aligns positions by them, a reference of another tokenizer counts
+the same bytes as the teacher) and refine's ``select.normalize=bytes`` divides a row's summed NLL by its byte
 count, the scale on which models with different tokenizers compare over the same text. Both need each token's
 bytes exactly, which the vocabulary gives without running the tokenizer:
 
