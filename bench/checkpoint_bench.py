@@ -47,8 +47,7 @@ def _folder_bytes(folder: Path, rank: int, world: int) -> int:
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-        get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distill import distributed, sharded_checkpoint

@@ -7,7 +7,7 @@ Every row of ``<refined>/instances_scored`` (what ``teacher/logits`` was scored 
 student tokenizer and aligned with its teacher row; printed: the student row lengths (and what a ``seq_len`` cut
 drops), the positions that pair (of the student's and of the teacher's predicting positions), the teacher
 probability mass the exact token map keeps (of the stored mass at the paired positions), the vocabulary share
-that maps, and the alignment's cost per row. Writes ``bench/results/xtok_stats.json``.
+that maps, and the alignment's cost per row. Writes ``bench/results/xtok_stats.json`` (``--out``: another name).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--teacher", default=str(cache / "models" / "smollm2-135m"))
     ap.add_argument("--student", default=str(cache / "models" / "gpt2-tokenizer"))
     ap.add_argument("--seq-len", type=int, default=288)
+    ap.add_argument("--out", default="xtok_stats.json", help="file name under bench/results/")
     a = ap.parse_args()
 
     from distill.data import RetokenizedInstances
@@ -89,7 +90,7 @@ def main() -> None:
           f"({res['student_tokens_cut']} tokens) | {res['pos_aligned_of_student']:.4f} / "
           f"{res['pos_aligned_of_teacher']:.4f} | {res['stored_mass_at_aligned']:.4f} | "
           f"{res['mass_kept_of_stored']:.4f} | {res['teacher_vocab_mapped']:.4f} | {res['align_ms_per_row']:.2f} |")
-    out = REPO / "bench" / "results" / "xtok_stats.json"
+    out = REPO / "bench" / "results" / a.out
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"-> {out}")
 

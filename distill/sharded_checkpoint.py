@@ -24,8 +24,8 @@ import contextlib
 import io
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
