@@ -18,6 +18,7 @@ from refine.core.errors import InputError
 from refine.core.instances import Instances
 from refine.core.logits import LogitsStore, convert
 from refine.core.manifest import atomic_path, sha256_file, write_json_atomic
+from refine.core.tokenizer import bos_prefix, load_tokenizer
 from refine.folder_key import claim_json, differences, normal, refusal
 from refine.score_pass import PassConfig, parse_shard
 
@@ -38,10 +39,7 @@ def score(cfg: RefineConfig, name: str, model: Path, inst: Instances) -> dict:
     assert name in PASSES
     pass_cfg, out = getattr(cfg, name), Path(cfg.out) / name
     logits = cfg.logits if name == "teacher" else LogitsConfig(top_p=1.0, top_k=0)
-    key = {"model": model_fingerprint(model), "instances": inst.index["tokens_sha256"], **asdict(logits),
-           "dtype": pass_cfg.dtype, "backend": pass_cfg.backend, "shard_size": cfg.shard_size}
-    if "retokenized_from" in inst.index:      # a reference of another tokenizer: its rows and what each counts
-        key.update(counted=inst.index["counted_sha256"], retokenized_from=inst.index["retokenized_from"])
+    key = pass_key(cfg, name, model, inst)
     summary = _reuse(out, key, logits.codec, cfg.overwrite)
     if summary is not None:
         return summary
@@ -76,6 +74,20 @@ def score(cfg: RefineConfig, name: str, model: Path, inst: Instances) -> dict:
     print(f"  {summary['tokens']:,} tokens in {summary['score_seconds']:.0f} s: {summary['tok_s']:,.0f} tok/s "
           f"(+{summary['engine_load_seconds']:.0f} s engine start)")
     return summary
+
+
+def pass_key(cfg: RefineConfig, name: str, model: Path, inst: Instances) -> dict:
+    """What a pass's scores depend on: a folder holding another key is never reused or mixed in."""
+    pass_cfg = getattr(cfg, name)
+    logits = cfg.logits if name == "teacher" else LogitsConfig(top_p=1.0, top_k=0)
+    key = {"model": model_fingerprint(model), "instances": inst.index["tokens_sha256"], **asdict(logits),
+           "dtype": pass_cfg.dtype, "backend": pass_cfg.backend, "shard_size": cfg.shard_size}
+    bos = bos_prefix(load_tokenizer(model, pass_cfg.engine.get("trust_remote_code", False)))
+    if bos is not None:   # what the pass puts first (a Gemma converted without its BOS scored without it)
+        key["bos_prefix"] = bos
+    if "retokenized_from" in inst.index:      # a reference of another tokenizer: its rows and what each counts
+        key.update(counted=inst.index["counted_sha256"], retokenized_from=inst.index["retokenized_from"])
+    return key
 
 
 def _reuse(out: Path, key: dict, codec: str, overwrite: bool) -> dict | None:

@@ -114,3 +114,16 @@ def test_online_teacher_equals_the_stored_signal_under_the_students_autocast(bos
     assert live.logprobs.dtype == torch.float32
     assert torch.equal(live.mask, stored.mask) and torch.equal(live.ids, stored.ids)
     torch.testing.assert_close(live.logprobs[live.mask], stored.logprobs[stored.mask], atol=2e-3, rtol=1e-3)
+
+
+def test_a_pass_keys_what_it_puts_first(bos_model_dir, tiny_model_dir, tiny_tokenizer_dir, tiny_corpus, tmp_path):
+    """A scoring pass's key holds the BOS it prepends: a store scored before the model's tokenizer put BOS first
+    (a Gemma converted without it) is refused, not reused; a model without BOS keys as before."""
+    from refine.config import RefineConfig
+    from refine.core.pack import pack
+    from refine.passes import pass_key
+
+    inst = pack(tiny_corpus / "val.jsonl", load_tokenizer(tiny_tokenizer_dir), 64, tmp_path / "inst", quiet=True)
+    cfg = RefineConfig(out=str(tmp_path / "out"))
+    assert pass_key(cfg, "teacher", bos_model_dir, inst)["bos_prefix"] == bos_prefix(load_tokenizer(bos_model_dir))
+    assert "bos_prefix" not in pass_key(cfg, "teacher", tiny_model_dir, inst)

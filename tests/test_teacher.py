@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from refine.core.tokenizer import load_tokenizer
-from refine.fetch.models import TEACHERS, assemble, convert_gguf, download, perplexity
+from refine.core.tokenizer import bos_prefix, load_tokenizer
+from refine.fetch.models import TEACHERS, adds_bos, assemble, convert_gguf, download, perplexity
 
 AUSTEN = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
           "in want of a wife. However little known the feelings or views of such a man may be on his first "
@@ -48,7 +48,7 @@ def test_real_teacher_conversion(name, model_type, vocab, tmp_path):
     teacher = TEACHERS[name]
     assemble(teacher, download(teacher, downloads_dir()), tmp_path)   # checks the publisher's SHA-256 if any
     out = tmp_path / "teacher"
-    convert_gguf(tmp_path, teacher.gguf, out, torch.float32, teacher.separator, teacher.bos)
+    convert_gguf(tmp_path, teacher.gguf, out, torch.float32, teacher.separator, teacher.bos, teacher.add_bos)
 
     config = AutoConfig.from_pretrained(out)
     assert config.model_type == model_type and config.vocab_size == vocab and config.tie_word_embeddings
@@ -56,6 +56,7 @@ def test_real_teacher_conversion(name, model_type, vocab, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()   # no gguf argument
     tok = load_tokenizer(out)
     assert tok.eos_token == teacher.separator and config.eos_token_id == tok.eos_token_id
+    assert bos_prefix(tok) == (tok.bos_token_id if teacher.add_bos else None)     # Gemma: <bos> first, as trained
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=teacher.gguf, dtype=torch.float32).eval()
     ref_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=teacher.gguf)
     ids = tok(AUSTEN, add_special_tokens=False, return_tensors="pt").input_ids
@@ -70,8 +71,6 @@ def test_bos_prefix_only_where_the_tokenizer_adds_bos(tiny_tokenizer_dir, tmp_pa
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    from refine.core.tokenizer import bos_prefix
-
     tok = load_tokenizer(tiny_tokenizer_dir)
     assert bos_prefix(tok) is None                                   # BOS == EOS: documents separated by EOS only
     backend = tok.backend_tokenizer
@@ -80,3 +79,19 @@ def test_bos_prefix_only_where_the_tokenizer_adds_bos(tiny_tokenizer_dir, tmp_pa
     backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
     gemma_like = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<|endoftext|>")
     assert gemma_like("a")["input_ids"][0] == bos and bos_prefix(gemma_like) == bos
+
+
+def test_a_converted_gemma_keeps_its_bos(tiny_tokenizer_dir, tmp_path):
+    """transformers' GGUF converter gives Gemma a tokenizer that no longer puts <bos> first; ``adds_bos`` (what
+    ``convert_gguf`` does for a teacher marked ``add_bos``) brings it back, and it survives save/load."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = load_tokenizer(tiny_tokenizer_dir).backend_tokenizer
+    backend.add_special_tokens(["<bos>"])
+    bos = backend.token_to_id("<bos>")
+    converted = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<|endoftext|>")
+    assert bos_prefix(converted) is None                               # what the GGUF conversion gave
+    adds_bos(converted)
+    converted.save_pretrained(tmp_path)
+    assert bos_prefix(load_tokenizer(tmp_path)) == bos
+    assert TEACHERS["gemma3-270m"].add_bos and not TEACHERS["smollm2-135m"].add_bos
