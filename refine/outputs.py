@@ -108,7 +108,8 @@ def write_selection(cfg: RefineConfig, out: Path, s: Scored) -> dict:
         if wanted:
             stores[name] = write_kept_logits(LogitsStore(out / "teacher" / name), kept, out / name, cfg.shard_size,
                                              refined)
-    report = write_report(out, inst, refined, scores, kept, tok, stores, s.tpass, s.rpass, cfg.report_examples)
+    report = write_report(out, inst, refined, scores, kept, tok, stores, s.tpass, s.rpass, cfg.report_examples,
+                          str(cfg.select.normalize))
     if s.emb is not None:
         _add_diversity(report, out, s.emb, kept, control, s.dedup_info, cfg.select.alpha)
     key = {"corpus": s.corpus_key, "config": asdict(cfg)}

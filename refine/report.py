@@ -26,7 +26,12 @@ def md_code(s: str) -> str:
     return "`" + " ".join(str(s).replace("`", "'").split()) + "`"
 
 
-def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path) -> None:
+def score_label(normalize: str) -> str:
+    """What a difference score measures under ``select.normalize``."""
+    return ("bits/byte of the same text" if normalize == "bytes" else "nats/token")
+
+
+def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path, unit: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,7 +43,7 @@ def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.hist(scores[~mask], bins=bins, alpha=0.7, label=f"dropped ({(~mask).sum():,})")
     ax.hist(scores[mask], bins=bins, alpha=0.7, label=f"kept ({mask.sum():,})")
-    ax.set_xlabel("difference score = NLL_ref - NLL_teacher (nats/token)")
+    ax.set_xlabel(f"difference score = NLL_ref - NLL_teacher ({unit})")
     ax.set_ylabel("instances")
     ax.legend()
     fig.tight_layout()
@@ -47,8 +52,10 @@ def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path) -> None:
 
 
 def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndarray, kept: np.ndarray, tok,
-                 stores: dict[str, LogitsStore], tpass: dict, rpass: dict, examples: int) -> dict:
-    """``stores``: the kept instances' logits stores by folder name (``logits``, ``logits_rs``)."""
+                 stores: dict[str, LogitsStore], tpass: dict, rpass: dict, examples: int, normalize: str) -> dict:
+    """``stores``: the kept instances' logits stores by folder name (``logits``, ``logits_rs``); ``normalize``:
+    the scores' unit (``select.normalize``)."""
+    unit = score_label(normalize)
     root, root_rows = inst.root_rows(within=out)      # the packed stream at the end of the subset chain
     per_source: dict[str, Counter] = {}
     kept_set = set(kept.tolist())
@@ -56,7 +63,7 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
         c = per_source.setdefault(root.source_of(int(root_rows[i])), Counter())
         c["total"] += 1
         c["kept"] += i in kept_set
-    _histogram(scores, kept, out / "score_hist.png")
+    _histogram(scores, kept, out / "score_hist.png", unit)
     figures = {
         "instances_scored": len(inst), "instances_kept": len(refined), "seq_len": inst.seq_len,
         "teacher_tok_s": tpass["tok_s"], "reference_tok_s": rpass["tok_s"],
@@ -79,7 +86,7 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
     lines = [
         f"# Refine report: {out.name}", "",
         f"Scored **{len(inst):,}** instances of {inst.seq_len} tokens; kept **{len(refined):,}** "
-        f"({len(refined) / len(inst):.0%}) by difference score (NLL_ref − NLL_teacher).", "",
+        f"({len(refined) / len(inst):.0%}) by difference score (NLL_ref − NLL_teacher, {unit}).", "",
         "| figure | value |", "|---|---|",
         f"| teacher throughput | {tpass['tok_s']:,.0f} tok/s |",
         f"| reference throughput | {rpass['tok_s']:,.0f} tok/s |",

@@ -212,7 +212,8 @@ def test_refine_with_a_reference_of_another_tokenizer(refine_overrides, request,
     s = np.load(out / "scores.npz")
     t_bpb, r_bpb = cross_bits_per_byte(inst, rows, s["teacher_nll"], s["ref_nll"])
     assert np.allclose(s["score"], r_bpb - t_bpb) and np.isfinite(s["score"]).all()
-    assert "re-tokenized, scored per byte" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "re-tokenized, scored per byte" in report and "NLL_teacher, bits/byte of the same text)" in report
     assert "diversity" in manifest["report"]          # the reference embeds its own rows
     before = _mtimes(out / "reference")
     refine(refine_cfg(overrides))

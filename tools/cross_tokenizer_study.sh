@@ -11,11 +11,13 @@
 #        cross_family / cross_family_random   the refined vs a random half's text, LM only (MiniPLM's comparison)
 #        cross_family_kd                      the refined rows + KD from the Gemma store
 # Every student: 120 steps x 4 rows, seeds 0 and 1, then the whole val split in bits per byte, per source.
-# Needs `make data models` and `make models TEACHER=gemma3-270m`. Stages that are done are reused on a rerun.
+# Needs `make data models` and `make models TEACHER=gemma3-270m`. Stages that are done are reused on a rerun;
+# STUDY_PARTS="2" runs only the Gemma part.
 set -eo pipefail
 PY=${PY:-.venv/bin/python}
 CACHE=${RD_CACHE:-.cache}
 STEPS=${STUDY_STEPS:-120}
+PARTS=${STUDY_PARTS:-1 2}
 RUNS=runs/xtok
 T0=$(date +%s)
 say() { echo "== study: $* ($(( $(date +%s) - T0 )) s)"; }
@@ -36,6 +38,9 @@ evaluate() {   # the whole val split of every run under DIR, two at a time
     wait
 }
 
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+
+if part 1; then
 say "1. SmolLM2 store: reference + refine"
 [ -f runs/xfam/reference/summary.json ] || "$PY" -m distill.train +experiment=reference paths.runs=runs/xfam \
     trainer.max_steps=100 trainer.progress=false
@@ -46,8 +51,10 @@ train $RUNS/smollm2/train +experiment=cross_family,cross_family_kd "$XFAM"
 train $RUNS/smollm2/train +experiment=cross_family_kd "$XFAM" kd.alpha.peak=0 run_name=cross_family_rows
 evaluate $RUNS/smollm2/train
 "$PY" -m distill.report $RUNS/smollm2/train --name cross_tokenizer_smollm2 --refined "$CACHE/refined/xfam" \
-    --baseline cross_family
+    --baseline cross_family --notes reports/notes/cross_tokenizer_smollm2.md
+fi
 
+if part 2; then
 say "2. Gemma teacher, SmolLM2 reference: refine"
 "$PY" -m refine paths=gemma name=gemma_xref reference.path="$CACHE/models/smollm2-135m" select.normalize=bytes \
     pack.max_instances=1024
@@ -59,5 +66,6 @@ say "2. students"
 train $RUNS/gemma/train +experiment=cross_family,cross_family_random,cross_family_kd "${GEMMA[@]}"
 evaluate $RUNS/gemma/train
 "$PY" -m distill.report $RUNS/gemma/train --name cross_tokenizer_gemma --refined "$CACHE/refined/gemma_xref" \
-    --baseline cross_family_random
+    --baseline cross_family_random --notes reports/notes/cross_tokenizer_gemma.md
+fi
 say "done"
