@@ -1,6 +1,7 @@
 """Sharded checkpoints (``distill.sharded_checkpoint``) in one process: a round trip of weights and optimizer
-state, and a planted pickle, in the metadata or in an entry, refused in one line without running it. The
-multi-process behaviour (FSDP shards, resume under another world size, export) is in test_distributed.py."""
+state, a tied embedding stored once, and a planted pickle, in the metadata or in an entry, refused in one line
+without running it. The multi-process behaviour (FSDP shards, resume under another world size, export) is in
+test_distributed.py."""
 
 from __future__ import annotations
 
@@ -44,6 +45,52 @@ def test_round_trip(tmp_path):
     assert sa["param_groups"] == sb["param_groups"]
     for i, s in sa["state"].items():
         assert all(torch.equal(v, sb["state"][i][k]) for k, v in s.items())
+
+
+class _Tied(torch.nn.Module):
+    """An embedding and an LM head that share one weight, as tied HF models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(8, 4)
+        self.mid = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 8, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.mid(self.embed(ids)))
+
+
+def _tied(seed: int):
+    torch.manual_seed(seed)
+    model = _Tied()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.tensor([1, 2, 3])).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_a_tied_weight_is_stored_once_and_loads_under_both_names(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, opt = _tied(0)
+    sc.save(Dist(), model, opt, tmp_path / "new", lambda tmp: None)
+    stored = sc.SafeReader(tmp_path / "new" / sc.DCP_DIR).read_metadata().state_dict_metadata
+    assert "model.embed.weight" in stored and "model.head.weight" not in stored
+    old = tmp_path / "old" / sc.DCP_DIR               # as written before: the shared tensor under both names
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(model, opt), strict=True)), checkpoint_id=old)
+    assert "model.head.weight" in sc.SafeReader(old).read_metadata().state_dict_metadata
+    for step in (tmp_path / "new", tmp_path / "old"):
+        other, other_opt = _tied(1)
+        sc.load(other, other_opt, step)
+        assert other.head.weight is other.embed.weight
+        for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
+        head_only = _Tied()
+        sc.load(head_only, None, step)
+        assert torch.equal(head_only.head.weight, model.embed.weight)
 
 
 class _Planted:
