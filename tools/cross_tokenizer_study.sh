@@ -9,6 +9,7 @@
 #   2. Gemma-3-270M as teacher, pretrained SmolLM2-135M as the reference of ANOTHER tokenizer
 #      (select.normalize=bytes), students with SmolLM2's tokenizer (llama_small) (refined/gemma_xref):
 #        cross_family / cross_family_random   the refined vs a random half's text, LM only (MiniPLM's comparison)
+#        cross_family_rows                    the refined rows re-tokenized, LM only (as in 1)
 #        cross_family_kd                      the refined rows + KD from the Gemma store
 # Every student: 120 steps x 4 rows, seeds 0 and 1, then the whole val split in bits per byte, per source.
 # Needs `make data models` and `make models TEACHER=gemma3-270m`. Stages that are done are reused on a rerun;
@@ -64,6 +65,7 @@ GEMMA=(paths=gemma 'paths.refined=${paths.cache}/refined/gemma_xref' model=llama
        'model.tokenizer=${paths.cache}/models/smollm2-135m')
 say "2. students"
 train $RUNS/gemma/train +experiment=cross_family,cross_family_random,cross_family_kd "${GEMMA[@]}"
+train $RUNS/gemma/train +experiment=cross_family_kd "${GEMMA[@]}" kd.alpha.peak=0 run_name=cross_family_rows
 evaluate $RUNS/gemma/train
 "$PY" -m distill.report $RUNS/gemma/train --name cross_tokenizer_gemma --refined "$CACHE/refined/gemma_xref" \
     --baseline cross_family_random --notes reports/notes/cross_tokenizer_gemma.md
