@@ -26,7 +26,7 @@ def md_code(s: str) -> str:
     return "`" + " ".join(str(s).replace("`", "'").split()) + "`"
 
 
-def score_label(normalize: str) -> str:
+def _score_unit(normalize: str) -> str:
     """What a difference score measures under ``select.normalize``."""
     return ("bits/byte of the same text" if normalize == "bytes" else "nats/token")
 
@@ -55,7 +55,7 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
                  stores: dict[str, LogitsStore], tpass: dict, rpass: dict, examples: int, normalize: str) -> dict:
     """``stores``: the kept instances' logits stores by folder name (``logits``, ``logits_rs``); ``normalize``:
     the scores' unit (``select.normalize``)."""
-    unit = score_label(normalize)
+    unit = _score_unit(normalize)
     root, root_rows = inst.root_rows(within=out)      # the packed stream at the end of the subset chain
     per_source: dict[str, Counter] = {}
     kept_set = set(kept.tolist())
