@@ -109,7 +109,8 @@ def save(d: Dist, module: torch.nn.Module, opt, final: Path, write_rest: Callabl
             dist.broadcast_object_list(names, src=0)
         tmp = Path(names[0])
         model_sd, optim_sd = get_state_dict(module, opt)
-        model_sd = {k: v for k, v in model_sd.items() if k not in _tied_aliases(module, model_sd)}
+        aliases = _tied_aliases(module, model_sd)
+        model_sd = {k: v for k, v in model_sd.items() if k not in aliases}
         error = None
         try:
             with _one_process_quiet():

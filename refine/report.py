@@ -28,7 +28,7 @@ def md_code(s: str) -> str:
 
 def _score_unit(normalize: str) -> str:
     """What a difference score measures under ``select.normalize``."""
-    return ("bits/byte of the same text" if normalize == "bytes" else "nats/token")
+    return "bits/byte of the same text" if normalize == "bytes" else "nats/token"
 
 
 def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path, unit: str) -> None:
