@@ -40,12 +40,18 @@ from refine.core.errors import InputError, everyone, write_error_line
 from refine.core.manifest import atomic_path
 
 DCP_DIR = "dcp"
-# What DCP's .metadata pickles (torch 2.4-2.13): its own records, torch sizes/dtypes/layouts, plain containers.
-_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                 "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
-_SAFE_GLOBALS = {("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"),
-                 ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
-                 ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
+# What DCP's .metadata pickles (torch 2.4-2.13), as exact (module, name) pairs: its own records, torch sizes,
+# dtypes and layouts, plain containers. Never a whole module: pickle protocol 4 resolves dotted names, so
+# admitting a module admits everything reachable from it (``filesystem`` + ``os.system`` is ``os.system``).
+_DCP = "torch.distributed.checkpoint"
+_SAFE_GLOBALS = frozenset({
+    *((f"{_DCP}.metadata", n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
+                                        "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                                        "_MEM_FORMAT_ENCODING")),
+    (f"{_DCP}.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")})
 
 
 def is_sharded(step: str | Path) -> bool:
@@ -54,10 +60,11 @@ def is_sharded(step: str | Path) -> bool:
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        dtype_like = module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                                   torch.memory_format))
-        if module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS or dtype_like:
+        if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
+        value = getattr(torch, name, None) if module == "torch" and name.isidentifier() else None
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            return value                       # torch.float32 and its kind: values, never callables
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
 

@@ -110,6 +110,28 @@ def test_a_planted_pickle_is_refused_unrun(tmp_path):
     assert not ran.exists()
 
 
+def _dotted_global(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle calling ``module``.``name``(arg): STACK_GLOBAL resolves a dotted ``name``."""
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s)]) + s.encode()
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."
+
+
+@pytest.mark.parametrize("module,name", [("torch.distributed.checkpoint.filesystem", "os.system"),
+                                         ("torch.distributed.checkpoint.metadata", "torch.load"),
+                                         ("torch", "os.system")])
+def test_a_dotted_name_through_an_admitted_module_is_refused_unrun(tmp_path, module, name):
+    """Before, whole DCP modules were admitted, and ``filesystem`` + ``os.system`` came back as os.system: a
+    100-byte ``.metadata`` ran a shell command. Only exact (module, name) pairs pass now."""
+    step, model, opt = _saved(tmp_path)
+    ran = tmp_path / "ran"
+    payload = _dotted_global(module, name, f"touch {ran}")
+    (step / "dcp" / ".metadata").write_bytes(payload)
+    with pytest.raises(InputError, match=rf"refusing .*\.metadata: {module}\.{name} is not part of a checkpoint"):
+        sc.load(model, opt, step)
+    assert not ran.exists()
+
+
 def test_a_planted_entry_is_refused_unrun(tmp_path):
     """DCP stores non-tensor entries (here the optimizer's learning rate) as pickles and reads them with
     ``weights_only=False``; we do not."""
