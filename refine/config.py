@@ -7,12 +7,14 @@ defaults, unknown keys and bad choices fail while the config is composed, and th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum, auto
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from refine.core.errors import InputError
 from refine.core.paths import PathsConfig
 from refine.core.schema import Checked, Dtype, to_typed
 
@@ -43,6 +45,9 @@ class PackConfig(Checked):
     workers: int = 1                       # tokenizer processes (0: one per core); the output is the same
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 @dataclass
 class ModelPassConfig(Checked):
     """One model's scoring pass (the teacher's and the reference's differ only in ``path``).
@@ -66,6 +71,12 @@ class ModelPassConfig(Checked):
     # backend served: the NAME of the environment variable holding the servers' --api-key (never the key itself:
     # configs end up in manifests and logs); unset or empty: no key sent
     api_key_env: str = "VLLM_API_KEY"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.api_key_env and not _ENV_NAME.fullmatch(self.api_key_env):
+            raise InputError("api_key_env must be the name of an environment variable (letters, digits and _), "
+                             "not a key: configs are saved in manifests (the value given is not shown)")
 
 
 @dataclass

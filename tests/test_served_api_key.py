@@ -46,7 +46,10 @@ def test_keyed_teacher_server(keyed_server, refine_overrides, tiny_model_dir, tm
     assert f"requires an API key (HTTP 401): put its --api-key in the environment variable {ENV_NAME}" in lines[-1]
     assert not (out / "teacher" / "pass.json").exists()
 
-    res = subprocess.run(cmd, cwd=REPO, env={**env, ENV_NAME: KEY}, capture_output=True, text=True, timeout=600)
+    # the key as `$(cat key)` reads a file with CRLF line ends: its CR stays (before: http.client's error line
+    # printed it, in the terminal and in logs/teacher.log); HTTP drops the whitespace around a header value
+    res = subprocess.run(cmd, cwd=REPO, env={**env, ENV_NAME: KEY + "\r"}, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     # The same numbers as a teacher without a server (fp32 sums differ only in order).
     from refine.config import LogitsConfig, ModelPassConfig
@@ -67,3 +70,39 @@ def test_keyed_teacher_server(keyed_server, refine_overrides, tiny_model_dir, tm
     with pytest.raises(InputError, match=f"rejected the API key in the environment variable {ENV_NAME}") as e:
         make_scorer("served", str(tiny_model_dir), top_k=10, urls=[keyed_server.url], api_key_env=ENV_NAME)
     assert "not-the-key" not in str(e.value)
+
+
+def test_a_key_a_header_cannot_carry_is_one_line_without_the_key(monkeypatch):
+    """Around the key, spaces and line ends are dropped; inside it, a control character is refused naming the
+    variable. Should a header value still be one http.client refuses, its error (which quotes the value) is
+    replaced by a line without it."""
+    import socket
+
+    from refine.scorers.http_pool import ServerPool
+    from refine.scorers.served import api_key
+
+    monkeypatch.setenv(ENV_NAME, f" {KEY}\r\n")
+    assert api_key(ENV_NAME) == KEY
+    monkeypatch.setenv(ENV_NAME, f"{KEY}\nX-Injected: 1")
+    with pytest.raises(InputError, match=f"environment variable {ENV_NAME} holds characters") as e:
+        api_key(ENV_NAME)
+    assert KEY not in str(e.value)
+    with socket.socket() as listener:               # accepts the connection (backlog); never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        pool = ServerPool([url], 5.0, 0, 0.0, 60.0, lambda body: 1 << 20, {"Authorization": f"Bearer {KEY}\n"},
+                          quiet=True)
+        with pytest.raises(InputError, match="a header holds characters HTTP cannot carry") as e:
+            pool.http(pool.endpoints[0], "/v1/models")
+    assert KEY not in str(e.value)
+
+
+def test_api_key_env_must_name_a_variable():
+    """A key given where the variable's name goes would be saved in manifest.json: refused without showing it."""
+    from refine.config import ModelPassConfig
+
+    with pytest.raises(InputError, match="must be the name of an environment variable") as e:
+        ModelPassConfig(path="x", api_key_env="sk-live-1234/abcd")
+    assert "sk-live" not in str(e.value)
+    assert ModelPassConfig(path="x", api_key_env="").api_key_env == ""

@@ -101,8 +101,13 @@ class ServerPool:
             sockets.append(conn.sock)
             if expired.is_set():                          # the deadline passed while connecting
                 raise TimeoutError
-            conn.request("GET" if body is None else "POST", parts.path + path, body=data,
-                         headers={"Content-Type": "application/json", "Accept": "application/json", **self.headers})
+            try:
+                conn.request("GET" if body is None else "POST", parts.path + path, body=data,
+                             headers={"Content-Type": "application/json", "Accept": "application/json",
+                                      **self.headers})
+            except ValueError:       # http.client's text for a bad header value holds the value: the API key
+                raise InputError(f"cannot send a request to {ep.url}: a header holds characters HTTP cannot "
+                                 f"carry (its value is not shown)") from None
             resp = conn.getresponse()
             raw = self._read_capped(resp, ep, path, cap)
         except (OSError, http.client.HTTPException) as e:   # refused, reset, timeout, cut off, shut at the deadline

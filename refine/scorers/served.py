@@ -37,6 +37,18 @@ from refine.scorers.served_api import completion_body, parse_completion, respons
 from refine.scorers.served_checks import PROBE_TEXT, check_endpoints
 
 
+def api_key(env: str | None) -> str | None:
+    """The key in the variable ``env``, without the spaces or line ends around it (a key file with CRLF line
+    ends read by ``$(cat key)`` keeps its CR; HTTP drops whitespace around a header value anyway). A key that
+    still holds characters a header cannot carry is one line naming the variable: http.client's own error
+    would print the header, key and all."""
+    key = (os.environ.get(env) or "").strip() if env else ""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or ord(c) > 0xFF for c in key):
+        raise InputError(f"the environment variable {env} holds characters an HTTP header cannot carry (control "
+                         f"or non-Latin-1 characters inside the key); the key is not shown")
+    return key or None
+
+
 class ServedScorer:
     def __init__(self, model_dir: str, top_k: int = 0, dtype: str = "float32", urls: list[str] | str = (),
                  served_model: str | None = None, max_concurrency: int = 8, timeout: float = 300.0, retries: int = 3,
@@ -64,7 +76,7 @@ class ServedScorer:
             raise InputError(f"max_concurrency >= 1, retries >= 0 and timeout > 0 please (got {max_concurrency}, "
                              f"{retries}, {timeout})")
         self.api_key_env = api_key_env or None
-        key = os.environ.get(api_key_env) if api_key_env else None
+        key = api_key(api_key_env)
         self.pool = ServerPool(urls, timeout, retries, backoff, revive_after, self._cap,
                                {"Authorization": f"Bearer {key}"} if key else {}, quiet)
         self.endpoints = self.pool.endpoints
