@@ -19,7 +19,7 @@ from refine.core.instances import Instances, TokenizerInfo, write_subset
 from refine.core.logits import LogitsStore, LogitsWriter
 from refine.core.manifest import atomic_path, code_version, write_manifest
 from refine.core.tokenizer import tokenizer_hash
-from refine.select import difference_scores, select
+from refine.select import difference_scores, random_control, select
 
 
 @dataclass
@@ -99,7 +99,7 @@ def write_selection(cfg: RefineConfig, out: Path, s: Scored) -> dict:
     write_text_export(inst, kept, scores, tok, out / "refined.jsonl")
     # MiniPLM's control: the same fraction of the scored instances chosen blindly (seeded), for equal-compute
     # comparisons (conf/experiment/random_alpha.yaml, cross_family_random.yaml).
-    control = select(scores, cfg.select.alpha, "random", seed=cfg.select.seed)
+    control = random_control(len(scores), cfg.select.alpha, cfg.select.seed)
     write_subset(inst, control, out / "instances_random",
                  extra={"selection": {**asdict(cfg.select), "mode": "random"}})
     write_text_export(inst, control, scores, tok, out / "random.jsonl")

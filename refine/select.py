@@ -60,6 +60,18 @@ def select_sample(scores: np.ndarray, alpha: float, temperature: float, seed: in
     return select_top(scores / temperature + gumbel, alpha)
 
 
+# The random control's own stream: seeded by select.seed too, but never the selection's noise. With the same
+# Gumbel draws, a sample-mode selection and its control overlap far beyond chance (0.90 of the kept rows at
+# temperature 1 against 0.30 for independent draws), which shrinks every refined-vs-random comparison.
+_CONTROL_STREAM = 0x636F6E74   # "cont"
+
+
+def random_control(n: int, alpha: float, seed: int) -> np.ndarray:
+    """MiniPLM's control: ``alpha * n`` instances chosen blindly, from a stream independent of the selection's."""
+    gumbel = np.random.default_rng([seed, _CONTROL_STREAM]).gumbel(size=n)
+    return select_top(gumbel, alpha)
+
+
 def select(scores: np.ndarray, alpha: float, mode: str = "top", temperature: float = 1.0,
            seed: int = 0) -> np.ndarray:
     if mode == "top":

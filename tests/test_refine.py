@@ -17,7 +17,7 @@ from refine.config import to_refine_config
 from refine.core.errors import InputError
 from refine.core.instances import Instances
 from refine.core.logits import LogitsStore
-from refine.select import select
+from refine.select import random_control
 from tests.conftest import REPO, refine_output_differences, save_tiny_llama, train_tiny_tokenizer
 
 pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
@@ -65,7 +65,7 @@ def test_refine_outputs_reuse_reselect_and_resume(overrides, tmp_path):
     lines = (out / "refined.jsonl").read_text().splitlines()
     assert len(lines) == len(kept) and json.loads(lines[0])["id"] == f"instance/{kept[0]}"
     # The equal-size random control (seeded by select.seed), as instances and as text.
-    control = select(s["score"], 0.5, "random", seed=0)
+    control = random_control(len(s["score"]), 0.5, seed=0)
     assert np.array_equal(np.asarray(Instances(out / "instances_random").tokens), np.asarray(scored.tokens)[control])
     rand_lines = (out / "random.jsonl").read_text().splitlines()
     assert [json.loads(x)["id"] for x in rand_lines] == [f"instance/{r}" for r in control]

@@ -5,7 +5,7 @@ import pytest
 
 from refine.core.errors import InputError
 from refine.scorers.base import Scores
-from refine.select import difference_scores, select
+from refine.select import difference_scores, random_control, select
 
 
 def test_score_sign_and_length_normalisation():
@@ -40,6 +40,23 @@ def test_sampling_is_seeded_and_tends_to_high_scores():
     assert scores[a].mean() > 1.5                          # mostly the top
     r = select(scores, 0.2, mode="random", seed=1)
     assert abs(scores[r].mean()) < 0.5                     # blind selection: no preference
+
+
+def test_the_random_control_draws_its_own_noise():
+    """With a sample-mode selection's own Gumbel draws, the control kept 0.90 of the same rows at temperature 1
+    (scores spread as a refine's); independent draws overlap as chance does (about alpha), whatever the seed."""
+    scores = np.random.default_rng(0).normal(0, 0.3, 4000)
+    overlaps = []
+    for seed in range(3):
+        kept = select(scores, 0.3, mode="sample", temperature=1.0, seed=seed)
+        control = random_control(len(scores), 0.3, seed)
+        assert control.tolist() == random_control(len(scores), 0.3, seed).tolist() and len(control) == len(kept)
+        same_noise = select(np.zeros_like(scores), 0.3, mode="sample", seed=seed)   # the old control
+        overlaps.append((len(np.intersect1d(kept, control)) / len(kept),
+                         len(np.intersect1d(kept, same_noise)) / len(kept)))
+    independent, old = np.mean(overlaps, axis=0)
+    print(f"sample-mode kept/control overlap: {old:.2f} with the selection's noise, {independent:.2f} own noise")
+    assert old > 0.8 and abs(independent - 0.3) < 0.05
 
 
 def test_bad_alpha_and_mode():
