@@ -117,15 +117,13 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_siz
 
 def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], limit: int | None = None, val: str | None = None,
                         seq_len: int = 256, batch_size: int = 8, device: str = "cpu", backend: str = "hf") -> dict:
-    from transformers import AutoModelForCausalLM
-
+    from refine.core.model_folder import load_causal_lm
     from refine.core.tokenizer import load_tokenizer
 
     path = resolve_model(ckpt)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
-                                                 use_safetensors=True).to(device).eval()
+    model = load_causal_lm(path).to(device).eval()
     report = {"checkpoint": str(path), "limit": limit}
     if val != "":
         report.update(val_loss(model, tokenizer, val or corpus_dir() / "val.jsonl", seq_len))

@@ -110,14 +110,12 @@ class CrossTokenizerTeacher(OfflineTeacher):
 
 def load_teacher(model_dir: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
     """A frozen HF teacher in its own dtype and the BOS prefix its tokenizer asks for (as the refine scorers)."""
-    from transformers import AutoModelForCausalLM
-
+    from refine.core.model_folder import load_causal_lm
     from refine.core.paths import resolve_model
     from refine.core.tokenizer import bos_prefix, load_tokenizer
 
     model_dir = resolve_model(model_dir)     # a folder, a run (its latest checkpoint) or a hub id
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True, use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code).to(device).eval()
+    model = load_causal_lm(model_dir, dtype, trust_remote_code).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, bos_prefix(load_tokenizer(model_dir, trust_remote_code))

@@ -23,10 +23,9 @@ from refine.core.instances import Instances
 def embed(inst: Instances, model_dir: str, batch_size: int = 16, lengths: np.ndarray | None = None) -> np.ndarray:
     """``lengths``: each row's real tokens (rows padded at the end, re-tokenized for a reference of another
     tokenizer): pooled over those only; right padding leaves a causal model's earlier states as they are."""
-    from transformers import AutoModel
+    from refine.core.model_folder import load_causal_lm
 
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True,
-                                      use_safetensors=True).eval()
+    model = load_causal_lm(model_dir, auto_class="base").eval()
     out = np.empty((len(inst), model.config.hidden_size), dtype=np.float32)
     for i in range(0, len(inst), batch_size):
         batch = torch.as_tensor(np.asarray(inst.tokens[i:i + batch_size], dtype=np.int64))

@@ -5,30 +5,22 @@ Used by tests, for models vLLM cannot load, and to cross-check vLLM (``tests/tes
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from refine.core.errors import InputError
 from refine.core.forward import DTYPES, forward_logits
+from refine.core.model_folder import load_causal_lm
 from refine.scorers.base import Scores
 
 
 class HFScorer:
     def __init__(self, model_dir: str, top_k: int = 0, dtype: str = "float32", batch_size: int = 8,
                  device: str = "cpu", trust_remote_code: bool = False, bos_id: int | None = None):
-        from transformers import AutoModelForCausalLM
-
-        if not (Path(model_dir) / "config.json").is_file():
-            raise InputError(f"not a model folder (no config.json): {model_dir}")
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.top_k, self.batch_size, self.device, self.bos_id = top_k, batch_size, torch.device(device), bos_id
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True,
-            use_safetensors=True,   # never a pickled *.bin, even where one sits beside the safetensors
-        ).to(self.device).eval()
+        self.model = load_causal_lm(model_dir, DTYPES[dtype], trust_remote_code).to(self.device).eval()
         vocab = self.model.get_output_embeddings().weight.shape[0]
         if not 0 <= top_k <= vocab:
             raise InputError(f"top_k must be in 0..{vocab} (the model's vocabulary), got {top_k}")
