@@ -19,6 +19,7 @@ import math
 
 from distill.config import AlphaConfig, ScheduleConfig
 from refine.core.errors import InputError
+from refine.core.write import atomic_path
 
 
 def _decay(progress: float, shape: str) -> float:
@@ -63,6 +64,18 @@ def check(cfg: ScheduleConfig, total_steps: int) -> None:
         raise InputError(f"schedule.decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
     if cfg.warmup_steps >= total_steps:
         raise InputError(f"schedule.warmup_steps ({cfg.warmup_steps}) must be < trainer.max_steps ({total_steps})")
+    if cfg.name == "wsd":
+        check_wsd_phases("schedule", cfg.warmup_steps, cfg.decay_fraction, total_steps)
+
+
+def check_wsd_phases(name: str, warmup_steps: int, decay_fraction: float, total_steps: int) -> None:
+    """Warmup must end before the decay starts: a warmup running into the decay climbs to the peak and then
+    drops at once to where the decay already is (1.0 to 0.505 for 90 warmup steps of 100 at decay 0.2)."""
+    decay_start = total_steps - max(int(round(decay_fraction * total_steps)), 1)
+    if warmup_steps > decay_start:
+        raise InputError(f"{name}.warmup_steps ({warmup_steps}) runs into the decay, which starts at step "
+                         f"{decay_start} of {total_steps} ({name}.decay_fraction={decay_fraction}): use at most "
+                         f"{decay_start} warmup steps or a smaller decay_fraction")
 
 
 def alpha_at(step: int, total_steps: int, cfg: AlphaConfig) -> float:
@@ -112,5 +125,6 @@ def plot_schedules(path, cfg, with_alpha: bool) -> None:
     else:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:           # (same name: savefig takes the format from its suffix)
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -30,6 +30,7 @@ from distill import distributed
 from distill.config import TrainConfig, to_config
 from distill.data import open_instances, open_retokenized
 from distill.schedules import check as check_schedule
+from distill.schedules import check_wsd_phases
 from distill.trainer import Trainer, autocast_dtype, pick_device
 from refine.core.errors import InputError, everyone, exit_on_input_error
 from refine.core.hydra_cli import precheck_overrides
@@ -61,6 +62,8 @@ def _check_inputs(cfg: TrainConfig, device: torch.device):
     """Checks that need no other process and no writes; returns the tokenizer."""
     tc, dc = cfg.trainer, cfg.data
     check_schedule(cfg.schedule, tc.max_steps)
+    if cfg.kd.alpha.schedule == "wsd":
+        check_wsd_phases("kd.alpha", cfg.kd.alpha.warmup_steps, cfg.kd.alpha.decay_fraction, tc.max_steps)
     if tc.nan_policy not in ("stop", "skip"):
         raise InputError(f"trainer.nan_policy must be stop | skip, got {tc.nan_policy!r}")
     autocast_dtype(tc.precision, device)

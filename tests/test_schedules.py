@@ -44,6 +44,16 @@ def test_bad_schedules_fail_early():
         check(ScheduleConfig(name="cosine", warmup_steps=100), 100)
 
 
+def test_a_wsd_warmup_that_runs_into_the_decay_is_refused():
+    """Before: 90 warmup steps of 100 with the last 20% decaying climbed to 1.0, then fell at once to 0.505."""
+    cfg = ScheduleConfig(name="wsd", warmup_steps=90, min_lr_ratio=0.1, decay_fraction=0.2)
+    assert lr_multiplier(89, 100, cfg) == pytest.approx(1.0) and lr_multiplier(90, 100, cfg) < 0.51
+    with pytest.raises(InputError, match=r"schedule.warmup_steps \(90\) runs into the decay, which starts at "
+                                         r"step 80 of 100"):
+        check(cfg, 100)
+    check(ScheduleConfig(name="wsd", warmup_steps=80, min_lr_ratio=0.1, decay_fraction=0.2), 100)
+
+
 def _alpha(schedule, **kw):
     from distill.config import AlphaConfig
 
