@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from refine.core.errors import write_error_line
-from refine.core.manifest import atomic_path, code_version, write_json_atomic
+from refine.core.manifest import code_version
 from refine.core.tokenizer import tokenizer_hash
+from refine.core.write import atomic_path, check_plain, open_append, write_json_atomic
 
 
 class Metrics:
@@ -27,6 +28,7 @@ class Metrics:
         self.path, self.enabled, self.defer_errors, self.failed = run_dir / "metrics.jsonl", enabled, defer_errors, None
         if not enabled:                   # ranks other than 0 under torchrun
             return
+        check_plain(self.path, "use another run_name")   # a link planted here is neither read nor written through
         if self.path.exists():
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
             if lines and not _parses(lines[-1]):
@@ -34,7 +36,7 @@ class Metrics:
             keep = [line for line in lines if json.loads(line)["step"] <= resume_step]
             with atomic_path(self.path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in keep))
-        self._file = open(self.path, "a")
+        self._file = open_append(self.path)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -28,6 +28,7 @@ from statistics import mean
 
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.paths import REPO
+from refine.core.write import atomic_path
 
 
 def find_runs(roots: list[Path]) -> list[Path]:
@@ -163,14 +164,16 @@ def _score_histogram(refined: Path, out_dir: Path, name: str) -> str:
     src = refined / "score_hist.png"
     if not src.is_file():
         raise InputError(f"no score histogram at {src} (run `make refine`)")
-    shutil.copyfile(src, out_dir / f"{name}_scores.png")
+    with atomic_path(out_dir / f"{name}_scores.png") as tmp:
+        shutil.copyfile(src, tmp)
     return f"{name}_scores.png"
 
 
 def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=110, bbox_inches="tight")   # labels and annotations kept inside the image
+    with atomic_path(path) as tmp:                     # (same name: savefig takes the format from its suffix)
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")   # labels and annotations kept inside the image
     plt.close(fig)
     return path.name
 
@@ -251,8 +254,10 @@ def build(roots: list[Path], name: str, out_dir: Path, refined: Path | None = No
         lines += ["", notes.read_text().strip()]
     lines += [""] + [f"![{f}]({f})" for f in files]
     path = out_dir / f"{name}.md"
-    path.write_text("\n".join(lines) + "\n")
-    (out_dir / f"{name}.json").write_text(json.dumps({"runs": runs, "comparison": comparison}, indent=1))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with atomic_path(out_dir / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps({"runs": runs, "comparison": comparison}, indent=1))
     return path
 
 

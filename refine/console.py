@@ -14,6 +14,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from refine.core.write import open_append
 from refine.progress import Progress, parse_event
 
 # the line of a traceback that names the exception (``RuntimeError: ...``, ``torch.OutOfMemoryError: ...``)
@@ -25,13 +26,14 @@ def log_path(out: str | Path, name: str) -> Path:
 
 
 class LogFile:
-    """An appended log; a write that fails (full disk, file-size limit) ends logging, never the run."""
+    """An appended log; a write that fails (full disk, file-size limit) ends logging, never the run. A link or a
+    FIFO planted at ``path`` is refused (``refine.core.write.open_append``: one ``InputError`` line)."""
 
     def __init__(self, path: Path, header: str):
         self.path, self.f = path, None
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by close()
+            self.f = open_append(path, errors="replace")
         self.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {header} (pid {os.getpid()}) ====\n")
 
     def write(self, text: str) -> None:

@@ -6,9 +6,9 @@ also keeps its ``key.json`` (model fingerprint, instances hash, capture settings
 from what the folder holds stops with one line naming them: hours of someone else's scoring are never
 deleted by a stray setting. ``overwrite=true`` replaces the folder on purpose.
 
-Records are created exclusively (a hard link of a finished temporary, atomic on local disks and NFS): of two
-writers that start together on shared storage with different settings, exactly one record wins and the
-other writer refuses, rather than both writing shards of two configurations into one folder.
+Records are created exclusively (``refine.core.write.claim_json``: a hard link of a finished temporary, atomic on
+local disks and NFS): of two writers that start together on shared storage with different settings, exactly one
+record wins and the other writer refuses, rather than both writing shards of two configurations into one folder.
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 from refine.core.errors import InputError
-from refine.core.folder_lock import LOCK_NAME, alive
+from refine.core.write import LOCK_NAME, claim_json
 
 SETTINGS = "scoring.json"
-_HOST = socket.gethostname()
 
 
 def scoring_settings(c: dict) -> dict:
@@ -80,32 +78,6 @@ def saved_settings(out: Path) -> dict | None:
         return scoring_settings(json.loads((out / "manifest.json").read_text())["key"]["config"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-def claim_json(path: Path, obj: dict) -> dict:
-    """Create ``path`` holding ``obj`` unless it exists; return what it holds (``obj``, or an earlier writer's)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.claim-{_HOST}-*"):    # a writer killed mid-claim
-        pid = stale.name.rpartition("-")[2]
-        if pid.isdigit() and not alive(int(pid)):
-            stale.unlink(missing_ok=True)
-    if path.is_file():
-        return json.loads(path.read_text())
-    tmp = path.with_name(f".{path.name}.claim-{_HOST}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)                  # fails if another writer's record got there first
-    except FileExistsError:
-        pass
-    except OSError:                         # a filesystem without hard links: a plain rename, last one wins
-        if not path.exists():
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return json.loads(path.read_text())
 
 
 def check_settings(out: Path, settings: dict, overwrite: bool) -> None:

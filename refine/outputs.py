@@ -17,8 +17,9 @@ from refine.config import RefineConfig
 from refine.core.errors import InputError
 from refine.core.instances import Instances, TokenizerInfo, write_subset
 from refine.core.logits import LogitsStore, LogitsWriter
-from refine.core.manifest import atomic_path, code_version, write_manifest
+from refine.core.manifest import code_version, write_manifest
 from refine.core.tokenizer import tokenizer_hash
+from refine.core.write import atomic_path, check_plain
 from refine.select import difference_scores, random_control, select
 
 
@@ -133,8 +134,11 @@ def _add_diversity(report: dict, out: Path, emb: np.ndarray, kept: np.ndarray, c
     report["diversity"] = {"scored": diversity(emb), "refined": diversity(emb[kept]),
                            "random_same_size": diversity(emb[control])}
     report["dedup"] = dedup_info
-    with open(out / "report.md", "a") as f:
-        d = report["diversity"]
-        f.write(f"\n## Diversity (mean pairwise cosine distance of reference-model embeddings)\n\n"
-                f"scored {d['scored']:.4f} · refined {d['refined']:.4f} · random {alpha:.0%} "
-                f"{d['random_same_size']:.4f}\n")
+    d, path = report["diversity"], out / "report.md"
+    section = (f"\n## Diversity (mean pairwise cosine distance of reference-model embeddings)\n\n"
+               f"scored {d['scored']:.4f} · refined {d['refined']:.4f} · random {alpha:.0%} "
+               f"{d['random_same_size']:.4f}\n")
+    check_plain(path)                         # write_report's, just renamed into place: not a link planted since
+    text = path.read_text(encoding="utf-8")
+    with atomic_path(path) as tmp:            # rewritten whole, not appended: never through a link
+        tmp.write_text(text + section, encoding="utf-8")

@@ -24,9 +24,10 @@ from refine.core.corpus import CorpusStats, iter_documents
 from refine.core.errors import InputError
 from refine.core.holdout import HoldOut, budget_fraction
 from refine.core.instances import Instances
-from refine.core.manifest import atomic_path, read_manifest, write_json_atomic, write_manifest
+from refine.core.manifest import read_manifest, write_manifest
 from refine.core.paths import resolve_model
 from refine.core.tokenizer import tokenizer_hash
+from refine.core.write import atomic_path, write_json_atomic
 
 CARVE_BATCH = 256
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from refine.core.instances import Instances
 from refine.core.logits import LogitsStore
+from refine.core.write import atomic_path
 
 # Corpus text is data, not markup: every character that could start HTML, a link, a (remote) image, emphasis
 # or a table cell is backslash-escaped, which CommonMark renders as the character itself.
@@ -47,7 +48,8 @@ def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path, unit: str) -> N
     ax.set_ylabel("instances")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:           # (same name: savefig takes the format from its suffix)
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -109,5 +111,6 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
     lines += [quote(int(i)) for i in order[:examples]]
     lines += ["", "## Lowest-scored instances (dropped)", ""]
     lines += [quote(int(i)) for i in order[::-1][:examples]]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return figures

@@ -17,7 +17,9 @@ CHECK_CHUNK = 1 << 20   # index entries validated per step (bounded memory at an
 
 
 class DocIndexWriter:
-    """Appends documents' starts, ids and sources to the version 2 files in ``folder`` as packing goes."""
+    """Appends documents' starts, ids and sources to the version 2 files in ``folder`` as packing goes. ``folder``
+    is an ``atomic_path`` temporary (``InstanceWriter``'s), private to this process: plain opens are safe there
+    (``refine.core.write``)."""
 
     def __init__(self, folder: Path):
         self.folder = folder

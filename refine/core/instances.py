@@ -34,7 +34,8 @@ import numpy as np
 
 from refine.core.doc_index import ArrayDocs, DocIndex, DocIndexWriter, JsonDocs
 from refine.core.errors import InputError
-from refine.core.manifest import atomic_path, sha256_file
+from refine.core.manifest import sha256_file
+from refine.core.write import atomic_path
 
 FORMAT = "rd-instances"
 VERSION = 2

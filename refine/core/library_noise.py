@@ -7,15 +7,24 @@ import contextlib
 import logging
 from pathlib import Path
 
+from refine.core.write import check_plain, open_append
+
 LIBRARY_LOGGERS = ("transformers", "torch", "huggingface_hub", "accelerate", "datasets", "vllm", "faiss")
 
 
 class _LazyFileHandler(logging.FileHandler):
-    """Creates the log's folder only when something is logged (a run that logs nothing leaves no folder)."""
+    """Creates the log's folder only when something is logged (a run that logs nothing leaves no folder); opens
+    the log through ``refine.core.write.open_append`` (never through a link planted at its name)."""
 
     def _open(self):
         Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
-        return super()._open()
+        return open_append(self.baseFilename, errors=self.errors or "strict")
+
+    def emit(self, record) -> None:
+        try:
+            super().emit(record)
+        except Exception:                    # noqa: BLE001 - a refused log (a link planted since) is no crash
+            self.handleError(record)
 
     def handleError(self, record) -> None:   # a log that cannot be written is not the run's error
         pass
@@ -28,6 +37,7 @@ def library_noise_to(path: Path | None):
     if path is None:
         yield
         return
+    check_plain(path)                        # a link planted at the log: one line now, not a refusal mid-run
     handler = _LazyFileHandler(path, delay=True, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     names = ("py.warnings", *LIBRARY_LOGGERS)
