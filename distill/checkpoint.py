@@ -19,8 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from refine.core.errors import InputError, write_error_line
-from refine.core.manifest import atomic_path
 from refine.core.paths import checked_step_name
+from refine.core.read_guard import check_tree
+from refine.core.write import atomic_path
 
 STATE = "trainer_state.pt"
 # Fields that define the architecture: a checkpoint that differs in any of them belongs to another model.
@@ -121,6 +122,7 @@ def latest(run_dir: str | Path) -> Path | None:
     if not (path / STATE).is_file():
         raise InputError(f"{pointer} names {path.name}, which is missing or incomplete; "
                          f"delete {pointer} to start over or point it at another step_* folder")
+    check_tree(path, "checkpoint")     # resume reads its own regular files only: no planted link, no FIFO
     return path
 
 

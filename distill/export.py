@@ -6,7 +6,9 @@
 An FSDP run writes sharded checkpoints (``distill.sharded_checkpoint``); only its final one also holds the
 gathered weights. This reads the shards of any step in one process (the whole model must fit in host memory:
 it is the one place that needs it) and writes the folder atomically, loadable by transformers, vLLM and
-``lm_eval --model hf``. A checkpoint that already is an HF folder is copied as it is.
+``lm_eval --model hf``. A checkpoint that already is an HF folder is copied as it is. A checkpoint holding
+anything but regular files and folders (a link, a FIFO, a device; a hub cache snapshot's blob links excepted)
+is refused in one line (``refine.core.read_guard.check_tree``): the export never copies a link's target.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from distill import sharded_checkpoint
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.manifest import atomic_path
 from refine.core.paths import checked_step_name
+from refine.core.read_guard import check_tree
 
 HF_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
 
@@ -50,6 +53,7 @@ def export(src: str | Path, out: str | Path) -> Path:
     step, out = step_folder(src), Path(out)
     if out.exists():
         raise InputError(f"{out} exists; choose another output folder")
+    check_tree(step, "checkpoint")     # a link (to ~/.ssh/id_rsa) or a FIFO is never copied into the export
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         if sharded_checkpoint.is_sharded(step):

@@ -13,11 +13,17 @@ HF ``datasets`` directories.
 * a folder: everything inside, recursively, in sorted path order, each by the rules above; hidden files and
   folders are skipped, and so are symbolic links (counted in ``CorpusStats.skipped_links``): a link to a system
   file must not become a document, a ``..`` link would read the corpus again, two links to ``.`` never end.
-  (The corpus path itself may be a link: whoever names it chose it.) Except in a hub cache snapshot, whose files
-  are links into the repo's ``blobs/`` (``refine.core.hub.hub_blob_link``): read under the link's name.
+  FIFOs, devices and sockets are skipped too (counted in ``CorpusStats.skipped_special``): opening a FIFO
+  waits for a writer for ever, ``/dev/zero`` never ends. (The corpus path itself may be a link: whoever names it
+  chose it; named directly, a FIFO or a device is one error line.) Except in a hub cache snapshot, whose files
+  are links into the repo's ``blobs/``: read under the link's name, only when the link resolves to a regular
+  file directly inside that repo's real ``blobs/`` folder (not itself a link; ``refine.core.read_guard``).
 * a glob pattern (``/data/fineweb/*.jsonl.zst``, ``shards/**/*.parquet``): every match in sorted path order, a
-  matched folder read as above; names are relative to the pattern's folder part; hidden matches and links are
-  skipped as inside a folder.
+  matched folder read as above; names are relative to the pattern's folder part; hidden matches, links, FIFOs,
+  devices and sockets are skipped as inside a folder.
+* a saved dataset names only plain files of its own: every ``state.json`` data file and ``dataset_dict.json``
+  split is a plain name of a regular file or folder inside it, checked before ``datasets`` opens anything
+  (``refine.core.read_guard.check_saved_dataset``), so the fingerprint covers what is read.
 
 ``<name>`` is the file stem (without compression suffix) for a single file, the relative path without suffixes
 in a folder or glob. ``corpus_units`` lists what is read; ``refine.core.pack.corpus_fingerprint`` hashes exactly
@@ -43,7 +49,7 @@ from pathlib import Path
 
 from refine.core.compressed import COMPRESSIONS, open_stream
 from refine.core.errors import InputError
-from refine.core.hub import hub_blob_link
+from refine.core.read_guard import check_saved_dataset, hub_snapshot_file, is_link_below, is_plain, kind
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
@@ -71,16 +77,8 @@ class CorpusStats:
     skipped_too_large: int = 0                             # documents over max_doc_bytes
     too_large_ids: list[str] = field(default_factory=list)  # the first MAX_SKIPPED_IDS of them
     skipped_links: int = 0                                 # symbolic links inside a corpus folder
+    skipped_special: int = 0                               # FIFOs, devices and sockets inside a corpus folder
     held_out: int = 0                                      # documents left out as D_ref (refine.core.holdout)
-
-
-def is_link_below(p: Path, root: Path) -> bool:
-    """``p`` or a folder between ``root`` and it is a symbolic link (not followed inside a corpus)."""
-    while p != root and p != p.parent:
-        if p.is_symlink():
-            return True
-        p = p.parent
-    return False
 
 
 def is_hf_dataset_dir(path: Path) -> bool:
@@ -116,7 +114,8 @@ def glob_base(pattern: str) -> Path:
 
 def corpus_units(path: str | Path, stats: CorpusStats | None = None) -> list[tuple[Path, str]]:
     """What ``iter_documents`` reads, in order: (a file or a saved-dataset folder, the name its ids start with).
-    InputError for a missing path, a glob with no match or an empty folder."""
+    InputError for a missing path, a FIFO or device named as the corpus, a glob with no match, an empty folder,
+    or a saved dataset naming files outside itself."""
     stats = stats if stats is not None else CorpusStats()
     if is_glob(path):
         base = glob_base(str(path))
@@ -126,39 +125,71 @@ def corpus_units(path: str | Path, stats: CorpusStats | None = None) -> list[tup
         for m in sorted(base.glob(str(Path(path).relative_to(base)))):
             if any(part.startswith(".") for part in m.relative_to(base).parts) or expanded.intersection(m.parents):
                 continue                                 # hidden, as inside a folder; or read already
-            if is_link_below(m.parent, base) or (m.is_symlink() and not hub_blob_link(m)):  # as inside a folder
+            if is_link_below(m.parent, base):            # as inside a folder
                 stats.skipped_links += 1
+                continue
+            if _skipped(m, base, stats):
                 continue
             if m.is_dir() and not is_hf_dataset_dir(m):
                 expanded.add(m)
-            for u in ([m] if is_hf_dataset_dir(m) or not m.is_dir() else _corpus_units(m, stats)):
+            for u in ([m] if is_hf_dataset_dir(m) or not m.is_dir() else _corpus_units(m, stats, base)):
                 units.setdefault(u, strip_suffixes(u.relative_to(base)).as_posix())
         if not units:
-            raise InputError(f"no corpus files match {path}")
-        return list(units.items())
+            raise InputError(f"no corpus files match {path}{_skipped_note(stats)}")
+        return _checked(list(units.items()))
     path = Path(path)
     if not path.exists():
         raise InputError(f"corpus not found: {path}")
+    if not path.is_file() and not path.is_dir():         # the path named is followed, as it is a link
+        raise InputError(f"corpus {path} is {kind(path, follow=True)}, not a regular file or folder")
     if is_hf_dataset_dir(path) or not path.is_dir():
-        return [(path, strip_suffixes(Path(path.name)).as_posix() if path.is_file() else path.name)]
+        return _checked([(path, strip_suffixes(Path(path.name)).as_posix() if path.is_file() else path.name)])
     units = [(u, strip_suffixes(u.relative_to(path)).as_posix()) for u in _corpus_units(path, stats)]
     if not units:
-        raise InputError(f"corpus folder has no files: {path}")
+        raise InputError(f"corpus folder has no files: {path}{_skipped_note(stats)}")
+    return _checked(units)
+
+
+def _skipped(p: Path, root: Path, stats: CorpusStats) -> bool:
+    """``p`` (under ``root``) is not read, and counted: a link that is no hub snapshot file
+    (``refine.core.read_guard.hub_snapshot_file``), or a FIFO, a device or a socket."""
+    if p.is_symlink():
+        if hub_snapshot_file(p, root) is not None:
+            return False
+        stats.skipped_links += 1
+        return True
+    if not is_plain(p):
+        stats.skipped_special += 1
+        return True
+    return False
+
+
+def _skipped_note(stats: CorpusStats) -> str:
+    if not (stats.skipped_links or stats.skipped_special):
+        return ""
+    return f" ({stats.skipped_links} links, {stats.skipped_special} FIFOs, devices or sockets skipped)"
+
+
+def _checked(units: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """Saved datasets among ``units`` checked to name only their own plain files (before anything reads them)."""
+    for u, _ in units:
+        if is_hf_dataset_dir(u):
+            check_saved_dataset(u)
     return units
 
 
-def _corpus_units(root: Path, stats: CorpusStats) -> list[Path]:
-    """Files and saved-dataset folders under ``root``, sorted; hidden ones and links skipped, datasets whole."""
+def _corpus_units(folder: Path, stats: CorpusStats, root: Path | None = None) -> list[Path]:
+    """Files and saved-dataset folders under ``folder`` (inside the corpus ``root``, the folder itself if None),
+    sorted; hidden ones, links, FIFOs, devices and sockets skipped, datasets whole."""
+    root = folder if root is None else root
     units = []
-    for p in sorted(root.iterdir()):
-        if p.name.startswith("."):
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or _skipped(p, root, stats):
             continue
-        if p.is_symlink() and not hub_blob_link(p):
-            stats.skipped_links += 1
-        elif is_hf_dataset_dir(p) or p.is_file():
+        if is_hf_dataset_dir(p) or p.is_file():
             units.append(p)
         elif p.is_dir():
-            units.extend(_corpus_units(p, stats))
+            units.extend(_corpus_units(p, stats, root))
     return units
 
 
@@ -318,6 +349,7 @@ def _text_file(f: Path, name: str, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterat
 
 
 def _hf_rows(d: Path, split: str, text_field: str, id_field: str | None) -> Iterator[tuple[str, dict]]:
+    check_saved_dataset(d)          # every file load_from_disk opens: a plain regular file inside ``d``
     import datasets
 
     try:

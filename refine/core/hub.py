@@ -3,6 +3,10 @@
 Every model or tokenizer path goes through ``local_model``: a local folder is used as it is; anything else
 that reads as a hub id is downloaded (or, offline, found) in the hub cache (``HF_HOME`` / ``HF_HUB_CACHE``).
 Only configs, tokenizers and safetensors weights are fetched: pickled ``*.bin`` weights are never loaded.
+A hub id is exactly ``org/name`` with an optional ``@revision`` that is a branch or tag name or a commit hash
+(``hub_id``: ``org/name@../../x`` is one error line, ``runs/x`` is a local path); the folder found in the cache
+must be one of that repo's ``snapshots/`` (a ref file in the cache cannot send it elsewhere). Reading a cached
+dataset's snapshot links as a corpus: ``refine.core.read_guard.hub_snapshot_file``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from pathlib import Path
 
 from refine.core.errors import InputError
 
-HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>.*))?")
+# a branch or tag name (``main``, ``v1.0``, ``refs/pr/1``: components not starting with ``.``, no ``..``) or a commit
+REVISION = re.compile(r"[\w-][\w.-]*(?:/[\w-][\w.-]*)*")
+# first folders that name this project's (and Hydra's) own output, never a hub organisation: local even if missing
+LOCAL_PREFIXES = frozenset({"runs", "outputs", "multirun", "checkpoints"})
 # what a causal LM and its tokenizer need; no pickles (*.bin, *.pt) and no other formats' copies
 MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
@@ -31,13 +39,24 @@ def hub_cache() -> Path:
 
 
 def hub_id(path: str | Path) -> tuple[str, str | None] | None:
-    """``(repo, revision)`` when ``path`` is a hub id rather than a local path, else None. A path whose first
-    component exists here (``runs/reference``) or that starts with ``.``, ``/`` or ``~`` is local."""
+    """``(repo, revision)`` when ``path`` is a hub id rather than a local path, else None.
+
+    A hub id is exactly ``org/name`` (two components) with an optional ``@revision``. Local: more components
+    (``a/b/c``), a start with ``.``, ``/`` or ``~``, a first component that exists here (``runs/reference``) or
+    that names this project's output (``LOCAL_PREFIXES``: ``runs/x`` is a run folder even before ``runs/``
+    exists; the caller then says it is not found). InputError for a revision that is neither a branch or tag name
+    nor a commit hash (``org/name@../../x`` would read any file as a ref)."""
     s = str(path)
     m = HUB_ID.fullmatch(s)
-    if m is None or Path(s.split("/")[0]).exists():
+    first = s.split("/")[0]
+    if m is None or first in LOCAL_PREFIXES or Path(first).exists():
         return None
-    return m["repo"], m["revision"]
+    revision = m["revision"]
+    if revision is not None and (not REVISION.fullmatch(revision) or ".." in revision
+                                 or revision.endswith(".lock")):
+        raise InputError(f"{s}: {revision[:100]!r} is not a hub revision (a branch or tag name, or a commit hash; "
+                         f"no '..', no leading '/' or '.', no empty part)")
+    return m["repo"], revision
 
 
 def local_model(path: str | Path) -> Path:
@@ -56,20 +75,21 @@ def local_model(path: str | Path) -> Path:
         how = ("the hub is offline here (HF_HUB_OFFLINE=1): fetch it where there is a network "
                f"(`hf download {repo}`) into this cache, or give a local folder") if offline() else \
               "and the hub could not be reached"
-        raise InputError(f"{path}: not in the hub cache {hub_cache()}; {how}") from None
+        raise InputError(f"{path}: no local folder by that name, and not in the hub cache {hub_cache()}; {how}"
+                         ) from None
     except RepositoryNotFoundError:
         raise InputError(f"{path}: no such model on the hub (or it is private: log in with `hf auth login`)") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise InputError(f"{path}: cannot fetch from the hub: {str(e).splitlines()[0]}") from None
-    return Path(folder)
+    return _checked_snapshot(path, repo, Path(folder))
 
 
-def hub_blob_link(p: Path) -> bool:
-    """``p`` is a file of a hub cache snapshot: a link from ``<repo>/snapshots/<rev>/...`` to a file in
-    ``<repo>/blobs/`` (how ``huggingface_hub`` lays out every downloaded repo, datasets included)."""
-    parts = p.absolute().parts
-    if not p.is_symlink() or "snapshots" not in parts[:-2]:
-        return False
-    repo = Path(*parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
-    target = p.resolve()
-    return target.is_file() and target.parent == (repo / "blobs").resolve()
+def _checked_snapshot(path, repo: str, folder: Path) -> Path:
+    """``folder`` is a folder directly inside the repo's ``snapshots/`` (a ref file in the cache holding
+    ``../../x`` or ``/etc`` makes huggingface_hub return that folder)."""
+    snapshots = hub_cache() / f"models--{repo.replace('/', '--')}" / "snapshots"
+    if folder.name in ("", ".", "..") or not folder.is_dir() or folder.resolve().parent != snapshots.resolve():
+        raise InputError(f"{path}: the hub cache's snapshot {str(folder)[:200]} is not a folder inside {snapshots}; "
+                         f"fix or delete the repo's refs/ in the cache")
+    return folder
+

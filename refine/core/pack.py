@@ -38,6 +38,7 @@ from refine.core.errors import InputError, exit_on_input_error
 from refine.core.holdout import HoldOut
 from refine.core.instances import Instances, InstanceWriter, TokenizerInfo
 from refine.core.manifest import manifest_matches, sha256_file, write_manifest
+from refine.core.read_guard import hub_snapshot_file
 from refine.core.tokenizer import load_tokenizer
 
 BATCH_DOCS = 256  # documents per fast-tokenizer call: large enough to use its threads, small in memory
@@ -50,8 +51,10 @@ def corpus_fingerprint(path: str | Path) -> str:
     h = hashlib.sha256()
     for unit, _ in corpus_units(path):
         # inside a saved dataset, as inside a folder, hidden files and links are not read: not part of the key
+        # (but for hub snapshot files, which it reads: refine.core.read_guard.check_saved_dataset)
         files = [unit] if not unit.is_dir() else sorted(
-            p for p in unit.rglob("*") if p.is_file() and not is_link_below(p, unit)
+            p for p in unit.rglob("*") if p.is_file()
+            and (not is_link_below(p, unit) or hub_snapshot_file(p, unit) is not None)
             and not any(part.startswith(".") for part in p.relative_to(unit).parts))
         for f in files:
             h.update(str(f.relative_to(base) if f != base else f.name).encode())
