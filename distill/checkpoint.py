@@ -143,9 +143,16 @@ def check_config(path: str | Path, expected_config) -> None:
 
 
 def load_model(path: str | Path, expected_config) -> PreTrainedModel:
-    """Load a checkpoint's weights, refusing one made for another architecture."""
+    """Load a checkpoint's weights, refusing one made for another architecture; safetensors only (a pickled
+    ``pytorch_model.bin`` is never unpickled, ``weights_only`` or not: one line instead)."""
     check_config(path, expected_config)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    if not any(Path(path).glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in Path(path).glob(pattern))
+        raise InputError(f"no safetensors weights in checkpoint {path}" + (
+            f" ({', '.join(pickled)}: pickled weights are not loaded; save it with safetensors, "
+            f"save_pretrained(safe_serialization=True), where you trust it)" if pickled else ""))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                                use_safetensors=True)
 
 
 def load_state(path: str | Path) -> dict:

@@ -10,6 +10,35 @@ from pathlib import Path
 from refine.core.errors import InputError
 
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bzip2", ".xz": "xz"}
+ZSTD_MAX_WINDOW = 1 << 27    # zstd's default decoder limit (ZSTD_WINDOWLOG_LIMIT_DEFAULT): what a window costs
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class ZstdWindowError(Exception):
+    """A zstd frame asks for a larger window (decoder memory) than ``ZSTD_MAX_WINDOW``."""
+
+    def __init__(self, window: int):
+        super().__init__(f"a {window} byte window")
+        self.window = window
+
+
+def zstd_window(header: bytes) -> int | None:
+    """The window a zstd frame header asks for (RFC 8878 3.1.1.1), or None when ``header`` is not one."""
+    if len(header) < 6 or header[:4] != ZSTD_MAGIC:
+        return None
+    descriptor = header[4]
+    if not descriptor & 0x20:                            # a window descriptor byte: exponent and mantissa
+        base = 1 << (10 + (header[5] >> 3))
+        return base + (base >> 3) * (header[5] & 7)
+    at = 5 + (0, 1, 2, 4)[descriptor & 3]               # single segment: the window is the content size
+    size = (1, 2, 4, 8)[descriptor >> 6]
+    if len(header) < at + size:
+        return None
+    return int.from_bytes(header[at:at + size], "little") + (256 if size == 2 else 0)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:g} GiB" if n >= 2**30 else f"{n / 2**20:g} MiB"
 
 
 class _ZstdRaw(io.RawIOBase):
@@ -22,8 +51,9 @@ class _ZstdRaw(io.RawIOBase):
     def __init__(self, raw):
         import zstandard
 
-        self._raw, self._new = raw, zstandard.ZstdDecompressor().decompressobj
+        self._raw, self._new = raw, zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj
         self._d, self._fed, self._out = self._new(), False, memoryview(b"")
+        self._head = b""                                 # the current frame's first bytes: its window
 
     def readable(self) -> bool:
         return True
@@ -38,8 +68,13 @@ class _ZstdRaw(io.RawIOBase):
             chunks = []
             while data:                                  # a piece may end one frame and start the next
                 if self._d.eof:
-                    self._d = self._new()
+                    self._d, self._head = self._new(), b""
                 self._fed = True
+                if len(self._head) < 18:
+                    self._head += data[:18 - len(self._head)]
+                    window = zstd_window(self._head)
+                    if window is not None and window > ZSTD_MAX_WINDOW:
+                        raise ZstdWindowError(window)
                 chunks.append(self._d.decompress(data))
                 data = self._d.unused_data if self._d.eof else b""
             self._out = memoryview(b"".join(chunks))
@@ -90,6 +125,11 @@ def open_stream(f: Path):
             yield fh
         except InputError:
             raise
+        except ZstdWindowError as e:
+            raise InputError(f"{f}: a zstd frame near compressed byte {raw.tell()} needs a {_size(e.window)} "
+                             f"window (zstd --long=N, N > 27, makes those); refused: over the "
+                             f"{_size(ZSTD_MAX_WINDOW)} a window may take here (that much memory per stream); "
+                             f"recompress it without --long, or with --long=27 or less") from None
         except _decompress_errors() as e:
             if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
                 raise                                    # a real I/O error of the disk, not of the data

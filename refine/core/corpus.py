@@ -32,10 +32,17 @@ that list, so the cache key covers exactly what is read.
 A document larger than ``max_doc_bytes`` (a JSON line, a text file, or a parquet/dataset text in UTF-8 bytes;
 default 64 MiB, ``max_doc_bytes`` in the refine and data configs) is skipped and counted
 (``CorpusStats.skipped_too_large``); a JSON line is read in bounded pieces, so one 2 GB line costs no 2 GB.
+What parsing costs is bounded too, before it is paid: a JSON line of more JSON values than ``max_json_values``
+(``[{},{},...]``: 60 MB of them are 1.5 GB of objects) is skipped and counted as too large without being parsed
+(``refine.core.json_bounds``); parquet pages and a saved dataset's compressed arrow buffers are checked from their
+headers, and rows read in batches sized by them, so a 2 KB dictionary bomb or a 26 KB zstd-compressed arrow
+file is read at a bounded cost or refused in one line (``refine.core.columnar``).
 
 Bad input raises one ``InputError`` line naming the file (and line or row): a missing path or a glob with no
 match, an empty file or corpus, non-UTF-8 bytes (with the byte offset), a malformed or too deeply nested JSON
-line, a missing or non-string text field, a corrupt or truncated compressed file (with the compressed offset).
+line, a missing or non-string text field, a corrupt or truncated compressed file (with the compressed offset), a
+zstd frame asking for a window over 128 MiB (``zstd --long=31``: the window it needs), a corrupt parquet page or
+arrow file, a string column that is not UTF-8 (with the row).
 Empty or whitespace-only documents inside an otherwise sound corpus are skipped and counted in ``CorpusStats``.
 """
 
@@ -49,6 +56,7 @@ from pathlib import Path
 
 from refine.core.compressed import COMPRESSIONS, open_stream
 from refine.core.errors import InputError
+from refine.core.json_bounds import too_many_values
 from refine.core.read_guard import check_saved_dataset, hub_snapshot_file, is_link_below, is_plain, kind
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -200,18 +208,19 @@ def iter_documents(path: str | Path, text_field: str = "text", id_field: str | N
     if max_doc_bytes < 1:
         raise InputError(f"max_doc_bytes must be >= 1, got {max_doc_bytes}")
     stats = stats if stats is not None else CorpusStats()
+    json_read = False
     for unit, name in corpus_units(path, stats):
         stats.files += 1
         fmt, compression = suffixes(unit)
         if is_hf_dataset_dir(unit):
-            rows = _hf_rows(unit, split, text_field, id_field)
+            rows = _hf_rows(unit, split, text_field, id_field, max_doc_bytes)
         elif fmt in JSONL_SUFFIXES:
-            rows = _jsonl_rows(unit, max_doc_bytes)
+            rows, json_read = _jsonl_rows(unit, max_doc_bytes), True
         elif fmt in PARQUET_SUFFIXES:
             if compression:
                 raise InputError(f"{unit}: parquet compresses inside the file; decompress it "
                                  f"(or write it with compression=...) and name it *.parquet")
-            rows = _parquet_rows(unit, text_field, id_field)
+            rows = _parquet_rows(unit, text_field, id_field, max_doc_bytes)
         else:
             rows = _text_file(unit, name, max_doc_bytes)
         for where, row in rows:
@@ -229,8 +238,10 @@ def iter_documents(path: str | Path, text_field: str = "text", id_field: str | N
             stats.documents += 1
             yield doc
     if stats.documents == 0:
+        costly = f"; a JSON line of over {max_json_values(max_doc_bytes)} values counts as over" \
+            if stats.skipped_too_large and json_read else ""
         raise InputError(f"corpus has no non-empty documents: {path} ({stats.skipped_empty} empty, "
-                         f"{stats.skipped_too_large} over {max_doc_bytes} bytes skipped)")
+                         f"{stats.skipped_too_large} over {max_doc_bytes} bytes skipped{costly})")
 
 
 def _too_large(text, max_doc_bytes: int) -> bool:
@@ -267,9 +278,16 @@ def _decode(data: bytes, f: Path, line_no: int | None = None) -> str:
         raise InputError(f"{f}:{line_no}: not UTF-8 (byte 0x{data[e.start]:02x} at {offset})") from None
 
 
+def max_json_values(max_doc_bytes: int) -> int:
+    """Values a JSON line may hold (keys, strings, numbers, objects...): ~72 bytes of Python objects each at most,
+    so parsing a line costs about its text plus ``max_doc_bytes`` / 2 (a line of 1 KB values can hold up to 2^16)."""
+    return max(1 << 16, max_doc_bytes // 128)
+
+
 def _jsonl_rows(f: Path, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
-    """Rows by line; a line over ``max_doc_bytes`` is read past in 1 MiB pieces and yields ``None``."""
-    seen = False
+    """Rows by line; a line over ``max_doc_bytes`` is read past in 1 MiB pieces and yields ``None``, as does one
+    holding more JSON values than ``max_json_values`` (what parsing it would cost, ``refine.core.json_bounds``)."""
+    seen, values = False, max_json_values(max_doc_bytes)
     with open_stream(f) as fh:
         for no in itertools.count(1):
             raw = fh.readline(max_doc_bytes + 4)         # + BOM and line end
@@ -283,6 +301,10 @@ def _jsonl_rows(f: Path, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[s
                 continue
             if no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # tolerate a UTF-8 byte-order mark
                 raw = raw[3:]
+            if too_many_values(raw, values):             # [{},{},...]: 1.5 GB of objects from 60 MB, not parsed
+                seen = True
+                yield f":{no}", None
+                continue
             line = _decode(raw, f, no).strip()
             if not line:
                 continue
@@ -302,31 +324,13 @@ def _jsonl_rows(f: Path, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[s
         raise InputError(f"empty file: {f} (no JSON lines)")
 
 
-def _columns(available: Iterable[str], f: Path, text_field: str, id_field: str | None) -> list[str]:
-    """Only the columns a Document needs (a wide table stays cheap); fail early if the text is absent."""
-    available = list(available)
-    if text_field not in available:
-        raise InputError(f"{f}: no field {text_field!r} (fields: {', '.join(available) or 'none'}); "
-                         f"choose one with text_field")
-    return [c for c in dict.fromkeys([text_field, id_field or "id", "source"]) if c in available]
+def _parquet_rows(f: Path, text_field: str, id_field: str | None,
+                  max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
+    """Rows batch by batch, at a cost bounded before decoding (``refine.core.columnar``); ``None`` for a row
+    over ``max_doc_bytes``, never decoded."""
+    from refine.core.columnar import parquet_rows
 
-
-def _parquet_rows(f: Path, text_field: str, id_field: str | None) -> Iterator[tuple[str, dict]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(f)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(f"{f}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-    if pf.metadata.num_rows == 0:
-        raise InputError(f"empty file: {f} (0 rows)")
-    columns = _columns(pf.schema_arrow.names, f, text_field, id_field)
-    row_no = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=columns):
-        for row in batch.to_pylist():
-            row_no += 1
-            yield f":row {row_no}", row
+    return parquet_rows(f, text_field, id_field, max_doc_bytes)
 
 
 def _text_file(f: Path, name: str, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
@@ -348,8 +352,13 @@ def _text_file(f: Path, name: str, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterat
     yield "", {"text": _decode(data, f), "id": name, "source": f.parent.name or strip_suffixes(Path(f.name)).name}
 
 
-def _hf_rows(d: Path, split: str, text_field: str, id_field: str | None) -> Iterator[tuple[str, dict]]:
+def _hf_rows(d: Path, split: str, text_field: str, id_field: str | None,
+             max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
     check_saved_dataset(d)          # every file load_from_disk opens: a plain regular file inside ``d``
+    from refine.core.columnar import check_arrow_file, columns, saved_arrow_files, table_rows
+
+    for arrow in saved_arrow_files(d):  # compressed buffers' declared sizes, before load_from_disk inflates them
+        check_arrow_file(arrow, max_doc_bytes)
     import datasets
 
     try:
@@ -362,12 +371,8 @@ def _hf_rows(d: Path, split: str, text_field: str, id_field: str | None) -> Iter
         ds = ds[split]
     if len(ds) == 0:
         raise InputError(f"empty dataset: {d}")
-    ds = ds.select_columns(_columns(ds.column_names, d, text_field, id_field))
-    row_no = 0
-    for batch in ds.iter(batch_size=1024):
-        for values in zip(*batch.values()):
-            row_no += 1
-            yield f":row {row_no}", dict(zip(batch, values))
+    ds = ds.select_columns(columns(ds.data.schema, d, text_field, id_field)).with_format("arrow")
+    yield from table_rows(ds.iter(batch_size=1024), d, max_doc_bytes)   # arrow tables: sizes before values
 
 
 def write_jsonl(docs: Iterable[Document], path: str | Path) -> int:

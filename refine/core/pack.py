@@ -39,7 +39,7 @@ from refine.core.holdout import HoldOut
 from refine.core.instances import Instances, InstanceWriter, TokenizerInfo
 from refine.core.manifest import manifest_matches, sha256_file, write_manifest
 from refine.core.read_guard import hub_snapshot_file
-from refine.core.tokenizer import load_tokenizer
+from refine.core.tokenizer import is_panic, load_tokenizer, one_line, tokenizer_name
 
 BATCH_DOCS = 256  # documents per fast-tokenizer call: large enough to use its threads, small in memory
 
@@ -97,7 +97,7 @@ def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_fiel
         batches = iter(lambda: list(itertools.islice(docs, BATCH_DOCS)), [])
         if workers == 1:
             for batch in batches:
-                writer.add_batch(*tokenize_batch(tokenizer, [d.text for d in batch]),
+                writer.add_batch(*tokenize_batch(tokenizer, [d.text for d in batch], [d.id for d in batch]),
                                  [d.id for d in batch], [d.source for d in batch])
         else:
             _pack_parallel(batches, tokenizer, writer, workers)
@@ -131,13 +131,34 @@ def _leave_out(docs, hold_out: HoldOut, stats: CorpusStats):
             yield d
 
 
-def tokenize_batch(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_batch(tokenizer, texts: list[str], doc_ids: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of ``texts`` back to back and each text's count (two arrays: cheap to send between processes;
-    the writer checks the ids against the vocabulary)."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    the writer checks the ids against the vocabulary). A text the tokenizer fails on (its pre-tokenizer regex
+    giving up: a Rust panic, which would not even pickle back from a worker) is one InputError naming it."""
+    try:
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    except BaseException as e:
+        if not is_panic(e):
+            raise
+        raise _tokenizer_failed(tokenizer, texts, doc_ids, e) from None
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     return flat, lengths
+
+
+def _tokenizer_failed(tokenizer, texts: list[str], doc_ids: list[str] | None, e: BaseException) -> InputError:
+    """The line for a tokenizer panic, naming the first document it fails on (each tried alone)."""
+    which = "a document of this batch"
+    for k, text in enumerate(texts):
+        try:
+            tokenizer(text, add_special_tokens=False)
+        except BaseException as again:
+            if not is_panic(again):
+                raise
+            which = f"document {doc_ids[k]!r}" if doc_ids else f"document {k + 1} of this batch"
+            break
+    return InputError(f"the tokenizer {tokenizer_name(tokenizer)} fails on {which}: {one_line(e)} (its "
+                      f"pre-tokenizer regex gives up on this text); fix the tokenizer or leave the document out")
 
 
 _worker_tokenizer = None
@@ -149,8 +170,8 @@ def _init_worker(tokenizer) -> None:
     _worker_tokenizer = tokenizer
 
 
-def _tokenize_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return tokenize_batch(_worker_tokenizer, texts)
+def _tokenize_in_worker(texts: list[str], doc_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return tokenize_batch(_worker_tokenizer, texts, doc_ids)
 
 
 def _pack_parallel(batches, tokenizer, writer: InstanceWriter, workers: int) -> None:
@@ -165,7 +186,7 @@ def _pack_parallel(batches, tokenizer, writer: InstanceWriter, workers: int) -> 
     in_flight: deque = deque()
     try:
         for batch in batches:
-            in_flight.append((pool.submit(_tokenize_in_worker, [d.text for d in batch]),
+            in_flight.append((pool.submit(_tokenize_in_worker, [d.text for d in batch], [d.id for d in batch]),
                               [d.id for d in batch], [d.source for d in batch]))
             while len(in_flight) >= 2 * workers:
                 future, ids, sources = in_flight.popleft()

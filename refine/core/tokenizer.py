@@ -26,11 +26,26 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
         raise InputError(f"tokenizer folder not found: {path} (run `make models` for the default teacher)")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json: tokenizers' own Exception, RecursionError
+        raise InputError(f"cannot load a tokenizer from {path}: {one_line(e)}") from None
+    except BaseException as e:
+        if not is_panic(e):                              # (a Rust panic inside tokenizers is a BaseException)
+            raise
+        raise InputError(f"cannot load a tokenizer from {path}: the tokenizers library failed ({one_line(e)})"
+                         ) from None
     if tok.eos_token_id is None:
         raise InputError(f"tokenizer in {path} has no EOS token; packing needs one to separate documents")
     return tok
+
+
+def is_panic(e: BaseException) -> bool:
+    """A Rust panic raised into Python (pyo3's ``PanicException``, a ``BaseException``: the tokenizers library
+    raises one when its pre-tokenizer regex gives up, e.g. at Oniguruma's retry limit)."""
+    return type(e).__name__ == "PanicException"
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def tokenizer_hash(tok) -> str:

@@ -22,6 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from refine.core.errors import InputError
+from refine.core.json_bounds import too_many_values
+
+VALUE_BYTES = 32     # an answer of at most cap bytes may hold cap / 32 JSON values (vLLM's has ~1 per 7 bytes)
 
 
 class Retryable(Exception):
@@ -120,7 +123,7 @@ class ServerPool:
             conn.close()
         if expired.is_set():
             raise Retryable("timed out")
-        return _answer(resp, raw)
+        return _answer(resp, raw, cap)
 
     @staticmethod
     def _read_capped(resp, ep: Endpoint, path: str, cap: int) -> bytes:
@@ -182,8 +185,12 @@ class ServerPool:
                     ep.inflight -= 1
 
 
-def _answer(resp, raw: bytes) -> dict:
-    """A finished answer: its JSON object, or ``Refused`` / ``Retryable`` by its status and body."""
+def _answer(resp, raw: bytes, cap: int) -> dict:
+    """A finished answer: its JSON object, or ``Refused`` / ``Retryable`` by its status and body. It may hold
+    ``cap / VALUE_BYTES`` JSON values, counted before it is parsed (``refine.core.json_bounds``): the cap bounds
+    what parsing it costs, not only its bytes."""
+    if too_many_values(raw, cap // VALUE_BYTES):
+        raise Retryable(f"JSON of more than {cap // VALUE_BYTES:,} values ({len(raw):,} bytes), not parsed")
     if resp.status >= 300:
         if 300 <= resp.status < 400:
             raise Refused(resp.status, f"a redirect to {resp.getheader('Location')!r}, not followed")
