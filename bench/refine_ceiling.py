@@ -168,7 +168,8 @@ class _NullWriter:
 
 
 def _write_bytes(path: Path, blob: bytes) -> None:
-    from refine.core.manifest import atomic_path, sha256_file
+    from refine.core.manifest import sha256_file
+    from refine.core.write import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(blob)

@@ -30,8 +30,8 @@ import torch
 
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.library_noise import no_library_bars
-from refine.core.manifest import write_json_atomic
 from refine.core.paths import REPO, benchmarks_dir, cache_dir, corpus_dir, resolve_model
+from refine.core.write import write_json_atomic
 
 TASKS_DIR = REPO / "conf" / "eval" / "tasks"
 

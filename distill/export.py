@@ -21,9 +21,9 @@ import torch
 
 from distill import sharded_checkpoint
 from refine.core.errors import InputError, exit_on_input_error
-from refine.core.manifest import atomic_path
 from refine.core.paths import checked_step_name
 from refine.core.read_guard import check_tree
+from refine.core.write import atomic_path
 
 HF_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
 

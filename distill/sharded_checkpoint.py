@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 
 from distill.distributed import Dist, on_main, together
 from refine.core.errors import InputError, everyone, write_error_line
-from refine.core.manifest import atomic_path
+from refine.core.write import atomic_path
 
 DCP_DIR = "dcp"
 # What DCP's .metadata pickles (torch 2.4-2.13), as exact (module, name) pairs: its own records, torch sizes,

@@ -29,8 +29,8 @@ from distill.models import build_student
 from distill.optim import build_optimizer, build_scheduler, clip_gradients
 from distill.schedules import plot_schedules
 from refine.core.errors import InputError, everyone
-from refine.core.folder_lock import FolderLock
 from refine.core.tokenizer import bos_prefix, tokenizer_hash
+from refine.core.write import FolderLock
 
 
 def pick_device(name: str) -> torch.device:

@@ -32,8 +32,9 @@ import numpy as np
 
 from refine.core.errors import InputError
 from refine.core.instances import FORMAT, VERSION, Instances, TokenizerInfo, dtype_for
-from refine.core.manifest import atomic_path, sha256_file
+from refine.core.manifest import sha256_file
 from refine.core.retokenize import Retokenized, Retokenizer
+from refine.core.write import atomic_path
 
 COUNTED = "counted.npy"
 FOLDER = "instances_reference"

@@ -17,9 +17,10 @@ from refine.console import ChildOutput, LogFile, log_path
 from refine.core.errors import InputError
 from refine.core.instances import Instances
 from refine.core.logits import LogitsStore, convert
-from refine.core.manifest import atomic_path, sha256_file, write_json_atomic
+from refine.core.manifest import sha256_file
 from refine.core.tokenizer import bos_prefix, load_tokenizer
-from refine.folder_key import claim_json, differences, normal, refusal
+from refine.core.write import atomic_path, claim_json, write_json_atomic
+from refine.folder_key import differences, normal, refusal
 from refine.score_pass import PassConfig, parse_shard
 
 PASSES = ("teacher", "reference")

@@ -13,13 +13,13 @@ import numpy as np
 
 from refine.config import RefineConfig, ScoreUnit
 from refine.core.errors import InputError
-from refine.core.folder_lock import FolderLock
 from refine.core.instances import Instances, write_subset
-from refine.core.manifest import atomic_path, read_manifest, write_json_atomic
+from refine.core.manifest import read_manifest
 from refine.core.pack import corpus_fingerprint, pack
 from refine.core.paths import resolve_model
 from refine.core.retokenize import Retokenizer
 from refine.core.tokenizer import load_tokenizer, tokenizer_hash
+from refine.core.write import FolderLock, atomic_path, write_json_atomic
 from refine.cross_reference import FOLDER as REF_ROWS
 from refine.cross_reference import check_fits, read_counted, reference_rows
 from refine.folder_key import check_settings, scoring_settings
@@ -33,7 +33,7 @@ from refine.score_pass import parse_shard
 
 def refine(cfg: RefineConfig) -> dict:
     """The whole stage (``select_only``: re-selection from the folder's saved scores), holding the folder's
-    lock: exclusive, but shared among the parts of a sharded run (``refine.core.folder_lock`` says why)."""
+    lock: exclusive, but shared among the parts of a sharded run (``refine.core.write.FolderLock`` says why)."""
     _, parts = parse_shard(cfg.shard)
     out = Path(cfg.out)
     if parts > 1 and not cfg.reference.path and not cfg.select_only:

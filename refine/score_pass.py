@@ -29,8 +29,8 @@ from refine.config import Backend, LogitsConfig, ModelPassConfig
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.instances import Instances
 from refine.core.logits import LogitsWriter, StoreHeader
-from refine.core.manifest import atomic_path, write_json_atomic
 from refine.core.schema import Checked, to_typed
+from refine.core.write import atomic_path, write_json_atomic
 from refine.cross_reference import counted_mean_nll, read_counted
 from refine.progress import Events, Progress
 

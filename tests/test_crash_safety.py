@@ -78,7 +78,7 @@ def test_train_killed_repeatedly_finishes_identically(tiny_overrides, tmp_path):
 
 def _writer_in(folder: Path, name: str) -> subprocess.Popen:
     """A real process inside ``atomic_path(folder / name)``, holding its temporary until killed."""
-    code = ("import sys, time; from refine.core.manifest import atomic_path\n"
+    code = ("import sys, time; from refine.core.write import atomic_path\n"
             f"with atomic_path({str(folder / name)!r}) as tmp:\n"
             "    tmp.write_text('half'); print(tmp, flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
@@ -89,7 +89,7 @@ def _writer_in(folder: Path, name: str) -> subprocess.Popen:
 def test_a_writer_sweeps_dead_processes_temporaries_once_per_folder(tmp_path):
     """Liveness is the flock a writer holds on its temporary's .lock, not host name + pid (two containers
     sharing a host name reuse pids): a killed writer's temporary goes, a live one's stays, whoever it is."""
-    from refine.core import manifest
+    from refine.core import write
 
     dead, live = _writer_in(tmp_path, "a.json"), _writer_in(tmp_path, "b.json")
     dead.kill()
@@ -98,17 +98,17 @@ def test_a_writer_sweeps_dead_processes_temporaries_once_per_folder(tmp_path):
     (tmp_path / "store" / "data").write_text("old")
     killed_mid_swap = _writer_in(tmp_path, "store")          # killed between the two renames of "store"
     box = next(tmp_path.glob(".store.tmp-*"))
-    (tmp_path / "store").rename(box / manifest.OLD)
+    (tmp_path / "store").rename(box / write.OLD)
     killed_mid_swap.kill()
     killed_mid_swap.wait()
-    manifest.write_json_atomic(tmp_path / "x.json", {})
+    write.write_json_atomic(tmp_path / "x.json", {})
     names = sorted(p.name for p in tmp_path.iterdir())
     assert [n for n in names if not n.startswith(".b.json.tmp-")] == ["store", "x.json"] and len(names) == 3
     assert (tmp_path / "store" / "data").read_text() == "old"
     later = _writer_in(tmp_path, "d.json")
     later.kill()
     later.wait()
-    manifest.write_json_atomic(tmp_path / "y.json", {})      # swept by the next process, not this one
+    write.write_json_atomic(tmp_path / "y.json", {})      # swept by the next process, not this one
     assert list(tmp_path.glob(".d.json.tmp-*"))
     live.kill()
     live.wait()

@@ -13,13 +13,13 @@ import pytest
 
 from refine.config import RefineConfig
 from refine.core.errors import InputError
-from refine.core.folder_lock import FolderLock
-from refine.folder_key import check_settings, claim_json, scoring_settings
+from refine.core.write import FolderLock, claim_json
+from refine.folder_key import check_settings, scoring_settings
 from tests.conftest import REPO
 
 HOLD = """
 import sys, time
-from refine.core.folder_lock import FolderLock
+from refine.core.write import FolderLock
 with FolderLock(sys.argv[1], "test writer", "use another folder", shared=sys.argv[2] == "shared"):
     print("held", flush=True)
     time.sleep(60)

@@ -145,7 +145,7 @@ def test_atomic_writes_never_write_through_planted_links(tmp_path):
     import socket
 
     from refine.core.logits import LogitsStore
-    from refine.core.manifest import atomic_path, write_json_atomic
+    from refine.core.write import atomic_path, write_json_atomic
     from refine.outputs import write_kept_logits
     from tests.test_fuzz_store import build_stores
 

@@ -59,7 +59,7 @@ def _python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_a_lock_planted_as_a_link_is_refused_and_its_target_kept(tmp_path, victim, shared):
-    from refine.core.folder_lock import FolderLock
+    from refine.core.write import FolderLock
 
     _plant(tmp_path / "out" / ".writer.lock", victim)
     with pytest.raises(InputError) as e:
@@ -70,7 +70,7 @@ def test_a_lock_planted_as_a_link_is_refused_and_its_target_kept(tmp_path, victi
 
 
 def test_a_dangling_lock_link_creates_nothing(tmp_path):
-    from refine.core.folder_lock import FolderLock
+    from refine.core.write import FolderLock
 
     target = tmp_path / "elsewhere" / "new-file"
     target.parent.mkdir()                                         # (its folder exists: only the file is missing)
@@ -82,7 +82,7 @@ def test_a_dangling_lock_link_creates_nothing(tmp_path):
 
 
 def test_a_fifo_lock_is_refused(tmp_path):
-    from refine.core.folder_lock import FolderLock
+    from refine.core.write import FolderLock
 
     (tmp_path / "out").mkdir()
     os.mkfifo(tmp_path / "out" / ".writer.lock")
@@ -94,7 +94,7 @@ def test_a_fifo_lock_is_refused(tmp_path):
 
 def test_the_lock_still_works(tmp_path):
     """The usual case: a plain lock file is created, held, and its holder named to the next writer."""
-    from refine.core.folder_lock import FolderLock
+    from refine.core.write import FolderLock
 
     with FolderLock(tmp_path, "refine run", "use another out="):
         assert (tmp_path / ".writer.lock").read_text().startswith(f"{socket.gethostname()} {os.getpid()} ")
@@ -344,7 +344,7 @@ def _old_claim_names(path: Path) -> list[Path]:
 
 
 def test_claim_writes_through_no_link_at_a_predictable_name(tmp_path, victim):
-    from refine.folder_key import claim_json
+    from refine.core.write import claim_json
 
     path = tmp_path / "out" / "scoring.json"
     for name in _old_claim_names(path):
@@ -357,7 +357,7 @@ def test_claim_writes_through_no_link_at_a_predictable_name(tmp_path, victim):
 
 @pytest.mark.parametrize("existing", [True, False])
 def test_a_record_planted_as_a_link_is_refused(tmp_path, victim, existing):
-    from refine.folder_key import claim_json
+    from refine.core.write import claim_json
 
     target = victim if existing else tmp_path / "elsewhere" / "created"
     path = _plant(tmp_path / "out" / "scoring.json", target)
@@ -370,7 +370,7 @@ def test_a_record_planted_as_a_link_is_refused(tmp_path, victim, existing):
 def test_claims_stay_exclusive_and_old_stale_claims_are_swept(tmp_path):
     """Of writers claiming at once, one record wins and every one reads it; a temporary an older version's writer
     left when it was killed (``.NAME.claim-HOST-PID``, its pid dead) goes, a live pid's stays."""
-    from refine.folder_key import claim_json
+    from refine.core.write import claim_json
 
     path = tmp_path / "key.json"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

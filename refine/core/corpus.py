@@ -377,7 +377,7 @@ def _hf_rows(d: Path, split: str, text_field: str, id_field: str | None,
 
 def write_jsonl(docs: Iterable[Document], path: str | Path) -> int:
     """Write documents as JSONL ({"id", "source", "text"}) atomically; return the count."""
-    from refine.core.manifest import atomic_path
+    from refine.core.write import atomic_path
 
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:

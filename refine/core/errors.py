@@ -3,7 +3,7 @@
 Raise ``InputError("what is wrong and what to do")`` anywhere; command entry points wrap their
 ``main`` in ``exit_on_input_error`` which prints ``error: <message>`` to stderr and exits with code 2.
 A failed write (a full disk, a file-size limit, an I/O error) is one such line too, naming the path and the
-cause: every writer goes through ``refine.core.manifest.atomic_path``, so the previous version stays and the
+cause: every writer goes through ``refine.core.write.atomic_path``, so the previous version stays and the
 half-written temporary is gone, and the rerun finishes the work.
 """
 

