@@ -16,9 +16,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from refine.core.errors import InputError, write_error_line
+from refine.core.model_folder import load_causal_lm, load_config
 from refine.core.paths import checked_step_name
 from refine.core.read_guard import check_tree
 from refine.core.write import atomic_path
@@ -128,12 +129,7 @@ def latest(run_dir: str | Path) -> Path | None:
 
 def check_config(path: str | Path, expected_config) -> None:
     """Refuse a checkpoint made for another architecture than ``expected_config``."""
-    from transformers import AutoConfig
-
-    try:  # the saved config with every default filled in, so absent keys compare as what they mean
-        saved = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {Path(path) / 'config.json'}: {str(e).splitlines()[0]}") from None
+    saved = load_config(path)   # every default filled in, so absent keys compare as what they mean
     diff = {k: (getattr(saved, k, None), getattr(expected_config, k, None)) for k in ARCH_FIELDS
             if getattr(saved, k, None) != getattr(expected_config, k, None)}
     if diff:
@@ -146,13 +142,7 @@ def load_model(path: str | Path, expected_config) -> PreTrainedModel:
     """Load a checkpoint's weights, refusing one made for another architecture; safetensors only (a pickled
     ``pytorch_model.bin`` is never unpickled, ``weights_only`` or not: one line instead)."""
     check_config(path, expected_config)
-    if not any(Path(path).glob("*.safetensors")):
-        pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in Path(path).glob(pattern))
-        raise InputError(f"no safetensors weights in checkpoint {path}" + (
-            f" ({', '.join(pickled)}: pickled weights are not loaded; save it with safetensors, "
-            f"save_pretrained(safe_serialization=True), where you trust it)" if pickled else ""))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
-                                                use_safetensors=True)
+    return load_causal_lm(path, what="checkpoint")
 
 
 def load_state(path: str | Path) -> dict:

@@ -48,7 +48,10 @@ class _Holder(torch.nn.Module):
 
 
 def export(src: str | Path, out: str | Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from refine.core.model_folder import load_config
+    from refine.core.tokenizer import load_tokenizer
 
     step, out = step_folder(src), Path(out)
     if out.exists():
@@ -57,11 +60,10 @@ def export(src: str | Path, out: str | Path) -> Path:
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         if sharded_checkpoint.is_sharded(step):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(step, local_files_only=True),
-                                                     dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(load_config(step), dtype=torch.float32)
             sharded_checkpoint.load(_Holder(model), None, step)
             model.save_pretrained(tmp, safe_serialization=True)
-            AutoTokenizer.from_pretrained(step, local_files_only=True).save_pretrained(tmp)
+            load_tokenizer(step).save_pretrained(tmp)
         else:
             for f in (f for pattern in HF_FILES for f in step.glob(pattern)):
                 shutil.copyfile(f, tmp / f.name)

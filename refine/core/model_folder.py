@@ -15,7 +15,7 @@ from pathlib import Path
 from refine.core.errors import InputError
 
 
-def check_folder(path: str | Path, trust_remote_code: bool = False, weights: bool = True) -> Path:
+def check_folder(path: str | Path, trust_remote_code: bool = False, weights: bool = True, what: str = "") -> Path:
     """``path`` as a model folder these rules can load, or one line saying why not (checked before transformers
     is asked, so its prompt, its pickle fallback and its tracebacks never come up)."""
     path = Path(path)
@@ -32,9 +32,9 @@ def check_folder(path: str | Path, trust_remote_code: bool = False, weights: boo
                          f"trust_remote_code=true only for a folder you trust")
     if weights and not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in path.glob(pattern))
-        raise InputError(f"no safetensors weights in {path}" + (
-            f" ({', '.join(pickled)}: pickled, never loaded; convert with save_pretrained(safe_serialization=True)"
-            f" where you trust it)" if pickled else ""))
+        raise InputError(f"no safetensors weights in {what + ' ' if what else ''}{path}" + (
+            f" ({', '.join(pickled)}: pickled weights are not loaded; save it with safetensors, "
+            f"save_pretrained(safe_serialization=True), where you trust it)" if pickled else ""))
     return path
 
 
@@ -53,12 +53,14 @@ def load_config(path: str | Path, trust_remote_code: bool = False):
         raise _one_line(Path(path), e) from None
 
 
-def load_causal_lm(path: str | Path, dtype=None, trust_remote_code: bool = False, auto_class: str = "causal"):
-    """``AutoModelForCausalLM`` (``auto_class="base"``: ``AutoModel``) from the folder's safetensors."""
+def load_causal_lm(path: str | Path, dtype=None, trust_remote_code: bool = False, auto_class: str = "causal",
+                   what: str = ""):
+    """``AutoModelForCausalLM`` (``auto_class="base"``: ``AutoModel``) from the folder's safetensors; ``what``
+    names the folder's kind in the refusal (``checkpoint``)."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
-    check_folder(path, trust_remote_code)
+    check_folder(path, trust_remote_code, what=what)
     cls = AutoModelForCausalLM if auto_class == "causal" else AutoModel
     try:
         return cls.from_pretrained(str(path), dtype=dtype or torch.float32, local_files_only=True,

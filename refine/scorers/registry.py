@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 from refine.core.errors import InputError
+from refine.core.model_folder import check_folder
 from refine.scorers.base import Scorer
 
 BACKENDS = {
@@ -23,8 +23,7 @@ def make_scorer(kind: str, model_dir: str, top_k: int = 0, dtype: str = "float32
     the scores stay those of the row's own tokens 1..L-1."""
     if kind not in BACKENDS:
         raise InputError(f"unknown scorer {kind!r} ({' | '.join(BACKENDS)})")
-    if not (Path(model_dir) / "config.json").is_file():
-        raise InputError(f"not a model folder (no config.json): {model_dir}")
+    check_folder(model_dir, opts.get("trust_remote_code", False), weights=False)
     if "bos_id" not in opts:
         from refine.core.tokenizer import bos_prefix, load_tokenizer
 
