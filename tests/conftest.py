@@ -21,6 +21,25 @@ WORDS = ("the of and to in a is that for it as was with be by on not he this are
          "house road light winter summer morning evening north south island village army law money bridge").split()
 
 
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def offline_hub_repo(tmp_path: Path, monkeypatch, name: str = "acme--tiny") -> Path:
+    """An empty ``models--<name>`` repo in an ``HF_HOME`` under ``tmp_path``, as huggingface_hub lays a download
+    out (``refs/main`` -> ``snapshots/<HUB_COMMIT>``), with the hub offline and ``tmp_path`` the working folder;
+    the caller fills ``snapshots/<HUB_COMMIT>``."""
+    repo = tmp_path / "hf" / "hub" / f"models--{name}"
+    (repo / "snapshots" / HUB_COMMIT).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    for var in ("HF_HUB_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    return repo
+
+
 def make_docs(n: int, seed: int, prefix: str = "doc") -> list[dict]:
     """Sentences with a little structure (a per-doc topic word), so a tiny LM has something to learn."""
     rng = random.Random(seed)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from tests.capped_child import peak_mib, run_capped  # noqa: E402  (the child imports this file by path)
 
 pytestmark = pytest.mark.integration   # a child process under a memory cap (make test-unit skips)
 
@@ -162,10 +162,7 @@ def run_cases(root: Path, cases: int, seed: int) -> dict:
         if k == "unsound":
             bad.append(f"{fmt} {kind}: unsound")
         shutil.rmtree(case)
-    # VmHWM: this process image's own peak (see tests/test_fuzz_store.py)
-    status = Path("/proc/self/status").read_text()
-    peak_mib = int(status.split("VmHWM:")[1].split()[0]) / 1024
-    return {"cases": cases, "counts": counts, "per_format": per_format, "peak_rss_mib": round(peak_mib, 1),
+    return {"cases": cases, "counts": counts, "per_format": per_format, "peak_rss_mib": peak_mib(),
             "cap_gib": CAP_BYTES / 2**30, "seconds": round(time.perf_counter() - t0, 1),
             "some_lines": list(lines.values())[:25], "bad": bad[:10]}
 
@@ -174,16 +171,8 @@ def fuzz(root: Path, cases: int, seed: int) -> dict:
     """Build the seeds here, run the cases in a child capped at ``CAP_BYTES`` of address space."""
     seeds = build_seeds(root)
     (root / "seeds.json").write_text(json.dumps({f: p.name for f, p in seeds.items()}))
-    code = ("import json, resource, sys; from pathlib import Path; "
-            f"resource.setrlimit(resource.RLIMIT_AS, ({CAP_BYTES}, {CAP_BYTES})); "
-            "from tests.test_fuzz_corpus import run_cases; "
-            f"print(json.dumps(run_cases(Path({str(root)!r}), {cases}, {seed})))")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_capped("tests.test_fuzz_corpus", root, cases, seed, CAP_BYTES, timeout=600,
+                      env={"HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
 
 
 def test_fuzzed_corpora_end_in_documents_or_one_line(tmp_path):

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from refine.core.logits.format import MAGIC, STREAMS  # noqa: E402  (the child imports this file by path)
+from tests.capped_child import peak_mib, run_capped  # noqa: E402  (the child imports this file by path)
 
 pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
 
@@ -280,26 +281,14 @@ def run_cases(root: Path, cases: int, seed: int) -> dict:
             bad.append(f"{what}: {outcome}")
         if name:
             crafted[name] = outcome
-    # VmHWM: this process image's own peak. (ru_maxrss keeps the forking parent's peak across exec: in a long
-    # pytest session that is the test runner's, GBs, not the child's.)
-    status = Path("/proc/self/status").read_text()
-    peak_mib = int(status.split("VmHWM:")[1].split()[0]) / 1024
-    return {"cases": len(jobs), "random": cases, "counts": counts, "peak_rss_mib": round(peak_mib, 1),
+    return {"cases": len(jobs), "random": cases, "counts": counts, "peak_rss_mib": peak_mib(),
             "cap_gib": CAP_BYTES / 2**30, "crafted": crafted, "bad": bad[:10]}
 
 
 def fuzz(root: Path, cases: int, seed: int) -> dict:
     """Build the stores here, run the cases in a child capped at ``CAP_BYTES`` of address space."""
     build_stores(root)
-    code = ("import json, resource, sys; from pathlib import Path; "
-            f"resource.setrlimit(resource.RLIMIT_AS, ({CAP_BYTES}, {CAP_BYTES})); "
-            "from tests.test_fuzz_store import run_cases; "
-            f"print(json.dumps(run_cases(Path({str(root)!r}), {cases}, {seed})))")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_capped("tests.test_fuzz_store", root, cases, seed, CAP_BYTES, timeout=300)
 
 
 def test_fuzzed_stores_end_in_sound_rows_or_one_line(tmp_path):

@@ -13,25 +13,18 @@ from refine.core.hub import hub_id
 from refine.core.paths import resolve_model
 from refine.core.tokenizer import load_tokenizer, tokenizer_hash
 from refine.scorers.registry import make_scorer
+from tests.conftest import HUB_COMMIT, offline_hub_repo
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT = HUB_COMMIT
 
 
 @pytest.fixture
 def hub_home(tiny_model_dir, tmp_path, monkeypatch) -> Path:
     """``HF_HOME`` holding ``acme/tiny`` as huggingface_hub lays a download out (refs/main -> snapshots/<commit>),
     plus a pickled weights file that must never be picked up."""
-    repo = tmp_path / "hf" / "hub" / "models--acme--tiny"
-    snap = repo / "snapshots" / COMMIT
-    shutil.copytree(tiny_model_dir, snap)
+    snap = offline_hub_repo(tmp_path, monkeypatch) / "snapshots" / COMMIT
+    shutil.copytree(tiny_model_dir, snap, dirs_exist_ok=True)
     (snap / "pytorch_model.bin").write_bytes(b"not for loading")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    for var in ("HF_HUB_CACHE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
     return tmp_path / "hf"
 
 

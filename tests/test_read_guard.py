@@ -15,9 +15,10 @@ import pytest
 from refine.core.corpus import CorpusStats, corpus_units, iter_documents
 from refine.core.errors import InputError
 from refine.core.pack import corpus_fingerprint
+from tests.conftest import HUB_COMMIT, offline_hub_repo
 
 SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- secret"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT = HUB_COMMIT
 
 
 class Fifos:
@@ -211,16 +212,8 @@ def test_a_saved_dataset_dict_split_stays_inside(tmp_path):
 
 @pytest.fixture
 def hub_home(tmp_path, monkeypatch) -> Path:
-    repo = tmp_path / "hf" / "hub" / "models--acme--tiny"
-    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    repo = offline_hub_repo(tmp_path, monkeypatch)
     (repo / "snapshots" / COMMIT / "config.json").write_text("{}")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    for var in ("HF_HUB_CACHE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
     return repo
 
 
