@@ -355,7 +355,8 @@ def _text_file(f: Path, name: str, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterat
 def _hf_rows(d: Path, split: str, text_field: str, id_field: str | None,
              max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
     check_saved_dataset(d)          # every file load_from_disk opens: a plain regular file inside ``d``
-    from refine.core.columnar import check_arrow_file, columns, saved_arrow_files, table_rows
+    from refine.core.arrow_ipc import check_arrow_file, saved_arrow_files
+    from refine.core.columnar import columns, table_rows
 
     for arrow in saved_arrow_files(d):  # compressed buffers' declared sizes, before load_from_disk inflates them
         check_arrow_file(arrow, max_doc_bytes)
