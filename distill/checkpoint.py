@@ -22,7 +22,7 @@ from refine.core.errors import InputError, write_error_line
 from refine.core.model_folder import load_causal_lm, load_config
 from refine.core.paths import checked_step_name
 from refine.core.read_guard import check_tree
-from refine.core.write import atomic_path
+from refine.core.write import atomic_path, write_text_atomic
 
 STATE = "trainer_state.pt"
 # Fields that define the architecture: a checkpoint that differs in any of them belongs to another model.
@@ -73,8 +73,7 @@ def write_folder(folder: Path, model, tokenizer, state: dict, weights: dict | No
 def publish(run_dir: str | Path, final: Path, keep: int) -> None:
     """Point ``checkpoints/latest`` at the complete ``final`` and drop the oldest beyond ``keep``."""
     root = ckpt_root(run_dir)
-    with atomic_path(root / "latest") as tmp:
-        tmp.write_text(final.name + "\n")
+    write_text_atomic(root / "latest", final.name + "\n")
     _prune(root, keep, final)
 
 

@@ -15,7 +15,7 @@ import torch
 from refine.core.errors import write_error_line
 from refine.core.manifest import code_version
 from refine.core.tokenizer import tokenizer_hash
-from refine.core.write import atomic_path, check_plain, open_append, write_json_atomic
+from refine.core.write import check_plain, open_append, write_json_atomic, write_text_atomic
 
 
 class Metrics:
@@ -34,8 +34,7 @@ class Metrics:
             if lines and not _parses(lines[-1]):
                 lines.pop()               # a record cut short by a full disk: written again after the resume
             keep = [line for line in lines if json.loads(line)["step"] <= resume_step]
-            with atomic_path(self.path) as tmp:
-                tmp.write_text("".join(line + "\n" for line in keep))
+            write_text_atomic(self.path, "".join(line + "\n" for line in keep))
         self._file = open_append(self.path)
         self._tb = None
         if tensorboard:

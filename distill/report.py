@@ -28,7 +28,7 @@ from statistics import mean
 
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.paths import REPO
-from refine.core.write import atomic_path
+from refine.core.write import atomic_path, write_text_atomic
 
 
 def find_runs(roots: list[Path]) -> list[Path]:
@@ -254,10 +254,8 @@ def build(roots: list[Path], name: str, out_dir: Path, refined: Path | None = No
         lines += ["", notes.read_text().strip()]
     lines += [""] + [f"![{f}]({f})" for f in files]
     path = out_dir / f"{name}.md"
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with atomic_path(out_dir / f"{name}.json") as tmp:
-        tmp.write_text(json.dumps({"runs": runs, "comparison": comparison}, indent=1))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    write_text_atomic(out_dir / f"{name}.json", json.dumps({"runs": runs, "comparison": comparison}, indent=1))
     return path
 
 

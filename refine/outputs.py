@@ -19,7 +19,7 @@ from refine.core.instances import Instances, TokenizerInfo, write_subset
 from refine.core.logits import LogitsStore, LogitsWriter
 from refine.core.manifest import code_version, write_manifest
 from refine.core.tokenizer import tokenizer_hash
-from refine.core.write import atomic_path, check_plain
+from refine.core.write import atomic_path, check_plain, write_text_atomic
 from refine.select import difference_scores, random_control, select
 
 
@@ -140,5 +140,4 @@ def _add_diversity(report: dict, out: Path, emb: np.ndarray, kept: np.ndarray, c
                f"{d['random_same_size']:.4f}\n")
     check_plain(path)                         # write_report's, just renamed into place: not a link planted since
     text = path.read_text(encoding="utf-8")
-    with atomic_path(path) as tmp:            # rewritten whole, not appended: never through a link
-        tmp.write_text(text + section, encoding="utf-8")
+    write_text_atomic(path, text + section)   # rewritten whole, not appended: never through a link

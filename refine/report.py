@@ -10,7 +10,7 @@ import numpy as np
 
 from refine.core.instances import Instances
 from refine.core.logits import LogitsStore
-from refine.core.write import atomic_path
+from refine.core.write import atomic_path, write_text_atomic
 
 # Corpus text is data, not markup: every character that could start HTML, a link, a (remote) image, emphasis
 # or a table cell is backslash-escaped, which CommonMark renders as the character itself.
@@ -111,6 +111,5 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
     lines += [quote(int(i)) for i in order[:examples]]
     lines += ["", "## Lowest-scored instances (dropped)", ""]
     lines += [quote(int(i)) for i in order[::-1][:examples]]
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     return figures

@@ -149,9 +149,13 @@ def _remove_stale(folder: Path) -> None:
                 os.close(fd)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 # ---- files written in place: appended logs, the writer lock ----
