@@ -11,12 +11,16 @@ import errno
 import functools
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
 # Errors of the storage, not of the program: the same command succeeds once there is room again.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EDQUOT, errno.EROFS}
+# How long a torchrun rank other than 0 waits, after an error every rank raised, for rank 0 to print it and
+# torchrun to stop the job (it ends on its own after that, should rank 0 never get there).
+EVERYONE_WAIT_S = 60.0
 
 
 class InputError(Exception):
@@ -54,8 +58,12 @@ def exit_on_input_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except InputError as e:
-            # Under torchrun an error every rank raised alike is printed once, by rank 0.
-            if not (e.everyone and os.environ.get("RANK", "0") != "0"):
+            # Under torchrun an error every rank raised alike is printed once, by rank 0. The others wait for
+            # it: torchrun stops every worker as soon as one exits, and a rank that exited first would have
+            # rank 0 killed before its line is out (no process group exists yet to order them).
+            if e.everyone and os.environ.get("RANK", "0") != "0":
+                time.sleep(EVERYONE_WAIT_S)
+            else:
                 print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except OSError as e:
