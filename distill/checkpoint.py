@@ -164,18 +164,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainer_state(step: int, tokens: int, optimizer_state: dict, scheduler, stream) -> dict:
+def trainer_state(step: int, tokens: int, optimizer_state: dict, scheduler, stream, early_stop) -> dict:
     """Everything besides the weights that a resumed run needs to continue bit for bit."""
     return {"step": step, "tokens": tokens, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-            "data": stream.state_dict(), "rng": rng_state()}
+            "data": stream.state_dict(), "rng": rng_state(), "early_stop": early_stop.state_dict()}
 
 
-def restore(state: dict, scheduler, stream) -> tuple[int, int]:
+def restore(state: dict, scheduler, stream, early_stop) -> tuple[int, int]:
     """Put back what ``trainer_state`` saved (the optimizer aside: ``distributed.load_optimizer_state``, which
     knows the sharding); returns (step, tokens seen)."""
     scheduler.load_state_dict(state["scheduler"])
     stream.load_state_dict(state["data"])
     set_rng_state(state["rng"])
+    early_stop.load_state_dict(state.get("early_stop", {}))    # (checkpoints from before early stopping: none)
     return int(state["step"]), int(state["tokens"])
 
 

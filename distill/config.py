@@ -181,6 +181,10 @@ class TrainerConfig(Checked):
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 8                  # val batches per evaluation (a fixed set, the same every time)
+    # end the run once this many validations in a row have not improved the best val loss by more than
+    # early_stop_min_delta nats (distill.early_stop; 0: run to max_steps)
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
     ckpt_every: int = 50
     keep_checkpoints: int = 2              # most recent trainer checkpoints kept (the final one always)
     progress: bool = True                  # tqdm progress bar

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from distill import checkpoint, distributed, sharded_checkpoint
 from distill.config import TrainConfig
 from distill.data import BatchStream, open_instances, open_retokenized, val_batches
+from distill.early_stop import EarlyStop
 from distill.kd import Distiller
 from distill.losses import lm_loss
 from distill.metrics import Metrics, StepMeans, write_run_record, write_summary
@@ -91,6 +92,7 @@ class Trainer:
         self.sched = build_scheduler(self.opt, cfg.trainer.max_steps, cfg.schedule)
         self.stream = BatchStream(self.train_set, cfg.data.batch_size, cfg.seed)
         self.step, self.tokens_seen, self.nan_run, self.last_ckpt = 0, 0, 0, ckpt
+        self.early = EarlyStop(cfg.trainer.early_stop_patience, cfg.trainer.early_stop_min_delta)
         if ckpt is not None:
             self._resume(ckpt, state)
         self.metrics = (distributed.on_main(d, self._start_records)
@@ -149,7 +151,7 @@ class Trainer:
                 distributed.load_optimizer_state(self.module, self.opt, state["optimizer"], self.d)
         except InputError as e:           # raised alike on every rank, before any collective
             raise everyone(e) from None
-        self.step, self.tokens_seen = checkpoint.restore(state, self.sched, self.stream)
+        self.step, self.tokens_seen = checkpoint.restore(state, self.sched, self.stream, self.early)
         if self.d.is_main:
             print(f"resuming {self.run_dir} from {ckpt.name} (step {self.step})", file=sys.stderr)
 
@@ -177,7 +179,7 @@ class Trainer:
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not show or lines, desc=self.cfg.run_name,
                    dynamic_ncols=True)
         t_start = time.perf_counter()
-        while self.step < tc.max_steps:
+        while self.step < tc.max_steps and not self.early.stopped:
             record = self.train_step()
             self.metrics.log(record)
             bar.update(1)
@@ -194,6 +196,12 @@ class Trainer:
                 if self.d.is_main:
                     bar.write(f"step {self.step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})"
                               + (f", KL(teacher||student) {val['kl_teacher']:.4f}" if "kl_teacher" in val else ""))
+                if self.early.update(self.step, val_loss) and not last:
+                    if self.d.is_main:
+                        bar.write(f"step {self.step}: stopping early: val loss has not improved on "
+                                  f"{self.early.best:.4f} (step {self.early.best_step}) in {self.early.patience} "
+                                  f"validations (trainer.early_stop_patience)")
+                    last = True
             if self.step % tc.ckpt_every == 0 or last:
                 self.last_ckpt = self.save_checkpoint()
         bar.close()
@@ -244,7 +252,8 @@ class Trainer:
 
     def validate(self) -> dict:
         """Val loss on the fixed val batches (and KL to the teacher when distilling), logged; returns the record."""
-        val_loss = evaluate(self.student, self.vbatches, self.device, self.amp)
+        # (the ranks' mean: every rank then takes the same early-stopping decision)
+        val_loss = self.d.mean({"loss": evaluate(self.student, self.vbatches, self.device, self.amp)})["loss"]
         record = {"step": self.step, "split": "val", "loss": val_loss, "tokens": self.tokens_seen}
         if self.distiller.enabled and self.distiller.same_vocabulary and self.cfg.kd.val_kl_batches > 0:
             record["kl_teacher"] = self.distiller.val_kl(self.student, self.vbatches[: self.cfg.kd.val_kl_batches],
@@ -257,14 +266,15 @@ class Trainer:
         (``distill.sharded_checkpoint``), the final checkpoint also the gathered weights; else rank 0 writes."""
         d, final = self.d, checkpoint.step_dir(self.run_dir, self.step)
         sharded = d.world > 1 and d.mode == "fsdp"
-        last = self.step == self.cfg.trainer.max_steps
+        last = self.step == self.cfg.trainer.max_steps or self.early.stopped
         weights = distributed.full_weights(self.module, d) if sharded and last else None   # a collective
 
         def state() -> dict:              # rank 0; a full disk here ends every rank with rank 0's one line
             if self.metrics.failed:       # metrics could not be written since the last checkpoint: resume there
                 raise InputError(self.metrics.failed)
             opt_state = None if sharded else self.opt.state_dict()    # sharded: in dcp/ with the weights
-            return checkpoint.trainer_state(self.step, self.tokens_seen, opt_state, self.sched, self.stream)
+            return checkpoint.trainer_state(self.step, self.tokens_seen, opt_state, self.sched, self.stream,
+                                            self.early)
 
         keep = self.cfg.trainer.keep_checkpoints
         if sharded:
@@ -280,7 +290,8 @@ class Trainer:
         """summary.json and the closing line (rank 0), then lm-eval on the final checkpoint if asked."""
         cfg = self.cfg
         summary = {"run_name": cfg.run_name, "steps": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
-                   "val_ppl": math.exp(val_loss), "checkpoint": str(self.last_ckpt), "seconds_this_session": elapsed}
+                   "val_ppl": math.exp(val_loss), **self.early.summary(), "checkpoint": str(self.last_ckpt),
+                   "seconds_this_session": elapsed}
         if not self.d.is_main:
             return summary
         write_summary(self.run_dir, summary)

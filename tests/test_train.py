@@ -131,3 +131,24 @@ def test_kd_refuses_misaligned_logits(tiny_overrides, tiny_kd_data, tiny_corpus,
     assert linked["tokens_sha256"] == Instances(tmp_path / "inst").index["tokens_sha256"]
     with pytest.raises(SystemExit):                                 # a linked store cannot be re-linked elsewhere
         store_cli(["link", str(tmp_path / "logits"), str(tmp_path / "other")])
+
+
+def test_early_stopping_ends_the_run_and_a_rerun_does_not_train_on(tiny_overrides):
+    """No validation can improve on the first by 100 nats: with patience 2 the run ends at the third (step 15 of
+    40), saved there as its final checkpoint; the same command again finds it finished and trains nothing."""
+    overrides = tiny_overrides + ["trainer.max_steps=40", "trainer.eval_every=5", "trainer.ckpt_every=20",
+                                  "trainer.early_stop_patience=2", "trainer.early_stop_min_delta=100"]
+    summary = train(_cfg(overrides))
+    run_dir = Path(_cfg(overrides).run_dir)
+    assert summary["steps"] == 15 and summary["stopped_early"] is True and summary["best_step"] == 5
+    assert Path(summary["checkpoint"]).name == "step_0000015"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000015"
+    assert [r["step"] for r in _records(run_dir, "val")] == [5, 10, 15]
+    again = train(_cfg(overrides))
+    assert again["steps"] == 15 and again["stopped_early"] is True
+    assert len(_records(run_dir, "train")) == 15
+    assert again["val_loss"] == pytest.approx(summary["val_loss"], abs=1e-6)
+    # with any real improvement allowed, the same run goes to max_steps
+    full = train(_cfg([o for o in overrides if "min_delta" not in o and "run_dir" not in o]
+                      + [f"run_dir={run_dir.parent / 'full'}"]))
+    assert full["steps"] == 40 and full["stopped_early"] is False
