@@ -112,10 +112,16 @@ class DedupConfig(Checked):
     diversity: bool = True                 # report diversity of scored vs refined instances (costs one cheap pass)
 
 
+class RefSizing(StrEnum):     # (string values: a member named auto hides enum.auto in the class body)
+    auto = "auto"       # the teacher's family scaled down, trained on D_ref to a budget (refine.reference_size)
+    fixed = "fixed"     # the trainer's ``experiment`` as it is (the CPU miniature: tests, make demo)
+
+
 @dataclass
 class RefSplitConfig(Checked):
     """D_ref (``refine.reference``): with ``reference.path`` empty, the share of the corpus's documents (by a hash
-    of their id) held out of scoring to train the reference LM on, with the trainer's ``experiment``."""
+    of their id) held out of scoring to train the reference LM on, with the trainer's ``experiment``; its size
+    and budget by ``sizing``."""
     fraction: float = 0.05                 # of the documents; a tenth of D_ref is the reference's validation text
     # a token budget (teacher tokens, validation included; 0: none): D_ref is then the lowest-hash documents up to
     # it, never more than ``fraction`` of them (``refine.core.holdout.budget_fraction``)
@@ -123,6 +129,15 @@ class RefSplitConfig(Checked):
     seed: int = 0                          # which documents: another seed, another D_ref
     min_tokens: int = 100_000              # a smaller D_ref is refused (too little to train a reference on)
     experiment: str = "reference"          # conf/experiment/<name>.yaml of the trainer
+    sizing: RefSizing = RefSizing.auto
+    # auto: parameters relative to the teacher's (MiniPLM: 104M for 1.8B, about 1/17)
+    param_ratio: float = 0.0588
+    # auto: training tokens = epochs x D_ref's, at least min_train_tokens (a small D_ref is repeated, early
+    # stopping on its validation text ends it), at most max_train_tokens (MiniPLM: 5B, one pass)
+    epochs: float = 1.0
+    min_train_tokens: int = 2_000_000
+    max_train_tokens: int = 5_000_000_000
+    patience: int = 3                      # auto: validations without improvement that end its training
     overrides: list[str] = field(default_factory=list)   # more trainer overrides, e.g. [trainer.max_steps=2000]
 
 

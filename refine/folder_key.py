@@ -22,6 +22,8 @@ from refine.core.errors import InputError
 from refine.core.write import LOCK_NAME, claim_json
 
 SETTINGS = "scoring.json"
+# ref_split settings that only ref_split.sizing=auto reads
+AUTO_SIZING = ("sizing", "param_ratio", "epochs", "min_train_tokens", "max_train_tokens", "patience")
 
 
 def scoring_settings(c: dict) -> dict:
@@ -38,6 +40,8 @@ def scoring_settings(c: dict) -> dict:
         # carved from the corpus: what D_ref is and how the reference is trained decide its scores (no budget
         # stays out, so folders scored before ref_split.max_tokens existed keep their settings)
         d_ref = {k: v for k, v in (c.get("ref_split") or {}).items() if k != "max_tokens" or v}
+        if d_ref.get("sizing", "fixed") == "fixed":   # (as folders scored before sizing existed: the experiment)
+            d_ref = {k: v for k, v in d_ref.items() if k not in AUTO_SIZING}
         return {"d_ref": d_ref, "dtype": ref.get("dtype"), "backend": ref.get("backend")}
 
     dedup = c.get("dedup", {})

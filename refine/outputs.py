@@ -19,7 +19,7 @@ from refine.core.instances import Instances, TokenizerInfo, write_subset
 from refine.core.logits import LogitsStore, LogitsWriter
 from refine.core.manifest import code_version, write_manifest
 from refine.core.tokenizer import tokenizer_hash
-from refine.core.write import atomic_path, check_plain, write_text_atomic
+from refine.core.write import atomic_path
 from refine.select import difference_scores, random_control, select
 
 
@@ -38,6 +38,7 @@ class Scored:
     t0: float                              # when the run started
     scoring_s: float
     d_ref: dict = field(default_factory=dict)   # what the reference was trained on, when refine trained it
+    ref_model: dict = field(default_factory=dict)   # which reference: given, or trained (its plan and run)
 
 
 def write_text_export(inst: Instances, rows: np.ndarray, scores: np.ndarray, tok, path: Path) -> None:
@@ -109,35 +110,27 @@ def write_selection(cfg: RefineConfig, out: Path, s: Scored) -> dict:
         if wanted:
             stores[name] = write_kept_logits(LogitsStore(out / "teacher" / name), kept, out / name, cfg.shard_size,
                                              refined)
-    report = write_report(out, inst, refined, scores, kept, tok, stores, s.tpass, s.rpass, cfg.report_examples,
-                          str(cfg.select.normalize))
+    diversity = None
     if s.emb is not None:
-        _add_diversity(report, out, s.emb, kept, control, s.dedup_info, cfg.select.alpha)
+        from refine.dedup import diversity as spread
+
+        diversity = {"scored": spread(s.emb), "refined": spread(s.emb[kept]),
+                     "random_same_size": spread(s.emb[control])}
+    report = write_report(out, inst, refined, scores, kept, tok, stores, s.tpass, s.rpass, cfg.report_examples,
+                          str(cfg.select.normalize), (teacher_nll, ref_nll), s.ref_model, diversity)
+    if s.emb is not None:
+        report["dedup"] = s.dedup_info
     key = {"corpus": s.corpus_key, "config": asdict(cfg)}
     manifest = write_manifest(out, key, teacher=s.teacher, reference=s.reference,
                               **({"reference_trained_on": {"d_ref": s.d_ref, "corpus": s.corpus_key}}
                                  if s.d_ref else {}),
-                              tokenizer_hash=tokenizer_hash(tok),
+                              reference_model=s.ref_model, tokenizer_hash=tokenizer_hash(tok),
                               reference_tokenizer=s.rpass.get("tokenizer") or TokenizerInfo.of(tok).__dict__,
                               instances_scored=len(inst),
                               instances_kept=len(refined), teacher_pass=s.tpass, reference_pass=s.rpass,
                               seconds={"total": time.perf_counter() - s.t0, "scoring": s.scoring_s},
                               report=report, code=code_version())
+    for line in report["warnings"]:
+        print(f"warning: {line}", flush=True)
     print(f"kept {len(refined):,} of {len(inst):,} instances (alpha {cfg.select.alpha}) -> {out}")
     return manifest
-
-
-def _add_diversity(report: dict, out: Path, emb: np.ndarray, kept: np.ndarray, control: np.ndarray,
-                   dedup_info: dict, alpha: float) -> None:
-    from refine.dedup import diversity
-
-    report["diversity"] = {"scored": diversity(emb), "refined": diversity(emb[kept]),
-                           "random_same_size": diversity(emb[control])}
-    report["dedup"] = dedup_info
-    d, path = report["diversity"], out / "report.md"
-    section = (f"\n## Diversity (mean pairwise cosine distance of reference-model embeddings)\n\n"
-               f"scored {d['scored']:.4f} · refined {d['refined']:.4f} · random {alpha:.0%} "
-               f"{d['random_same_size']:.4f}\n")
-    check_plain(path)                         # write_report's, just renamed into place: not a link planted since
-    text = path.read_text(encoding="utf-8")
-    write_text_atomic(path, text + section)   # rewritten whole, not appended: never through a link

@@ -65,8 +65,10 @@ def _refine(cfg: RefineConfig) -> dict:
         split = hold_out(ref_info)           # what the carve held out (a budget lowers ref_split.fraction)
     check_settings(out, scoring_settings(asdict(cfg)), cfg.overwrite)   # before anything is written to out
     if carving:
-        reference = train_reference(cfg, teacher, d_ref)
+        reference, ref_model = train_reference(cfg, teacher, d_ref, len(tok), ref_info)
         _check_tokenizers(cfg, out, tok, reference)
+    else:
+        ref_model = {"kind": "given (reference.path)", "path": str(reference)}
     inst = pack(cfg.corpus, tok, cfg.pack.seq_len, out / "instances_all", cfg.text_field,
                 max_doc_bytes=cfg.max_doc_bytes, workers=cfg.pack.workers, hold_out=split)
     if not carving:
@@ -99,7 +101,7 @@ def _refine(cfg: RefineConfig) -> dict:
               f"merge_from=[<each part's out>] (nothing to merge if they share {out})")
         return {"partial": cfg.shard, "teacher_pass": tpass, "reference_pass": rpass}
     return write_selection(cfg, out, Scored(inst, tok, emb, dedup_info, tpass, rpass, str(teacher), str(reference),
-                                            corpus_key, t0, t_scored - t_pass, ref_info))
+                                            corpus_key, t0, t_scored - t_pass, ref_info, ref_model))
 
 
 def _check_tokenizers(cfg: RefineConfig, out: Path, tok, reference: Path):

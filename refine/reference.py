@@ -124,15 +124,23 @@ def check_size(cfg: RefineConfig, record: dict) -> None:
             f"(reference.path=...)")
 
 
-def train(cfg: RefineConfig, teacher: Path, folder: Path) -> Path:
+def train(cfg: RefineConfig, teacher: Path, folder: Path, vocab: int, d_ref: dict) -> tuple[Path, dict]:
     """The reference LM trained on ``folder``'s D_ref by ``python -m distill.train`` (its output streams through);
-    a run folder per training setting, so a finished one is reused and a killed one resumes."""
-    overrides = [f"+experiment={cfg.ref_split.experiment}", f"data.train={folder / 'd_ref.jsonl'}",
+    a run folder per training setting, so a finished one is reused and a killed one resumes. Sized to the teacher
+    and D_ref (``refine.reference_size``) unless ``ref_split.sizing=fixed``. Returns the model and what the
+    manifest and report say about it: the plan, and the run's summary (validation loss, steps, early stop)."""
+    from refine.reference_size import estimate_seconds, plan
+
+    rs = cfg.ref_split
+    sized = plan(rs, teacher, vocab, d_ref, cfg.pack.seq_len) if rs.sizing == "auto" else None
+    overrides = [f"+experiment={rs.experiment}", f"data.train={folder / 'd_ref.jsonl'}",
                  f"data.val={folder / 'd_ref_val.jsonl'}", "data.text_field=text", f"model.tokenizer={teacher}",
-                 f"paths.cache={cfg.paths.cache}", *cfg.ref_split.overrides]
+                 f"paths.cache={cfg.paths.cache}", *(sized.overrides() if sized else []), *rs.overrides]
     tag = hashlib.sha256(json.dumps([read_manifest(folder)["key"], overrides]).encode()).hexdigest()[:10]
     run = folder / f"run-{tag}"
     if not (run / "summary.json").is_file():
+        print(sized.describe(estimate_seconds(sized)) if sized else
+              f"reference LM: the fixed +experiment={rs.experiment} (ref_split.sizing=fixed)", flush=True)
         print(f"training the reference LM on D_ref -> {run}", flush=True)
         res = subprocess.run([sys.executable, "-m", "distill.train", *overrides, f"run_dir={run}",
                               f"hydra.run.dir={run}", f"run_name=reference-{cfg.name}"])
@@ -140,7 +148,12 @@ def train(cfg: RefineConfig, teacher: Path, folder: Path) -> Path:
             raise InputError(f"training the reference LM failed (exit {res.returncode}); its run folder is {run}, "
                              f"rerun to resume")
     write_json_atomic(folder / "reference.json", {"run": str(run), "overrides": overrides})
-    return resolve_model(run)
+    summary = json.loads((run / "summary.json").read_text())
+    return resolve_model(run), {"kind": f"trained on D_ref ({rs.sizing})", "run": str(run),
+                                "plan": sized.record() if sized else None, "overrides": overrides,
+                                "training": {k: summary.get(k) for k in ("steps", "tokens", "val_loss", "val_ppl",
+                                                                         "best_val_loss", "best_step",
+                                                                         "stopped_early", "seconds_this_session")}}
 
 
 def check_not_trained_on_scored(reference: Path, scored: Instances) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 from refine.core.instances import Instances
 from refine.core.logits import LogitsStore
 from refine.core.write import atomic_path, write_text_atomic
+from refine.diagnostics import reference_lines, score_ranks, warnings
 
 # Corpus text is data, not markup: every character that could start HTML, a link, a (remote) image, emphasis
 # or a table cell is backslash-escaped, which CommonMark renders as the character itself.
@@ -54,9 +55,13 @@ def _histogram(scores: np.ndarray, kept: np.ndarray, path: Path, unit: str) -> N
 
 
 def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndarray, kept: np.ndarray, tok,
-                 stores: dict[str, LogitsStore], tpass: dict, rpass: dict, examples: int, normalize: str) -> dict:
+                 stores: dict[str, LogitsStore], tpass: dict, rpass: dict, examples: int, normalize: str,
+                 nlls: tuple[np.ndarray, np.ndarray], ref_model: dict, diversity: dict | None) -> dict:
     """``stores``: the kept instances' logits stores by folder name (``logits``, ``logits_rs``); ``normalize``:
-    the scores' unit (``select.normalize``)."""
+    the scores' unit (``select.normalize``); ``nlls``: the teacher's and the reference's per instance;
+    ``ref_model``: which reference (``refine.outputs.Scored.ref_model``); ``diversity``: kept against random
+    (``refine.dedup.diversity``), or None. Returns the report's figures, ``warnings`` among them
+    (``refine.diagnostics``)."""
     unit = _score_unit(normalize)
     root, root_rows = inst.root_rows(within=out)      # the packed stream at the end of the subset chain
     per_source: dict[str, Counter] = {}
@@ -75,7 +80,10 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
         "score_mean": float(scores.mean()), "score_kept_min": float(scores[kept].min()),
         "kept_fraction_by_source": {s: c["kept"] / c["total"] for s, c in sorted(per_source.items())},
         "instances_by_source": {s: c["total"] for s, c in sorted(per_source.items())},
+        **score_ranks(scores, *nlls), "reference_kind": ref_model.get("kind", "unknown"),
+        **({"diversity": diversity} if diversity else {}),
     }
+    figures["warnings"] = warnings(figures)
     for name, store in stores.items():
         for k, v in store.stats().items():
             figures[f"{name}_{k}"] = v
@@ -96,6 +104,9 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
         f"| reference tokenizer | {md_text(figures['reference_tokenizer'])}"
         f"{' (another: rows re-tokenized, scored per byte)' if rpass.get('retokenized') else ''} |",
         f"| mean score / lowest kept | {figures['score_mean']:+.3f} / {figures['score_kept_min']:+.3f} |",
+        f"| Spearman of the score with NLL_ref / NLL_teacher | {figures['spearman_score_ref_nll']:+.2f} / "
+        f"{figures['spearman_score_teacher_nll']:+.2f} |",
+        *reference_lines(ref_model, figures),
     ]
     for name, store in stores.items():
         h = store.header
@@ -107,6 +118,12 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
     lines += ["", "| source | instances | kept |", "|---|---|---|"]
     lines += [f"| {md_text(s)} | {c['total']:,} | {c['kept'] / c['total']:.0%} |"
               for s, c in sorted(per_source.items())]
+    if diversity:
+        lines += ["", "## Diversity (mean pairwise cosine distance of reference-model embeddings)", "",
+                  f"scored {diversity['scored']:.4f} · refined {diversity['refined']:.4f} · random, same size "
+                  f"{diversity['random_same_size']:.4f}"]
+    if figures["warnings"]:
+        lines += ["", "## Warnings", "", *[f"- {md_text(w)}" for w in figures["warnings"]]]
     lines += ["", "![score histogram](score_hist.png)", "", "## Highest-scored instances (kept)", ""]
     lines += [quote(int(i)) for i in order[:examples]]
     lines += ["", "## Lowest-scored instances (dropped)", ""]

@@ -50,7 +50,8 @@ def reselect(cfg: RefineConfig) -> dict:
     return write_selection(cfg, out, Scored(
         inst, tok, emb, previous.get("report", {}).get("dedup", {}), tpass, rpass,
         previous.get("teacher", cfg.teacher.path), previous.get("reference", cfg.reference.path),
-        previous.get("key", {}).get("corpus"), t0, 0.0))
+        previous.get("key", {}).get("corpus"), t0, 0.0, previous.get("reference_trained_on", {}).get("d_ref", {}),
+        previous.get("reference_model", {})))
 
 
 def _as_scored(cfg: RefineConfig, saved: dict) -> RefineConfig:

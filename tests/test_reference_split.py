@@ -161,8 +161,11 @@ def test_no_budget_leaves_the_folder_keys_as_they_were(tiny_tokenizer_dir, tiny_
     assert sorted(key) == ["corpus", "max_doc_bytes", "split", "text_field", "tokenizer_hash"]
     assert key["split"] == {"fraction": 0.3, "seed": 0}
     cfg = _cfg(corpus)
+    cfg.ref_split.sizing = "fixed"      # the miniature, as every folder scored before sizing existed
     assert sorted(scoring_settings(asdict(cfg))["reference"]["d_ref"]) == [
         "experiment", "fraction", "min_tokens", "overrides", "seed"]
+    cfg.ref_split.sizing = "auto"       # a reference sized to the job is another reference: its own settings
+    assert {"sizing", "epochs", "min_train_tokens"} < set(scoring_settings(asdict(cfg))["reference"]["d_ref"])
     cfg.ref_split.max_tokens = 50_000_000
     assert scoring_settings(asdict(cfg))["reference"]["d_ref"]["max_tokens"] == 50_000_000
     budgeted, _ = _carve(corpus, tok, tmp_path / "cache", fraction=0.3, max_tokens=1_000_000)
@@ -206,15 +209,16 @@ def test_the_folder_key_of_a_carved_reference_is_its_split(tiny_corpus):
 
 @pytest.mark.integration
 def test_refine_carves_d_ref_trains_the_reference_and_never_scores_it(tiny_corpus, tiny_model_dir, tmp_path):
-    """The whole path through the CLI: D_ref carved (to a token budget), the reference trained by the trainer on
-    it, every other document scored with it, the manifest saying what the reference learnt; a rerun reuses it all."""
+    """The whole path through the CLI: D_ref carved (to a token budget), the reference sized to the teacher and
+    trained by the trainer on it to its own budget (ref_split.sizing=auto: a few passes over this small D_ref),
+    every other document scored with it, the manifest and report saying what the reference is and learnt; a
+    rerun reuses it all."""
     out = tmp_path / "out"
     args = [sys.executable, "-m", "refine", f"corpus={tiny_corpus / 'train.jsonl'}", f"teacher.path={tiny_model_dir}",
             "teacher.backend=hf", "reference.backend=hf", "pack.seq_len=64", "shard_size=16", "logits.top_k=4",
             f"out={out}", f"paths.cache={tmp_path / 'cache'}", "ref_split.fraction=0.3", "ref_split.min_tokens=1000",
-            "ref_split.max_tokens=5000", "dedup.diversity=false",
-            'ref_split.overrides=["+debug=tiny","data.seq_len=64","trainer.max_steps=6","trainer.eval_every=3",'
-            '"trainer.ckpt_every=3"]']
+            "ref_split.max_tokens=5000", "ref_split.min_train_tokens=12000", "dedup.diversity=false",
+            'ref_split.overrides=["trainer.progress=false","trainer.tensorboard=false"]']
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -223,7 +227,17 @@ def test_refine_carves_d_ref_trains_the_reference_and_never_scores_it(tiny_corpu
     assert trained_on["fraction"] < 0.3 and 1000 <= trained_on["train"]["tokens"] + trained_on["val"]["tokens"] <= 5000
     assert "/cache/d_ref/" in manifest["reference"]
     run = Path(manifest["reference"]).parents[1]
-    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    plan, training = manifest["reference_model"]["plan"], manifest["reference_model"]["training"]
+    assert manifest["reference_model"]["kind"] == "trained on D_ref (auto)"
+    assert plan["shape"]["hidden"] == 64 and plan["params"] < plan["teacher_params"]   # the teacher: 128 wide
+    assert plan["train_tokens"] >= 12000 and plan["seq_len"] == 64
+    assert plan["d_ref_tokens"] == trained_on["train"]["tokens"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == training["steps"] <= plan["max_steps"] and "stopped_early" in summary
+    assert f"{plan['params'] / 1e6:.1f}M parameters" in res.stdout and "passes over D_ref" in res.stdout
+    report = (out / "report.md").read_text()
+    assert "| reference | trained on D_ref (auto) |" in report and "D_ref-validation perplexity" in report
+    assert "Spearman of the score with NLL_ref / NLL_teacher" in report
     split = HoldOut(trained_on["fraction"])
     from refine.core.instances import Instances
 

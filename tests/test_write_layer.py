@@ -291,31 +291,14 @@ def test_refine_report_replaces_a_planted_link(tmp_path, victim):
     _plant(out / "score_hist.png", victim)
     scores, kept = np.linspace(-1, 1, len(inst)), np.arange(len(inst) // 2)
     passes = {"tok_s": 1.0, "mean_nll": 1.0}
-    write_report(out, inst, inst, scores, kept, _Tok(), {}, passes, passes, 1, "tokens")
+    diversity = {"scored": 0.3, "refined": 0.2, "random_same_size": 0.25}
+    write_report(out, inst, inst, scores, kept, _Tok(), {}, passes, passes, 1, "tokens", (scores, scores),
+                 {"kind": "given (reference.path)"}, diversity)
     assert victim.read_text() == PRECIOUS
-    assert not (out / "report.md").is_symlink() and "Refine report" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert not (out / "report.md").is_symlink() and "Refine report" in text
+    assert "## Diversity" in text and "less diverse than a random set" in text   # written whole, once
     assert not (out / "score_hist.png").is_symlink()
-
-
-def test_the_diversity_section_is_not_appended_through_a_link(tmp_path, victim):
-    from refine.outputs import _add_diversity
-
-    _plant(tmp_path / "report.md", victim)
-    emb = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
-    with pytest.raises(InputError) as e:
-        _add_diversity({}, tmp_path, emb, np.arange(4), np.arange(4, 8), {}, 0.5)
-    _one_line(e, "report.md", "symbolic link")
-    assert victim.read_text() == PRECIOUS
-
-
-def test_the_diversity_section_still_lands_in_the_report(tmp_path):
-    from refine.outputs import _add_diversity
-
-    (tmp_path / "report.md").write_text("# Refine report\n")
-    emb = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
-    _add_diversity({}, tmp_path, emb, np.arange(4), np.arange(4, 8), {}, 0.5)
-    text = (tmp_path / "report.md").read_text()
-    assert text.startswith("# Refine report\n") and "## Diversity" in text
 
 
 def test_the_training_report_replaces_planted_links(tmp_path, victim):

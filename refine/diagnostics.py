@@ -1,0 +1,71 @@
+"""Whether a selection did what difference sampling is for, in figures a user can read in the report.
+
+MiniPLM's score ``NLL_ref - NLL_teacher`` is meant to rank what the teacher knows and the reference does not. When
+the reference is weak, the score follows the reference's NLL alone: the selection then keeps what a small model
+finds hard (rare domains, boilerplate it never saw), not what the teacher knows. The rank correlation of the
+score with each NLL says which one ranks the instances; the kept set's diversity against a random set's says
+whether the selection narrowed the corpus. Either failing is a warning line on the terminal and in the report.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+REFERENCE_DOMINATES = 0.9          # Spearman of the score with NLL_ref at or above which the selection is suspect
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation (ties get their mean rank); NaN for fewer than 3 values or a constant one."""
+    from scipy.stats import rankdata
+
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = rankdata(a), rankdata(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def score_ranks(scores: np.ndarray, teacher_nll: np.ndarray, ref_nll: np.ndarray) -> dict:
+    return {"spearman_score_ref_nll": spearman(scores, ref_nll),
+            "spearman_score_teacher_nll": spearman(scores, teacher_nll)}
+
+
+def warnings(figures: dict) -> list[str]:
+    """Plain lines for what says the selection cannot be trusted (``figures``: the report's)."""
+    out = []
+    rho_ref, rho_t = figures.get("spearman_score_ref_nll"), figures.get("spearman_score_teacher_nll")
+    if rho_ref is not None and not math.isnan(rho_ref) and rho_ref >= REFERENCE_DOMINATES:
+        out.append(f"the selection is ranked almost entirely by the reference's NLL (Spearman {rho_ref:.2f} with "
+                   f"NLL_ref, {rho_t:.2f} with NLL_teacher): it keeps what the reference does not know rather than "
+                   f"what the teacher knows; train a stronger reference (ref_split.sizing=auto, more "
+                   f"ref_split.min_train_tokens) or give a pretrained small sibling of the teacher (reference.path=)")
+    d = figures.get("diversity") or {}
+    if d and d["refined"] < d["random_same_size"]:
+        out.append(f"the kept set is less diverse than a random set of its size ({d['refined']:.4f} against "
+                   f"{d['random_same_size']:.4f}, reference-embedding distance): the selection narrowed the corpus")
+    return out
+
+
+def reference_lines(ref_model: dict, figures: dict) -> list[str]:
+    """Markdown table rows about the reference: which kind, its size and training, its perplexity."""
+    rows = [f"| reference | {ref_model.get('kind', 'unknown')} |"]
+    p = ref_model.get("plan")
+    if p:
+        s = p["shape"]
+        rows.append(f"| reference size | {s['arch']}, {p['params'] / 1e6:.1f}M parameters ({s['layers']} layers x "
+                    f"{s['hidden']}), 1/{p['teacher_params'] / p['params']:.0f} of the teacher |")
+        rows.append(f"| reference budget | {p['train_tokens']:,} tokens ({p['max_steps']:,} steps of "
+                    f"{p['batch_size']} x {p['seq_len']}) on D_ref's {p['d_ref_tokens']:,} |")
+    t = ref_model.get("training")
+    if t and t.get("val_loss") is not None:
+        stop = (f", stopped early (best at step {t['best_step']:,}: {math.exp(t['best_val_loss']):.1f})"
+                if t.get("stopped_early") else "")
+        secs = f", {t['seconds_this_session']:.0f} s" if t.get("seconds_this_session") else ""
+        rows.append(f"| reference training | {t['steps']:,} steps, {t['tokens']:,} tokens{secs}; D_ref-validation "
+                    f"perplexity {t['val_ppl']:.1f}{stop} |")
+    rows.append(f"| perplexity teacher / reference (scored text) | {math.exp(figures['teacher_mean_nll']):.1f} / "
+                f"{math.exp(figures['reference_mean_nll']):.1f} |")
+    return rows
