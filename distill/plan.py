@@ -58,7 +58,8 @@ def pairs_per_position(store_dir: str | None, top_p: float, top_k: int, sample: 
 
 
 def plan(tokens: float, vocab: int, top_p: float, top_k: int, teacher_params: float, student_params: float,
-         gpu_tflops: float, mfu: float, store_dir: str | None, host_cores: float = 4) -> dict:
+         gpu_tflops: float, mfu: float, store_dir: str | None, host_cores: float = 4, ref_fraction: float = 0.05,
+         ref_params: float | None = None, ref_epochs: float = 1.0) -> dict:
     pairs, pairs_src = pairs_per_position(store_dir, top_p, top_k)
     id_bytes = 2 if vocab <= 65536 else 4
     raw_bpt = 1 + pairs * (id_bytes + 2)                       # count byte + (id, fp16 log-prob) per pair
@@ -74,6 +75,12 @@ def plan(tokens: float, vocab: int, top_p: float, top_k: int, teacher_params: fl
     rate = gpu_tflops * 1e12 * mfu
     out["teacher_gpu_hours_flops"] = 2 * teacher_params * tokens / rate / 3600
     out["teacher_gpu_hours"] = out["teacher_gpu_hours_flops"]
+    # the reference (refine.reference_size's defaults): 1/17 of the teacher, trained on ref_epochs passes over
+    # D_ref (ref_fraction of the corpus), then scoring the rest
+    ref_params = ref_params or teacher_params * 0.0588
+    out.update(reference_params=ref_params, reference_train_tokens=ref_fraction * tokens * ref_epochs,
+               reference_train_gpu_hours=6 * ref_params * ref_fraction * tokens * ref_epochs / rate / 3600,
+               reference_scoring_gpu_hours=2 * ref_params * (1 - ref_fraction) * tokens / rate / 3600)
     host = _host_ceiling(_load("refine_ceiling.json") or {}, vocab)
     if host:
         cpu_s, src = host
@@ -139,6 +146,9 @@ def _print(p: dict) -> None:
         print(f"                          {_h(p['teacher_hours_measured'])} hours on the measuring machine, its "
               f"throughput scaled to this teacher ({p['teacher_tok_s_measured']:,.1f} tok/s; measured: "
               f"{p['teacher_measured_on']})")
+    print(f"  reference LM training   {_h(p['reference_train_gpu_hours'])} GPU-hours FLOPs-bound "
+          f"({p['reference_params'] / 1e6:,.0f}M parameters, {p['reference_train_tokens']:,.0f} tokens of D_ref)")
+    print(f"  reference scoring       {_h(p['reference_scoring_gpu_hours'])} GPU-hours FLOPs-bound")
     print(f"  student, LM only        {_h(p['student_lm_gpu_hours'])} GPU-hours")
     print(f"  student, offline KD     {_h(p['student_kd_offline_gpu_hours'])} GPU-hours "
           f"(x{p['kd_offline_over_lm']:.2f} measured KD/LM step)")
@@ -160,11 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host-cores", type=float, default=4,
                     help="host cores per GPU the teacher pass keeps busy (its engine thread + write workers)")
     ap.add_argument("--store", default=str(REPO / ".cache" / "refined" / "default" / "teacher" / "logits"))
+    ap.add_argument("--ref-fraction", type=float, default=0.05, help="D_ref's share of the corpus (ref_split)")
+    ap.add_argument("--ref-params", type=float, help="reference parameters (default: 1/17 of the teacher's)")
+    ap.add_argument("--ref-epochs", type=float, default=1.0, help="passes over D_ref (ref_split.epochs)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a = ap.parse_args(argv)
     student = a.student_params or _config_params(a.student, a.vocab)
     p = plan(a.tokens, a.vocab, a.top_p, a.top_k, a.teacher_params, student, a.gpu_tflops, a.mfu, a.store,
-             a.host_cores)
+             a.host_cores, a.ref_fraction, a.ref_params, a.ref_epochs)
     p["student_params"] = student
     print(json.dumps(p, indent=1)) if a.json else _print(p)
 

@@ -31,8 +31,13 @@ def test_plan_figures(tmp_path, capsys):
     assert p["raw_bytes_per_token"] == pytest.approx(1 + pairs * 6)       # 4-byte ids above 65,536
     assert p["teacher_gpu_hours_flops"] == pytest.approx(2e18 / 5e13 / 3600)
     assert p["student_lm_gpu_hours"] == pytest.approx(6e17 / 5e13 / 3600)
+    # the reference: 1/17 of the teacher, one pass over 5% of the tokens, then scoring the other 95%
+    assert p["reference_params"] == pytest.approx(1e9 * 0.0588)
+    assert p["reference_train_gpu_hours"] == pytest.approx(6 * 5.88e7 * 5e7 / 5e13 / 3600)
+    assert p["reference_scoring_gpu_hours"] == pytest.approx(2 * 5.88e7 * 9.5e8 / 5e13 / 3600)
     main(["--tokens", "1e6", "--student-params", "1e7", "--store", store, "--top-p", "0.8", "--top-k", "5"])
-    assert "logits, raw codec" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "logits, raw codec" in printed and "reference LM training" in printed
 
 
 def test_kd_ratio_is_the_paired_one_at_the_nearest_vocab():
