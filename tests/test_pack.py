@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -221,3 +222,29 @@ def test_workers_give_byte_identical_output(tok, tmp_path):
             a, b = ({k: v for k, v in json.loads(x).items() if k not in ("written_at", "seconds")} for x in (a, b))
         assert a == b, name
     assert one.index["documents"] == 1500 and two.doc_ids(len(two) - 1)[-1] == docs[-1]["id"]
+
+
+def test_skipped_counts_are_reported_in_the_warning_and_the_manifest(tok, tmp_path, capsys):
+    """Every document or file the corpus reader skips is counted where packing reports skips: the terminal warning
+    and ``manifest.json``: over-size documents, links and FIFOs/devices/sockets alike."""
+    outside = write_jsonl(tmp_path / "outside.jsonl", [{"text": "not part of the corpus"}])
+    root = tmp_path / "c"
+    root.mkdir()
+    write_jsonl(root / "a.jsonl", make_docs(40, seed=3) + [{"text": "word " * 1000}])
+    (root / "b.jsonl").symlink_to(outside)
+    os.mkfifo(root / "pipe.jsonl")                      # skipped, never opened (tests/test_read_guard.py)
+    pack(root, tok, 32, tmp_path / "p", max_doc_bytes=2000)
+    warning = capsys.readouterr().out.splitlines()[0]
+    assert warning == (f"warning: {root}: 1 documents over 2000 bytes, 1 links and 1 FIFOs, devices or sockets "
+                       f"skipped (first: a:41)")
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert (manifest["skipped_too_large"], manifest["too_large_ids"], manifest["skipped_links"],
+            manifest["skipped_special"]) == (1, ["a:41"], 1, 1)
+
+    (root / "b.jsonl").unlink()                         # a FIFO alone is reported too
+    write_jsonl(root / "a.jsonl", make_docs(40, seed=3))
+    pack(root, tok, 32, tmp_path / "q")
+    assert f"warning: {root}: 0 documents over {64 << 20} bytes, 0 links and 1 FIFOs, devices or sockets skipped " \
+           f"(first: -)" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["skipped_special"] == 1 and "skipped_links" not in manifest and "skipped_too_large" not in manifest

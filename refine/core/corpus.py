@@ -44,6 +44,9 @@ line, a missing or non-string text field, a corrupt or truncated compressed file
 zstd frame asking for a window over 128 MiB (``zstd --long=31``: the window it needs), a corrupt parquet page or
 arrow file, a string column that is not UTF-8 (with the row).
 Empty or whitespace-only documents inside an otherwise sound corpus are skipped and counted in ``CorpusStats``.
+
+This module lists the units and makes documents of their rows; the per-format readers are
+``refine.core.corpus_formats``.
 """
 
 from __future__ import annotations
@@ -54,13 +57,20 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refine.core.compressed import COMPRESSIONS, open_stream
+from refine.core.corpus_formats import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    jsonl_rows,
+    max_json_values,
+    parquet_rows,
+    saved_dataset_rows,
+    strip_suffixes,
+    suffixes,
+    text_file_rows,
+)
 from refine.core.errors import InputError
-from refine.core.json_bounds import too_many_values
 from refine.core.read_guard import check_saved_dataset, hub_snapshot_file, is_link_below, is_plain, kind
 
-JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
-PARQUET_SUFFIXES = {".parquet"}
 GLOB_CHARS = frozenset("*?[")
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 MAX_SKIPPED_IDS = 100  # enough to find the culprits without holding millions of ids
@@ -91,21 +101,6 @@ class CorpusStats:
 
 def is_hf_dataset_dir(path: Path) -> bool:
     return path.is_dir() and any((path / n).is_file() for n in HF_MARKERS)
-
-
-def suffixes(p: Path) -> tuple[str, str]:
-    """(format suffix, compression suffix) of a file name, lower case: ``a.jsonl.gz`` -> (".jsonl", ".gz")."""
-    suffix = p.suffix.lower()
-    if suffix in COMPRESSIONS:
-        return Path(p.stem).suffix.lower(), suffix
-    return suffix, ""
-
-
-def strip_suffixes(p: Path) -> Path:
-    """``p`` without its compression suffix and then one format suffix (``a/b.jsonl.zst`` -> ``a/b``)."""
-    if p.suffix.lower() in COMPRESSIONS:
-        p = p.with_suffix("")
-    return p.with_suffix("")
 
 
 def is_glob(path: str | Path) -> bool:
@@ -213,16 +208,16 @@ def iter_documents(path: str | Path, text_field: str = "text", id_field: str | N
         stats.files += 1
         fmt, compression = suffixes(unit)
         if is_hf_dataset_dir(unit):
-            rows = _hf_rows(unit, split, text_field, id_field, max_doc_bytes)
+            rows = saved_dataset_rows(unit, split, text_field, id_field, max_doc_bytes)
         elif fmt in JSONL_SUFFIXES:
-            rows, json_read = _jsonl_rows(unit, max_doc_bytes), True
+            rows, json_read = jsonl_rows(unit, max_doc_bytes), True
         elif fmt in PARQUET_SUFFIXES:
             if compression:
                 raise InputError(f"{unit}: parquet compresses inside the file; decompress it "
                                  f"(or write it with compression=...) and name it *.parquet")
-            rows = _parquet_rows(unit, text_field, id_field, max_doc_bytes)
+            rows = parquet_rows(unit, text_field, id_field, max_doc_bytes)
         else:
-            rows = _text_file(unit, name, max_doc_bytes)
+            rows = text_file_rows(unit, name, max_doc_bytes)
         for where, row in rows:
             if row is None or _too_large(row.get(text_field), max_doc_bytes):      # None: a line left unread
                 stats.skipped_too_large += 1
@@ -264,116 +259,6 @@ def _to_document(row: dict, f: Path, name: str, where: str, text_field: str, id_
     doc_id = str(row[key]) if row.get(key) is not None else f"{name}{where.replace(':row ', ':')}"
     source = str(row["source"]) if row.get("source") is not None else strip_suffixes(Path(f.name)).name
     return Document(doc_id, text, source)
-
-
-def _decode(data: bytes, f: Path, line_no: int | None = None) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if line_no is None:  # a whole file: find the line so the user can open it there
-            line_no = data.count(b"\n", 0, e.start) + 1
-            offset = f"file byte offset {e.start}"
-        else:
-            offset = f"byte offset {e.start} in the line"
-        raise InputError(f"{f}:{line_no}: not UTF-8 (byte 0x{data[e.start]:02x} at {offset})") from None
-
-
-def max_json_values(max_doc_bytes: int) -> int:
-    """Values a JSON line may hold (keys, strings, numbers, objects...): ~72 bytes of Python objects each at most,
-    so parsing a line costs about its text plus ``max_doc_bytes`` / 2 (a line of 1 KB values can hold up to 2^16)."""
-    return max(1 << 16, max_doc_bytes // 128)
-
-
-def _jsonl_rows(f: Path, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
-    """Rows by line; a line over ``max_doc_bytes`` is read past in 1 MiB pieces and yields ``None``, as does one
-    holding more JSON values than ``max_json_values`` (what parsing it would cost, ``refine.core.json_bounds``)."""
-    seen, values = False, max_json_values(max_doc_bytes)
-    with open_stream(f) as fh:
-        for no in itertools.count(1):
-            raw = fh.readline(max_doc_bytes + 4)         # + BOM and line end
-            if not raw:
-                break
-            if len(raw) > max_doc_bytes + 3 and not raw.endswith(b"\n"):
-                while (piece := fh.readline(1 << 20)) and not piece.endswith(b"\n"):
-                    pass
-                seen = True
-                yield f":{no}", None
-                continue
-            if no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # tolerate a UTF-8 byte-order mark
-                raw = raw[3:]
-            if too_many_values(raw, values):             # [{},{},...]: 1.5 GB of objects from 60 MB, not parsed
-                seen = True
-                yield f":{no}", None
-                continue
-            line = _decode(raw, f, no).strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{f}:{no}: malformed JSON ({e.msg} at column {e.colno}); a truncated last line"
-                                 f"{' or corrupt compressed data' if suffixes(f)[1] else ''} looks like this too"
-                                 ) from None
-            except RecursionError:
-                raise InputError(f"{f}:{no}: JSON nested too deeply to read") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{f}:{no}: expected a JSON object per line, got {type(row).__name__}")
-            seen = True
-            yield f":{no}", row
-    if not seen:
-        raise InputError(f"empty file: {f} (no JSON lines)")
-
-
-def _parquet_rows(f: Path, text_field: str, id_field: str | None,
-                  max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
-    """Rows batch by batch, at a cost bounded before decoding (``refine.core.columnar``); ``None`` for a row
-    over ``max_doc_bytes``, never decoded."""
-    from refine.core.columnar import parquet_rows
-
-    return parquet_rows(f, text_field, id_field, max_doc_bytes)
-
-
-def _text_file(f: Path, name: str, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
-    if not suffixes(f)[1]:
-        if f.stat().st_size > max_doc_bytes:
-            yield "", None                               # not read at all
-            return
-        data = f.read_bytes()
-    else:
-        with open_stream(f) as fh:
-            data = fh.read(max_doc_bytes + 1)            # bounded: a compressed file can expand without end
-        if len(data) > max_doc_bytes:
-            yield "", None
-            return
-    if not data:
-        raise InputError(f"empty file: {f}")
-    if b"\x00" in data[:8192]:
-        raise InputError(f"{f}: looks binary (NUL bytes), not a text document")
-    yield "", {"text": _decode(data, f), "id": name, "source": f.parent.name or strip_suffixes(Path(f.name)).name}
-
-
-def _hf_rows(d: Path, split: str, text_field: str, id_field: str | None,
-             max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[str, dict | None]]:
-    check_saved_dataset(d)          # every file load_from_disk opens: a plain regular file inside ``d``
-    from refine.core.arrow_ipc import check_arrow_file, saved_arrow_files
-    from refine.core.columnar import columns, table_rows
-
-    for arrow in saved_arrow_files(d):  # compressed buffers' declared sizes, before load_from_disk inflates them
-        check_arrow_file(arrow, max_doc_bytes)
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(d))
-    except Exception as e:  # noqa: BLE001 - datasets raises many types for a damaged folder
-        raise InputError(f"{d}: cannot load the saved dataset ({str(e).splitlines()[0]})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise InputError(f"{d}: no split {split!r} (splits: {', '.join(ds)})")
-        ds = ds[split]
-    if len(ds) == 0:
-        raise InputError(f"empty dataset: {d}")
-    ds = ds.select_columns(columns(ds.data.schema, d, text_field, id_field)).with_format("arrow")
-    yield from table_rows(ds.iter(batch_size=1024), d, max_doc_bytes)   # arrow tables: sizes before values
 
 
 def write_jsonl(docs: Iterable[Document], path: str | Path) -> int:

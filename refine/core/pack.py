@@ -31,14 +31,13 @@ from refine.core.corpus import (
     corpus_units,
     glob_base,
     is_glob,
-    is_link_below,
     iter_documents,
 )
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.holdout import HoldOut
 from refine.core.instances import Instances, InstanceWriter, TokenizerInfo
 from refine.core.manifest import manifest_matches, sha256_file, write_manifest
-from refine.core.read_guard import hub_snapshot_file
+from refine.core.read_guard import hub_snapshot_file, is_link_below
 from refine.core.tokenizer import is_panic, load_tokenizer, one_line, tokenizer_name
 
 BATCH_DOCS = 256  # documents per fast-tokenizer call: large enough to use its threads, small in memory
@@ -107,10 +106,12 @@ def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_fiel
     index = writer.close(extra={"corpus": str(corpus)})
     elapsed = time.perf_counter() - t0
     skipped = {k: v for k, v in (("skipped_too_large", stats.skipped_too_large), ("too_large_ids", stats.too_large_ids),
-                                 ("skipped_links", stats.skipped_links)) if v}
+                                 ("skipped_links", stats.skipped_links), ("skipped_special", stats.skipped_special))
+               if v}
     if skipped and not quiet:
-        print(f"warning: {corpus}: {stats.skipped_too_large} documents over {max_doc_bytes} bytes and "
-              f"{stats.skipped_links} links skipped (first: {', '.join(stats.too_large_ids[:3]) or '-'})")
+        print(f"warning: {corpus}: {stats.skipped_too_large} documents over {max_doc_bytes} bytes, "
+              f"{stats.skipped_links} links and {stats.skipped_special} FIFOs, devices or sockets skipped "
+              f"(first: {', '.join(stats.too_large_ids[:3]) or '-'})")
     if hold_out is not None:
         skipped["held_out_documents"] = stats.held_out
     write_manifest(out, key, corpus=str(corpus), tokenizer=info.__dict__, count=index["count"],
