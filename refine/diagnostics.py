@@ -66,6 +66,6 @@ def reference_lines(ref_model: dict, figures: dict) -> list[str]:
         secs = f", {t['seconds_this_session']:.0f} s" if t.get("seconds_this_session") else ""
         rows.append(f"| reference training | {t['steps']:,} steps, {t['tokens']:,} tokens{secs}; D_ref-validation "
                     f"perplexity {t['val_ppl']:.1f}{stop} |")
-    rows.append(f"| perplexity teacher / reference (scored text) | {math.exp(figures['teacher_mean_nll']):.1f} / "
-                f"{math.exp(figures['reference_mean_nll']):.1f} |")
+    rows.append(f"| perplexity teacher / reference (scored text, per own token) | "
+                f"{math.exp(figures['teacher_mean_nll']):.1f} / {math.exp(figures['reference_mean_nll']):.1f} |")
     return rows

@@ -63,6 +63,7 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
     (``refine.dedup.diversity``), or None. Returns the report's figures, ``warnings`` among them
     (``refine.diagnostics``)."""
     unit = _score_unit(normalize)
+    other_vocab = bool(rpass.get("retokenized"))     # a reference of another tokenizer
     root, root_rows = inst.root_rows(within=out)      # the packed stream at the end of the subset chain
     per_source: dict[str, Counter] = {}
     kept_set = set(kept.tolist())
@@ -100,7 +101,8 @@ def write_report(out: Path, inst: Instances, refined: Instances, scores: np.ndar
         "| figure | value |", "|---|---|",
         f"| teacher throughput | {tpass['tok_s']:,.0f} tok/s |",
         f"| reference throughput | {rpass['tok_s']:,.0f} tok/s |",
-        f"| mean NLL teacher / reference | {tpass['mean_nll']:.3f} / {rpass['mean_nll']:.3f} nats/token |",
+        f"| mean NLL teacher / reference | {tpass['mean_nll']:.3f} / {rpass['mean_nll']:.3f} nats/token"
+        f"{' (each per its own token: they do not compare; the score is per byte)' if other_vocab else ''} |",
         f"| reference tokenizer | {md_text(figures['reference_tokenizer'])}"
         f"{' (another: rows re-tokenized, scored per byte)' if rpass.get('retokenized') else ''} |",
         f"| mean score / lowest kept | {figures['score_mean']:+.3f} / {figures['score_kept_min']:+.3f} |",

@@ -251,3 +251,10 @@ def test_refine_carves_d_ref_trains_the_reference_and_never_scores_it(tiny_corpu
     assert len(np.load(out / "reference" / "nll.npy")) == len(Instances(out / "instances_scored"))
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0 and "training the reference LM" not in again.stdout, again.stderr[-2000:]
+    # re-selecting keeps what the manifest says about the reference (it used to drop reference_trained_on)
+    res = subprocess.run(args + ["select_only=true", "select.alpha=0.3"], cwd=REPO, capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    reselected = json.loads((out / "manifest.json").read_text())
+    assert reselected["reference_trained_on"] == manifest["reference_trained_on"]
+    assert reselected["reference_model"] == manifest["reference_model"]
