@@ -30,12 +30,13 @@ stage "reference LM (${DEMO_REF_STEPS} steps on D_ref)" \
 stage "refine ${DEMO_INSTANCES} instances" \
     "$PY" -m refine name=demo reference.path=$RUNS/reference pack.max_instances="$DEMO_INSTANCES"
 # Two jobs side by side, one thread each: 1.5x the throughput of one two-thread job on 2 cores (make sweep).
+# Ten validations per run, so the report's val curves are curves (the trainer's default, every 50, gave two).
 stage "lm_baseline and kd_wsd, ${DEMO_STEPS} steps each" \
     "$PY" -m distill.train --multirun hydra/launcher=joblib hydra.launcher.n_jobs=2 \
     hydra.sweep.dir=$RUNS/train 'hydra.sweep.subdir=${run_name}' +experiment=lm_baseline,kd_wsd \
     'paths.refined=${paths.cache}/refined/demo' 'data.train=${paths.refined}/instances_scored' \
     trainer.max_steps="$DEMO_STEPS" trainer.threads=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 )) \
-    trainer.progress=false
+    trainer.eval_every=$(( DEMO_STEPS / 10 > 0 ? DEMO_STEPS / 10 : 1 )) trainer.progress=false
 evaluate_all() {   # side by side as the training, a core each
     local pids=() run
     for run in "$RUNS"/train/*/; do OMP_NUM_THREADS=1 "$PY" -m distill.evaluate "$run" --tasks '' & pids+=($!); done
