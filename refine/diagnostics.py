@@ -1,8 +1,9 @@
 """Whether a selection did what difference sampling is for, in figures a user can read in the report.
 
 MiniPLM's score ``NLL_ref - NLL_teacher`` is meant to rank what the teacher knows and the reference does not. When
-the reference is weak, the score follows the reference's NLL alone: the selection then keeps what a small model
-finds hard (rare domains, boilerplate it never saw), not what the teacher knows. The rank correlation of the
+the reference is weak, one NLL ranks alone: the reference's (the selection keeps what a small model finds hard:
+rare domains, boilerplate it never saw) or, when the reference finds everything about equally hard, the teacher's
+(it keeps what the teacher finds easy: boilerplate again), not what only the teacher knows. The rank correlation of the
 score with each NLL says which one ranks the instances; the kept set's diversity against a random set's says
 whether the selection narrowed the corpus. Either failing is a warning line on the terminal and in the report.
 """
@@ -13,7 +14,7 @@ import math
 
 import numpy as np
 
-REFERENCE_DOMINATES = 0.9          # Spearman of the score with NLL_ref at or above which the selection is suspect
+REFERENCE_DOMINATES = 0.9          # |Spearman| of the score with one NLL at or above which the selection is suspect
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -42,6 +43,12 @@ def warnings(figures: dict) -> list[str]:
                    f"NLL_ref, {rho_t:.2f} with NLL_teacher): it keeps what the reference does not know rather than "
                    f"what the teacher knows; train a stronger reference (ref_split.sizing=auto, more "
                    f"ref_split.min_train_tokens) or give a pretrained small sibling of the teacher (reference.path=)")
+    if rho_t is not None and not math.isnan(rho_t) and rho_t <= -REFERENCE_DOMINATES:
+        out.append(f"the selection is ranked almost entirely by the teacher's NLL (Spearman {rho_t:.2f} with "
+                   f"NLL_teacher, {rho_ref:.2f} with NLL_ref): the reference adds little, so it keeps what the "
+                   f"teacher finds easy (boilerplate, repeated text) rather than what only the teacher knows; train "
+                   f"a stronger reference (ref_split.sizing=auto, more ref_split.min_train_tokens) or give a "
+                   f"pretrained small sibling of the teacher (reference.path=)")
     d = figures.get("diversity") or {}
     if d and d["refined"] < d["random_same_size"]:
         out.append(f"the kept set is less diverse than a random set of its size ({d['refined']:.4f} against "
