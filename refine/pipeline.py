@@ -159,7 +159,7 @@ def _subset(parent: Instances, rows: np.ndarray, folder: Path) -> Instances:
     """``rows`` of ``parent`` at ``folder``, reusing an identical subset already there."""
     try:
         sub = Instances(folder)
-        if sub.index.get("subset_of") == str(parent.folder.resolve()) and \
+        if sub.index.get("subset_of") == Instances.subset_link(parent.folder, folder) and \
                 sub.index.get("parent_sha256") == parent.index["tokens_sha256"] and \
                 sub.subset["parent_rows"] == rows.tolist():
             return sub

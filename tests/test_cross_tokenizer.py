@@ -13,6 +13,7 @@ from distill.signal import TeacherSignal
 from distill.token_alignment import CrossTokenizer
 from refine.core.errors import InputError
 from refine.core.token_bytes import byte_lengths, row_bytes, token_bytes
+from tests.conftest import REPO
 from tests.test_cross_family import gpt2_style_tokenizer  # noqa: F401  (a fixture)
 from tests.test_train import tiny_kd_data  # noqa: F401  (a fixture)
 
@@ -184,6 +185,59 @@ def test_a_tokenizer_without_byte_pieces_is_refused(pair):
     words = PreTrainedTokenizerFast(tokenizer_object=wp, eos_token="[UNK]")
     with pytest.raises(InputError, match="cannot map its tokens to bytes"):
         CrossTokenizer(pair[0], words, seq_len=8)
+
+
+
+def _as_text(tok, text: str) -> list[int]:
+    """``text``'s ids as packing writes them (``refine.core.tokenizer.encode_text``): special strings are text."""
+    return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+SPECIAL_TEXT = "hello <|im_start|>world <|endoftext|> hello"
+
+
+def test_special_token_strings_in_a_row_are_text_for_the_student(pair):
+    """A document that mentions the student's special strings (its EOS ``<|endoftext|>``, its ``<|im_start|>``)
+    re-tokenizes as those characters: no student control id, EOS only at the row's document boundary, offsets
+    to the row's last byte (it stopped with "does not give back the bytes ... (a normaliser that rewrites it?)")."""
+    from refine.core.retokenize import Retokenizer
+
+    teacher, _ = pair
+    student = _bpe(STUDENT)
+    student.add_tokens(["<|im_start|>"], special_tokens=True)
+    im_start = student.convert_tokens_to_ids("<|im_start|>")
+    row = np.array(_as_text(teacher, SPECIAL_TEXT) + [0] + _ids(teacher, "hello world"))
+    assert row.tolist().count(0) == 1                          # the teacher row: one real boundary
+    a = CrossTokenizer(teacher, student, seq_len=64).align(row, key=3)
+    assert a.ids.tolist() == _as_text(student, SPECIAL_TEXT) + [0] + _ids(student, "hello world")
+    assert im_start not in a.ids.tolist() and a.ids.tolist().count(0) == 1
+    assert student.decode(a.ids.tolist()) == SPECIAL_TEXT + "<|endoftext|>hello world"
+    r = Retokenizer(teacher, student, ("teacher", "student"))(row, key=3)
+    assert r.ends[-1] == r.source_ends[-1] == len(SPECIAL_TEXT.encode()) + 1 + len(b"hello world")
+    # a row packed when special strings were still parsed holds the teacher's control id: its literal text
+    old_teacher = _bpe(TEACHER)
+    old_teacher.add_tokens(["<|im_start|>"], special_tokens=True)
+    old_row = np.array(_ids(old_teacher, "hello <|im_start|>world"))
+    assert old_teacher.convert_tokens_to_ids("<|im_start|>") in old_row.tolist()
+    b = CrossTokenizer(old_teacher, student, seq_len=64).align(old_row)
+    assert b.ids.tolist() == _as_text(student, "hello <|im_start|>world") and im_start not in b.ids.tolist()
+
+
+@pytest.mark.skipif(not all((REPO / ".cache" / "models" / m / "tokenizer.json").is_file()
+                            for m in ("smollm2-135m", "gpt2-tokenizer")), reason="no SmolLM2 / GPT-2 tokenizer")
+def test_special_token_strings_are_text_from_smollm2_to_gpt2():
+    """A SmolLM2 row of a document that mentions ``<|endoftext|>`` (GPT-2's EOS) and ``<|im_start|>`` (SmolLM2's)
+    re-tokenizes with GPT-2 as that text, GPT-2's EOS only at the document boundary."""
+    from refine.core.retokenize import Retokenizer
+    from refine.core.tokenizer import load_tokenizer
+
+    smol, gpt2 = (load_tokenizer(REPO / ".cache" / "models" / m) for m in ("smollm2-135m", "gpt2-tokenizer"))
+    text = "A tokenizer ends a document with <|endoftext|> and opens a chat turn with <|im_start|>user."
+    row = np.array(_as_text(smol, text) + [smol.eos_token_id] + _as_text(smol, "Second document."))
+    r = Retokenizer(smol, gpt2, ("teacher", "student"))(row, key=0)
+    assert r.ids.tolist() == _as_text(gpt2, text) + [gpt2.eos_token_id] + _as_text(gpt2, "Second document.")
+    assert r.ids.tolist().count(gpt2.eos_token_id) == 1 and r.ends[-1] == r.source_ends[-1]
+    assert gpt2.decode(r.ids.tolist()) == text + "<|endoftext|>Second document."
 
 
 @pytest.mark.integration

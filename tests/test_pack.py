@@ -13,7 +13,7 @@ from refine.core.errors import InputError
 from refine.core.instances import Instances
 from refine.core.pack import pack
 from refine.core.tokenizer import load_tokenizer
-from tests.conftest import make_docs, write_jsonl
+from tests.conftest import REPO, make_docs, write_jsonl
 
 
 @pytest.fixture
@@ -248,3 +248,55 @@ def test_skipped_counts_are_reported_in_the_warning_and_the_manifest(tok, tmp_pa
            f"(first: -)" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert manifest["skipped_special"] == 1 and "skipped_links" not in manifest and "skipped_too_large" not in manifest
+
+
+SPECIAL_DOC = "A tokenizer ends a document with <|endoftext|> and opens a chat turn with <|im_start|>user."
+SMOLLM2 = REPO / ".cache" / "models" / "smollm2-135m"
+
+
+def _pack_special(tok, tmp_path) -> tuple[list[int], list[int]]:
+    """The packed ids of SPECIAL_DOC and of the document after it (each without the EOS packing adds)."""
+    corpus = write_jsonl(tmp_path / "special.jsonl", [{"id": "s/0", "text": SPECIAL_DOC},
+                                                      {"id": "s/1", "text": "Second document."}])
+    inst = pack(corpus, tok, 2, tmp_path / "p", quiet=True)
+    stream = np.asarray(inst.tokens).reshape(-1).tolist()
+    second = int(inst.docs.starts[1])
+    eos = tok.eos_token_id
+    # the EOS packing puts after each document is a real EOS, and it is the only one: no false boundary
+    at = [i for i, t in enumerate(stream) if t == eos]
+    assert stream[second - 1] == eos and at in ([second - 1], [second - 1, len(stream) - 1])
+    return stream[:second - 1], stream[second:second + len(tok("Second document.")["input_ids"])]
+
+
+def test_special_token_strings_in_the_text_are_packed_as_text(tok, tmp_path):
+    """A document that mentions ``<|endoftext|>`` or another special token's string is packed as those characters:
+    no EOS id in its middle, no control id (the tiny tokenizer, with ``<|im_start|>`` added as a special token)."""
+    tok.add_tokens(["<|im_start|>"], special_tokens=True)
+    control = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_start|>")}
+    ids, second = _pack_special(tok, tmp_path)
+    assert not control & set(ids) and tok.decode(ids) == SPECIAL_DOC
+    assert second == tok("Second document.", add_special_tokens=False)["input_ids"]     # plain text: as before
+
+
+def test_a_packing_from_before_special_strings_were_text_is_packed_again(tok, tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "s/0", "text": SPECIAL_DOC * 8}])
+    pack(corpus, tok, 8, tmp_path / "p", quiet=True)
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    manifest["key"].pop("special_strings")                     # the key a packing had before
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "p" / "tokens.bin").write_bytes(b"\0" * (tmp_path / "p" / "tokens.bin").stat().st_size)
+    inst = pack(corpus, tok, 8, tmp_path / "p", quiet=True)
+    assert tok.eos_token_id not in np.asarray(inst.tokens).reshape(-1)[:-8].tolist()
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(), reason="no SmolLM2 tokenizer (make models)")
+def test_special_token_strings_are_text_with_the_smollm2_tokenizer(tmp_path):
+    """SmolLM2 reads ``<|endoftext|>`` as EOS (id 0) and ``<|im_start|>`` as id 1 when it parses special tokens;
+    packed corpus text holds neither."""
+    smol = load_tokenizer(SMOLLM2)
+    ids, second = _pack_special(smol, tmp_path)
+    # was [49, 46119, 6947, 253, 3140, 351, 216, 0, 284, 10573, 253, 11743, 1607, 351, 216, 1, 4093, 30]
+    assert ids == [49, 46119, 6947, 253, 3140, 351, 2067, 108, 486, 1714, 2692, 108, 46, 284, 10573, 253, 11743,
+                   1607, 351, 2067, 108, 306, 79, 3738, 108, 46, 4093, 30]
+    assert smol.decode(ids) == SPECIAL_DOC and not {0, 1, 2} & set(ids)
+    assert second == smol("Second document.", add_special_tokens=False)["input_ids"]

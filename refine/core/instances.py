@@ -17,7 +17,10 @@ per document plus its id). Version 1 folders kept it as one ``docs.json`` list (
 document); they still read, that list loaded whole as before.
 
 A *subset* (``write_subset``: e.g. the instances difference sampling kept) has no stream; instead
-``subset.json`` records each row's index in the parent folder and the ids of the documents it came from.
+``subset.json`` records each row's index in the parent folder and the ids of the documents it came from, and
+``index.json`` its parent as ``subset_of`` (``subset_link``): ``../<name>`` for a parent beside it (refine's
+``instances_*`` folders, so a copy of an output folder elsewhere reads as the original), else the parent's
+absolute path, which is how every link was written before and still reads.
 
 Documents are tokenized, each followed by EOS, concatenated into one stream, and cut into rows of
 ``seq_len`` tokens (the incomplete tail row is dropped and counted). Instance ``i`` covers stream tokens
@@ -35,6 +38,7 @@ import numpy as np
 from refine.core.doc_index import ArrayDocs, DocIndex, DocIndexWriter, JsonDocs
 from refine.core.errors import InputError
 from refine.core.manifest import sha256_file
+from refine.core.read_guard import regular_file_inside
 from refine.core.write import atomic_path
 
 FORMAT = "rd-instances"
@@ -127,8 +131,23 @@ class InstanceWriter:
         self._atomic.__exit__(RuntimeError, None, None)
 
 
+SIBLING = "../"       # a relative subset_of: "../<name>", the folder <name> beside the subset's own
+
+
+def subset_link(parent: str | Path, folder: str | Path) -> str:
+    """What subset ``folder`` records as its parent ``parent`` (``subset_of``): ``../<name>`` when ``parent`` is a
+    folder beside it (not a symbolic link), so the pair can move together; else ``parent``'s absolute path."""
+    real = Path(parent).resolve()
+    beside = Path(folder).absolute().parent / real.name
+    if real.name and not beside.is_symlink() and beside.resolve() == real:
+        return SIBLING + real.name
+    return str(real)
+
+
 class Instances:
     """Memory-mapped read access to a packed-instances folder."""
+
+    subset_link = staticmethod(subset_link)
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -269,7 +288,7 @@ class Instances:
     def _parent(self, within: Path | None, seen: set | None) -> Instances:
         """The folder this subset was made from, checked (inside ``within``; not in ``seen``; its tokens)."""
         where, parent = self.folder / "index.json", self.index["subset_of"]
-        path = Path(parent).resolve() if isinstance(parent, str) and parent else None
+        path = self._link_target(parent, where)
         if path is None or within is not None and not path.is_relative_to(Path(within).resolve()):
             raise InputError(f"{where}: subset_of {str(parent)[:200]!r} is not a folder inside {within}")
         seen = seen if seen is not None else {self.folder.resolve()}
@@ -280,6 +299,26 @@ class Instances:
         if up.index.get("tokens_sha256") != self.index.get("parent_sha256"):
             raise InputError(f"{where}: subset_of {path} does not hold the tokens this subset was made from")
         return up
+
+    def _link_target(self, parent, where: Path) -> Path | None:
+        """The folder ``subset_of`` names (resolved), or None for no path. A relative link is ``../<name>`` only:
+        a plain folder beside this one, reached through no symbolic link (``read_guard.regular_file_inside``), so
+        it cannot leave the folder that holds both, wherever that folder was copied; an absolute one (written
+        before links were relative) is taken as it is, ``within`` bounding both."""
+        if not isinstance(parent, str) or not parent or "\0" in parent:
+            return None
+        if Path(parent).is_absolute():
+            return Path(parent).resolve()
+        name = parent[len(SIBLING):] if parent.startswith(SIBLING) else ""
+        if not name or name in (".", "..") or name != Path(name).name or "\\" in name:
+            raise InputError(f"{where}: subset_of {parent[:200]!r} is not a folder beside {self.folder} (a relative "
+                             f"link is {SIBLING}<name>); refusing to read it")
+        beside = self.folder.absolute().parent
+        try:
+            regular_file_inside(beside / name / "index.json", beside)
+        except InputError as e:             # (a subset copied without the folders it was made from: "missing")
+            raise InputError(f"{where}: subset_of {parent[:200]!r}: {e}") from None
+        return (beside / name).resolve()
 
     def check_tokenizer(self, tokenizer_hash: str, what: str = "the model") -> None:
         if self.tokenizer.hash != tokenizer_hash:
@@ -297,7 +336,7 @@ def write_subset(src: Instances, rows: np.ndarray, folder: str | Path, extra: di
                 f.write(np.ascontiguousarray(src.tokens[rows[start:start + 4096]]).tobytes())
         subset = {"parent_rows": rows.tolist(), "doc_ids": [src.doc_ids(int(r)) for r in rows]}
         (tmp / "subset.json").write_text(json.dumps(subset, ensure_ascii=False))
-        index = {**src.index, "count": len(rows), "subset_of": str(Path(src.folder).resolve()),
+        index = {**src.index, "count": len(rows), "subset_of": subset_link(src.folder, folder),
                  "parent_sha256": src.index["tokens_sha256"],
                  "tokens_sha256": sha256_file(tmp / "tokens.bin"), **(extra or {})}
         for key in ("documents", "stream_tokens", "dropped_tail_tokens"):

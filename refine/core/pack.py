@@ -38,7 +38,7 @@ from refine.core.holdout import HoldOut
 from refine.core.instances import Instances, InstanceWriter, TokenizerInfo
 from refine.core.manifest import manifest_matches, sha256_file, write_manifest
 from refine.core.read_guard import hub_snapshot_file, is_link_below
-from refine.core.tokenizer import is_panic, load_tokenizer, one_line, tokenizer_name
+from refine.core.tokenizer import encode_text, is_panic, load_tokenizer, one_line, tokenizer_name
 
 BATCH_DOCS = 256  # documents per fast-tokenizer call: large enough to use its threads, small in memory
 
@@ -78,8 +78,10 @@ def pack(corpus: str | Path, tokenizer, seq_len: int, out: str | Path, text_fiel
     ``hold_out``: the documents it holds (D_ref) are left out."""
     workers = resolve_workers(workers)
     info = TokenizerInfo.of(tokenizer)
+    # "special_strings": a packing made before they were read as text (``encode_text``) may hold a false EOS in a
+    # document that mentions ``<|endoftext|>``; it is packed again once (ordinary text gives the same bytes)
     key = {"corpus": corpus_fingerprint(corpus), "tokenizer_hash": info.hash, "seq_len": seq_len,
-           "text_field": text_field}
+           "text_field": text_field, "special_strings": "text"}
     if max_doc_bytes != MAX_DOC_BYTES:          # (the default stays out: existing packings stay valid)
         key["max_doc_bytes"] = max_doc_bytes
     if hold_out is not None:
@@ -135,9 +137,11 @@ def _leave_out(docs, hold_out: HoldOut, stats: CorpusStats):
 def tokenize_batch(tokenizer, texts: list[str], doc_ids: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of ``texts`` back to back and each text's count (two arrays: cheap to send between processes;
     the writer checks the ids against the vocabulary). A text the tokenizer fails on (its pre-tokenizer regex
-    giving up: a Rust panic, which would not even pickle back from a worker) is one InputError naming it."""
+    giving up: a Rust panic, which would not even pickle back from a worker) is one InputError naming it.
+    Special-token strings in the text are text (``encode_text``): the only EOS ids are those the writer puts
+    between documents."""
     try:
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = encode_text(tokenizer, texts)
     except BaseException as e:
         if not is_panic(e):
             raise
@@ -152,7 +156,7 @@ def _tokenizer_failed(tokenizer, texts: list[str], doc_ids: list[str] | None, e:
     which = "a document of this batch"
     for k, text in enumerate(texts):
         try:
-            tokenizer(text, add_special_tokens=False)
+            encode_text(tokenizer, [text])
         except BaseException as again:
             if not is_panic(again):
                 raise

@@ -14,7 +14,10 @@ Row edges and separators:
   when it was packed), never across the boundary.
 * A UTF-8 character cut by the row's first or last edge (byte-level tokens can split one) is dropped from the
   target's text: only bytes that form whole characters are re-tokenized.
-* Other special tokens count as their literal text (a document that contains one).
+* Other special tokens count as their literal text (a document that contains one, packed before packing read
+  such strings as text), and the target re-tokenizes special-token strings of its own as text too
+  (``refine.core.tokenizer.encode_text``, as packing does): a document that mentions the target's
+  ``<|im_start|>`` is those characters on both sides.
 * A target tokenizer that does not give back the text's bytes (a normaliser that lowercases or rewrites
   Unicode), or a source row holding an id that spells no bytes, cannot be aligned: one ``InputError`` naming the
   row, never a silently shifted offset. A tokenizer whose tokens have no byte spelling (WordPiece) is refused
@@ -29,6 +32,7 @@ import numpy as np
 
 from refine.core.errors import InputError
 from refine.core.token_bytes import token_bytes
+from refine.core.tokenizer import encode_text
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ class Retokenizer:
                 raise InputError(f"{src} row {key}: its tokens do not spell UTF-8 text (byte {e.start} of a "
                                  f"segment); cannot align it with the {tgt} tokenizer") from None
             starts.append(start + lead)
-        encoded = self.target_tok(texts, add_special_tokens=False)["input_ids"]
+        encoded = encode_text(self.target_tok, texts)   # a special string in the text stays text
         ids, ends = [], []
         for j, (text, seg, start) in enumerate(zip(texts, encoded, starts, strict=True)):
             seg = np.asarray(seg, dtype=np.int64)

@@ -38,6 +38,16 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
+def encode_text(tok, texts: list[str]) -> list[list[int]]:
+    """Token ids of each of ``texts``, corpus text: no BOS/EOS added, and a special token's string inside the
+    text (``<|endoftext|>``, ``<|im_start|>``: documentation, chat logs, code hold them) is tokenized as the
+    characters it is, never as the control id (which would put a false document boundary or a chat marker
+    in the middle of a document). Every path that tokenizes corpus text (packing, re-tokenizing a row for
+    another tokenizer) calls this, so they all read such strings the same way. Added tokens that are not
+    special (a vocabulary's own multi-character pieces) are still matched as usual."""
+    return tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def is_panic(e: BaseException) -> bool:
     """A Rust panic raised into Python (pyo3's ``PanicException``, a ``BaseException``: the tokenizers library
     raises one when its pre-tokenizer regex gives up, e.g. at Oniguruma's retry limit)."""
