@@ -26,7 +26,7 @@ from refine.core.holdout import HoldOut, budget_fraction
 from refine.core.instances import Instances
 from refine.core.manifest import read_manifest, write_manifest
 from refine.core.paths import resolve_model
-from refine.core.tokenizer import tokenizer_hash
+from refine.core.tokenizer import encode_text, tokenizer_hash
 from refine.core.write import atomic_path, write_json_atomic
 
 CARVE_BATCH = 256
@@ -81,7 +81,7 @@ def carve(cfg: RefineConfig, corpus_key: str, tok) -> tuple[Path, dict]:
 def _write(batch: list, split: HoldOut, tok, units: array, tokens: array, train_f, val_f) -> None:
     if not batch:
         return
-    lengths = map(len, tok([d.text for d in batch], add_special_tokens=False)["input_ids"])
+    lengths = map(len, encode_text(tok, [d.text for d in batch]))
     for doc, n in zip(batch, lengths):
         (val_f if split.is_val(doc.id) else train_f).write(
             json.dumps({"id": doc.id, "source": doc.source, "text": doc.text}, ensure_ascii=False) + "\n")
