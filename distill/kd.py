@@ -6,7 +6,7 @@
 matches the student (tokenizer hash, instance count and length), and returns the loss with its parts for
 logging. ``val_kl`` measures KL(teacher || student) on validation batches with the full teacher distribution.
 
-Every model pass here (student, live teacher, validation teacher) goes through ``refine.scorers.hf.forward_logits``
+Every model pass here (student, live teacher, validation teacher) goes through ``refine.core.forward.forward_logits``
 with the BOS prefix its tokenizer asks for (``refine.core.tokenizer.bos_prefix``), as the refine scorers do.
 """
 

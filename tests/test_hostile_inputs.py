@@ -1,5 +1,5 @@
 """Hostile inputs not covered where their module is tested (the full list, with where each is tested, is in
-README.md "Bad input"): a 10 MB single document, a one-token corpus, a non-finite loss (stop and skip)."""
+docs/safety.md): a 10 MB single document, a one-token corpus, a non-finite loss (stop and skip)."""
 
 from __future__ import annotations
 

@@ -239,7 +239,7 @@ class FolderLock:
     overwrite waits until no part on this host is running.
 
     Across machines on shared storage this lock is not relied on: Linux emulates flock on NFS with byte-range
-    locks, which reach other clients only where the lock daemon works. There the key checks do the work (README).
+    locks, which reach other clients only where the lock daemon works. There the key checks do the work (docs/scale.md).
     """
 
     def __init__(self, folder: str | Path, what: str, hint: str, shared: bool = False):

