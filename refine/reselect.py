@@ -56,8 +56,8 @@ def reselect(cfg: RefineConfig) -> dict:
 
 def _as_scored(cfg: RefineConfig, saved: dict) -> RefineConfig:
     """``cfg`` with the scoring settings replaced by those the folder records (``refine.folder_key``)."""
-    def model(mine: ModelPassConfig, rec: dict) -> ModelPassConfig:
-        return replace(mine, path=rec["path"], dtype=rec["dtype"], backend=rec["backend"])
+    def model(mine: ModelPassConfig, rec: dict) -> ModelPassConfig:   # (a carved reference has no path)
+        return replace(mine, path=rec.get("path", mine.path), dtype=rec["dtype"], backend=rec["backend"])
 
     known = {f.name for f in fields(LogitsConfig)}
     logits = replace(cfg.logits, **{k: v for k, v in saved["logits"].items() if k in known})
