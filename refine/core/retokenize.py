@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refine.core.errors import InputError
-from refine.core.token_bytes import token_bytes
+from refine.core.token_bytes import text_bytes, token_bytes
 from refine.core.tokenizer import encode_text
 
 
@@ -66,12 +66,9 @@ class Retokenizer:
 
     def __init__(self, source_tok, target_tok, roles: tuple[str, str] = ("source", "target")):
         self.target_tok, self.roles = target_tok, roles
-        src_bytes, tgt_bytes = token_bytes(source_tok), token_bytes(target_tok)
-        self.src_eos, self.tgt_eos = int(source_tok.eos_token_id), int(target_tok.eos_token_id)
         # special tokens other than EOS are their literal text in the row (a document that contains one)
-        for i, t in source_tok.added_tokens_decoder.items():
-            if i != self.src_eos and i < len(src_bytes):
-                src_bytes[i] = t.content.encode()
+        src_bytes, tgt_bytes = text_bytes(source_tok), token_bytes(target_tok)
+        self.src_eos, self.tgt_eos = int(source_tok.eos_token_id), int(target_tok.eos_token_id)
         self.src_bytes, self.tgt_bytes = src_bytes, tgt_bytes
         # byte lengths with EOS as one virtual byte: the offsets rows are aligned in
         self.src_len = np.array([len(b) if b is not None else 0 for b in src_bytes], dtype=np.int64)

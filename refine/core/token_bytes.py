@@ -79,6 +79,16 @@ def token_bytes(tok) -> list[bytes | None]:
     return table
 
 
+def text_bytes(tok) -> list[bytes | None]:
+    """Each id's bytes as the text of a packed row: EOS (a document boundary) ``None``, other special tokens
+    their literal string (a document that holds one, packed before packing read such strings as text)."""
+    table, eos = token_bytes(tok), int(tok.eos_token_id)
+    for i, t in tok.added_tokens_decoder.items():
+        if i != eos and i < len(table) and table[i] is None:
+            table[i] = t.content.encode()
+    return table
+
+
 def byte_lengths(tok) -> np.ndarray:
     """[vocab] int32: each id's byte count (0 for special tokens)."""
     return np.array([len(b) if b is not None else 0 for b in token_bytes(tok)], dtype=np.int32)
