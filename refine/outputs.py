@@ -1,12 +1,11 @@
 """The selection step and what it writes into ``<out>/``, the manifest last: ``instances/`` (refined tokens),
-``refined.jsonl`` (their text, for students with another tokenizer), ``logits/`` (aligned with ``instances/``),
-``instances_random/`` + ``random.jsonl`` (the same fraction chosen blindly: the equal-compute control),
-``scores.npz``, ``report.md``. The teacher pass keeps every scored instance's logits in ``teacher/logits/``, so
-re-selecting never rescores."""
+``refined.jsonl`` (their documents as text, for students with another tokenizer: ``refine.core.text_export``),
+``logits/`` (aligned with ``instances/``), ``instances_random/`` + ``random.jsonl`` (the same fraction chosen
+blindly: the equal-compute control), ``scores.npz``, ``report.md``. The teacher pass keeps every scored
+instance's logits in ``teacher/logits/``, so re-selecting never rescores."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from refine.core.errors import InputError
 from refine.core.instances import Instances, TokenizerInfo, write_subset
 from refine.core.logits import LogitsStore, LogitsWriter
 from refine.core.manifest import code_version, write_manifest
+from refine.core.text_export import write_text_export
 from refine.core.tokenizer import tokenizer_hash
 from refine.core.write import atomic_path
 from refine.select import difference_scores, random_control, select
@@ -39,15 +39,6 @@ class Scored:
     scoring_s: float
     d_ref: dict = field(default_factory=dict)   # what the reference was trained on, when refine trained it
     ref_model: dict = field(default_factory=dict)   # which reference: given, or trained (its plan and run)
-
-
-def write_text_export(inst: Instances, rows: np.ndarray, scores: np.ndarray, tok, path: Path) -> None:
-    """The kept instances as text: students with another tokenizer train on this."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            rec = {"id": f"instance/{int(r)}", "doc_ids": inst.doc_ids(int(r)), "score": round(float(scores[r]), 5),
-                   "text": tok.decode(np.asarray(inst.tokens[r]).tolist())}
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def write_kept_logits(src: LogitsStore, rows: np.ndarray, out: Path, shard_size: int,

@@ -62,13 +62,15 @@ def test_refine_outputs_reuse_reselect_and_resume(overrides, tmp_path):
     assert rs.header.kind == "sampled" and rs.header.samples == 8 and len(rs) == len(kept)
     assert np.array_equal(rs[0].ids, rs_full[int(kept[0])].ids) and (rs[0].counts <= 8).all()
     assert 0.5 < manifest["report"]["logits_rs_mean_kept_mass"] <= 1.0
-    lines = (out / "refined.jsonl").read_text().splitlines()
-    assert len(lines) == len(kept) and json.loads(lines[0])["id"] == f"instance/{kept[0]}"
+    # The text export: the kept rows as document pieces (refine.core.text_export), every kept row in one.
+    records = [json.loads(x) for x in (out / "refined.jsonl").read_text().splitlines()]
+    assert sorted({r for rec in records for r in rec["rows"]}) == kept.tolist()
+    assert not any("<|endoftext|>" in rec["text"] for rec in records)
     # The equal-size random control (seeded by select.seed), as instances and as text.
     control = random_control(len(s["score"]), 0.5, seed=0)
     assert np.array_equal(np.asarray(Instances(out / "instances_random").tokens), np.asarray(scored.tokens)[control])
-    rand_lines = (out / "random.jsonl").read_text().splitlines()
-    assert [json.loads(x)["id"] for x in rand_lines] == [f"instance/{r}" for r in control]
+    rand_records = [json.loads(x) for x in (out / "random.jsonl").read_text().splitlines()]
+    assert sorted({r for rec in rand_records for r in rec["rows"]}) == control.tolist()
     assert set(control) != set(kept)
     assert (out / "score_hist.png").stat().st_size > 1000 and "Highest-scored" in (out / "report.md").read_text()
     div = manifest["report"]["diversity"]
