@@ -41,8 +41,9 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
     overall and per corpus source (e.g. wiki / austen: a row counts for its documents' source, "mixed" if it
     spans two), which shows what a data selection traded away.
 
-    Also bits per byte: the summed loss over the UTF-8 bytes of the predicted tokens' text (special tokens,
-    i.e. document separators, count no bytes), which compares students with different tokenizers.
+    Also bits per byte: the summed loss over the UTF-8 bytes of the predicted tokens' text, which compares
+    students with different tokenizers; the bytes are counted by ``row_text_bytes`` (its docstring: the same
+    counts as refine's, and what ``val_bytes_counted`` says when a tokenizer has no byte table).
     """
     from distill.data import open_instances, val_batches
     from refine.core.forward import forward_logits
@@ -52,6 +53,7 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
     batches = val_batches(inst, batch_size, max_batches or len(inst))
     device = next(model.parameters()).device
     nats, n_bytes = [], []                       # per row: summed loss, UTF-8 bytes of the predicted text
+    count_bytes, counted_by = row_text_bytes(tokenizer)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -60,8 +62,7 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
             logits = forward_logits(model, batch.to(device), bos_prefix(tokenizer))[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:].to(device), reduction="none")
             nats += nll.sum(1).tolist()
-            n_bytes += [len(tokenizer.decode(row[1:].tolist(), skip_special_tokens=True).encode("utf-8"))
-                        for row in batch]
+            n_bytes += count_bytes(batch[:, 1:].numpy()).tolist()
     model.train(was_training)
     nats, n_bytes = np.asarray(nats), np.asarray(n_bytes)
     by_source = "subset_of" not in inst.index      # a subset's rows: one "all" (its parents may be elsewhere)
@@ -73,7 +74,36 @@ def val_loss(model, tokenizer, val: str | Path, seq_len: int, batch_size: int = 
 
     overall = summary(np.ones(len(nats), dtype=bool))
     return {"val_loss": overall["loss"], "val_ppl": math.exp(overall["loss"]), "val_tokens": overall["tokens"],
-            "val_bpb": overall["bpb"], "val_by_source": {s: summary(sources == s) for s in sorted(set(sources))}}
+            "val_bpb": overall["bpb"], "val_bytes_counted": counted_by,
+            "val_by_source": {s: summary(sources == s) for s in sorted(set(sources))}}
+
+
+def row_text_bytes(tokenizer):
+    """(count, how): ``count(rows [B, L]) -> int64 [B]``, the UTF-8 bytes each row's tokens spell, by the rule
+    every byte count follows (``refine.core.token_bytes.text_bytes``: EOS 0, another special token its literal
+    string, the text of a document that held it), so val bits per byte and refine's ``select.normalize=bytes``
+    count the same bytes. ``how`` is ``"token_bytes"`` for that exact count. A tokenizer with no byte table
+    (WordPiece; SentencePiece with a dummy prefix) still gets a number rather than no evaluation, marked
+    ``"decode"``: each EOS-separated segment decoded, specials kept literally. It is approximate: a decoder that
+    rewrites spacing (WordPiece) miscounts, SentencePiece's drops the leading space of a segment (right at a
+    document start, one byte short where a row starts mid-document), a character cut by the row's edge counts
+    as U+FFFD's 3 bytes."""
+    from refine.core.token_bytes import byte_lengths, row_bytes
+
+    try:
+        lengths = byte_lengths(tokenizer)
+    except InputError:
+        eos = int(tokenizer.eos_token_id)
+
+        def decoded(rows: np.ndarray) -> np.ndarray:
+            def one(row: list[int]) -> int:
+                cuts = [-1, *(i for i, t in enumerate(row) if t == eos), len(row)]
+                return sum(len(tokenizer.decode(row[a + 1:b], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False).encode("utf-8"))
+                           for a, b in zip(cuts, cuts[1:]))
+            return np.array([one(r) for r in np.asarray(rows).tolist()], dtype=np.int64)
+        return decoded, "decode"
+    return (lambda rows: row_bytes(rows, lengths)), "token_bytes"
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,

@@ -20,8 +20,9 @@ Row edges and separators:
   ``<|im_start|>`` is those characters on both sides.
 * A target tokenizer that does not give back the text's bytes (a normaliser that lowercases or rewrites
   Unicode), or a source row holding an id that spells no bytes, cannot be aligned: one ``InputError`` naming the
-  row, never a silently shifted offset. A tokenizer whose tokens have no byte spelling (WordPiece) is refused
-  when the ``Retokenizer`` is made (``token_bytes``).
+  row, never a silently shifted offset. A tokenizer whose tokens have no byte spelling (WordPiece), or one that
+  adds a space in front of every text (SentencePiece with a dummy prefix, Llama-2 style), is refused, as source
+  or target, in one line when the ``Retokenizer`` is made (``token_bytes``), never per row.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refine.core.errors import InputError
-from refine.core.token_bytes import text_bytes, token_bytes
+from refine.core.token_bytes import lengths_of, text_bytes, token_bytes
 from refine.core.tokenizer import encode_text
 
 
@@ -42,7 +43,7 @@ class Retokenized:
     source_ends: np.ndarray    # int64 [L] each source token's end byte, same offsets
 
 
-def _utf8_lead_trim(b: bytes) -> int:
+def utf8_lead_trim(b: bytes) -> int:
     """Continuation bytes at the start of ``b`` (the tail of a character begun in the previous row)."""
     n = 0
     while n < min(3, len(b)) and b[n] & 0xC0 == 0x80:
@@ -50,7 +51,7 @@ def _utf8_lead_trim(b: bytes) -> int:
     return n
 
 
-def _utf8_tail_trim(b: bytes) -> int:
+def utf8_tail_trim(b: bytes) -> int:
     """Bytes at the end of ``b`` that begin a character the row does not finish."""
     for back in range(1, min(4, len(b)) + 1):
         c = b[-back]
@@ -66,19 +67,21 @@ class Retokenizer:
 
     def __init__(self, source_tok, target_tok, roles: tuple[str, str] = ("source", "target")):
         self.target_tok, self.roles = target_tok, roles
-        # special tokens other than EOS are their literal text in the row (a document that contains one)
+        # special tokens other than EOS are their literal text in the row (a document that contains one); the
+        # target's own never occur (encode_text reads their strings as text), so its table keeps them None and
+        # the id map cannot send a source special token to a target control id
         src_bytes, tgt_bytes = text_bytes(source_tok), token_bytes(target_tok)
         self.src_eos, self.tgt_eos = int(source_tok.eos_token_id), int(target_tok.eos_token_id)
         self.src_bytes, self.tgt_bytes = src_bytes, tgt_bytes
         # byte lengths with EOS as one virtual byte: the offsets rows are aligned in
-        self.src_len = np.array([len(b) if b is not None else 0 for b in src_bytes], dtype=np.int64)
+        self.src_len = lengths_of(src_bytes)      # the same counts as ``byte_lengths`` (one rule for specials)
         self.src_len[self.src_eos] = 1
         self.tgt_len = np.array([len(b) if b is not None else 1 for b in tgt_bytes], dtype=np.int64)
         self.tgt_len[self.tgt_eos] = 1
         # real text bytes (EOS none: it is no text), what bits per byte divide by
         self.src_text_len = self.src_len.copy()
         self.src_text_len[self.src_eos] = 0
-        self.tgt_text_len = np.array([len(b) if b is not None else 0 for b in tgt_bytes], dtype=np.int64)
+        self.tgt_text_len = lengths_of(tgt_bytes)
 
     def __call__(self, row: np.ndarray, key=None) -> Retokenized:
         """Row ``row`` (source ids) re-tokenized; ``key`` names the row in error lines."""
@@ -95,8 +98,8 @@ class Retokenizer:
             a, b = bounds[j] + 1, bounds[j + 1]
             blob = b"".join(self.src_bytes[i] or b"" for i in row[a:b].tolist())
             start = int(src_ends[a - 1]) if a > 0 else 0
-            lead = _utf8_lead_trim(blob) if j == 0 else 0
-            tail = _utf8_tail_trim(blob) if j == len(bounds) - 2 else 0
+            lead = utf8_lead_trim(blob) if j == 0 else 0
+            tail = utf8_tail_trim(blob) if j == len(bounds) - 2 else 0
             blob = blob[lead:len(blob) - tail]
             try:
                 texts.append(blob.decode("utf-8"))

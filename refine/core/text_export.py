@@ -29,8 +29,7 @@ import numpy as np
 
 from refine.core.errors import InputError
 from refine.core.instances import Instances
-from refine.core.retokenize import _utf8_lead_trim as utf8_lead_trim
-from refine.core.retokenize import _utf8_tail_trim as utf8_tail_trim
+from refine.core.retokenize import utf8_lead_trim, utf8_tail_trim
 from refine.core.token_bytes import text_bytes
 from refine.core.write import atomic_path
 

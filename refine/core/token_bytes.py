@@ -8,11 +8,23 @@ bytes exactly, which the vocabulary gives without running the tokenizer:
 
 * byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen): a token's string spells its bytes through GPT-2's
   ``bytes_to_unicode`` table;
-* SentencePiece with byte fallback (Gemma, Llama 2): ``▁`` is a space, ``<0xNN>`` the byte NN, other pieces
+* SentencePiece without a dummy prefix (Gemma): ``▁`` is a space, ``<0xNN>`` the byte NN, other pieces
   their UTF-8.
 
-Special (added) tokens have no bytes: ``None`` in the table, 0 in ``byte_lengths``. A tokenizer of another
-kind is refused in one line rather than guessed: a wrong byte table would silently misalign every position.
+Refused in one line when the table is made, for every role (teacher, student, reference, the same-tokenizer
+byte counts), rather than guessed: a wrong byte table would silently misalign every position or miscount
+every row.
+
+* Tokens without a byte spelling (WordPiece).
+* A tokenizer that adds a space the text does not have in front of every text it encodes: SentencePiece with a
+  dummy prefix (Llama 2, TinyLlama, Mistral v0.1), or byte-level BPE with ``add_prefix_space``. Packing encodes
+  each document on its own, so every document's first token spells one phantom byte, but a row cut mid-document
+  starts without one, and the row alone does not say which it is. Detected by behaviour (what ``"a"`` encodes
+  to), not by config keys, which differ between versions of one tokenizer.
+
+Special tokens, one rule for every byte count (``text_bytes``): EOS, the document separator, is no text (0
+bytes); any other special token inside a packed row is the literal text of a document packed before special
+strings were read as text (``refine.core.tokenizer.encode_text``), so it counts its literal string.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from functools import cache
 import numpy as np
 
 from refine.core.errors import InputError
+from refine.core.tokenizer import encode_text
 
 
 @cache
@@ -41,6 +54,11 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+SUPPORTED = "byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen) or SentencePiece without a dummy prefix (Gemma)"
+
+
+def _name(tok) -> str:
+    return getattr(tok, "name_or_path", "") or "(unnamed)"
 
 
 def _kind(tok) -> str:
@@ -52,15 +70,29 @@ def _kind(tok) -> str:
     if "ByteLevel" in types:
         return "byte_level"
     metaspace = any(p.get("type") == "Replace" and "▁" in json.dumps(p, ensure_ascii=False) for p in parts)
-    if "ByteFallback" in types or metaspace:
+    if types & {"ByteFallback", "Metaspace"} or metaspace:
         return "sentencepiece"
-    raise InputError(f"tokenizer {getattr(tok, 'name_or_path', '?')}: cannot map its tokens to bytes (decoder "
-                     f"{sorted(t for t in types if t) or 'none'}); byte alignment needs byte-level BPE or "
-                     f"SentencePiece with byte fallback")
+    raise InputError(f"tokenizer {_name(tok)}: cannot map its tokens to bytes (decoder "
+                     f"{sorted(t for t in types if t) or 'none'}); byte alignment and byte counts need {SUPPORTED}")
+
+
+def _refuse_added_space(tok, kind: str, table: list[bytes | None]) -> None:
+    """One line when encoding ``"a"`` spells a leading space: the tokenizer adds one to every text it encodes
+    (the module docstring says why that cannot be counted right). By behaviour, so every way of configuring it
+    (a ``Prepend`` normaliser, ``Metaspace`` with ``prepend_scheme``, ``add_prefix_space``) is caught."""
+    spelled = b"".join(table[i] or b"" for i in encode_text(tok, ["a"])[0] if i < len(table))
+    if spelled[:1] != b" ":
+        return
+    what = "SentencePiece with a dummy prefix (Llama-2 style)" if kind == "sentencepiece" else \
+        "byte-level BPE with add_prefix_space"
+    raise InputError(f"tokenizer {_name(tok)}: {what}, which adds a space the text does not have ('a' encodes "
+                     f"as {spelled.decode(errors='replace')!r}), is not supported for byte alignment or byte counts; "
+                     f"use {SUPPORTED}")
 
 
 def token_bytes(tok) -> list[bytes | None]:
-    """Each id's bytes (``None`` for special/added tokens and ids without a piece)."""
+    """Each id's bytes (``None`` for special/added tokens and ids without a piece); refuses what the module
+    docstring lists."""
     kind = _kind(tok)
     special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
     table: list[bytes | None] = [None] * len(tok)
@@ -76,12 +108,14 @@ def token_bytes(tok) -> list[bytes | None]:
         else:
             m = _BYTE_PIECE.fullmatch(piece)
             table[i] = bytes([int(m.group(1), 16)]) if m else piece.replace("▁", " ").encode()
+    _refuse_added_space(tok, kind, table)
     return table
 
 
 def text_bytes(tok) -> list[bytes | None]:
-    """Each id's bytes as the text of a packed row: EOS (a document boundary) ``None``, other special tokens
-    their literal string (a document that holds one, packed before packing read such strings as text)."""
+    """Each id's bytes as the text of a packed row, the one rule of every byte count: EOS (a document boundary)
+    ``None``, other special tokens their literal string (a document that holds one, packed before packing read
+    such strings as text)."""
     table, eos = token_bytes(tok), int(tok.eos_token_id)
     for i, t in tok.added_tokens_decoder.items():
         if i != eos and i < len(table) and table[i] is None:
@@ -89,11 +123,17 @@ def text_bytes(tok) -> list[bytes | None]:
     return table
 
 
+def lengths_of(table: list[bytes | None]) -> np.ndarray:
+    """[vocab] int64: each entry's byte count, 0 for ``None``."""
+    return np.array([len(b) if b is not None else 0 for b in table], dtype=np.int64)
+
+
 def byte_lengths(tok) -> np.ndarray:
-    """[vocab] int32: each id's byte count (0 for special tokens)."""
-    return np.array([len(b) if b is not None else 0 for b in token_bytes(tok)], dtype=np.int32)
+    """[vocab] int64: each id's byte count in a packed row's text (``text_bytes``: EOS 0, other special tokens
+    their literal length)."""
+    return lengths_of(text_bytes(tok))
 
 
 def row_bytes(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Bytes of the text each row [N, L] of token ids spells (special tokens count 0), as int64 [N]."""
+    """Bytes of the text each row [N, L] of token ids spells (``lengths`` from ``byte_lengths``), as int64 [N]."""
     return lengths[np.asarray(tokens, dtype=np.int64)].sum(axis=-1, dtype=np.int64)
