@@ -18,6 +18,7 @@ from refine.core.manifest import read_manifest
 from refine.core.pack import corpus_fingerprint, pack
 from refine.core.paths import resolve_model
 from refine.core.retokenize import Retokenizer
+from refine.core.token_bytes import token_bytes
 from refine.core.tokenizer import load_tokenizer, tokenizer_hash
 from refine.core.write import FolderLock, atomic_path, write_json_atomic
 from refine.cross_reference import FOLDER as REF_ROWS
@@ -52,6 +53,8 @@ def _refine(cfg: RefineConfig) -> dict:
     out = Path(cfg.out)
     teacher = resolve_model(cfg.teacher.path)
     tok = load_tokenizer(teacher)
+    if cfg.select.normalize == ScoreUnit.bytes:
+        token_bytes(tok)                     # per-byte scores need the teacher's byte table: refused now, not after
     carving = not cfg.reference.path         # MiniPLM: the reference learns D_ref, a held-out part of this corpus
     reference = None if carving else resolve_model(cfg.reference.path)
     ref_tok = None                           # a reference with another tokenizer's (select.normalize=bytes)

@@ -101,6 +101,21 @@ def test_dummy_prefix_sentencepiece_is_refused_in_one_line_for_every_role(prefix
         assert "\n" not in str(e.value) and "byte-level BPE" in str(e.value) and "Gemma" in str(e.value), role
 
 
+def test_a_per_byte_refine_with_a_dummy_prefix_teacher_is_refused_before_packing(refine_overrides, tmp_path):
+    """The teacher's byte table is needed only at selection (``select.normalize=bytes``): refused at the start,
+    not after both scoring passes."""
+    from refine.__main__ import refine
+    from tests.conftest import save_tiny_llama
+    from tests.test_refine import _cfg
+
+    _sentencepiece("prepend").save_pretrained(tmp_path / "sp")
+    teacher = save_tiny_llama(tmp_path / "sp", tmp_path / "teacher", seed=0, layers=1)
+    overrides = [o for o in refine_overrides if not o.startswith(("teacher.path", "reference.path"))]
+    with pytest.raises(InputError, match=DUMMY_PREFIX):
+        refine(_cfg([*overrides, f"teacher.path={teacher}", f"reference.path={teacher}", "select.normalize=bytes"]))
+    assert not (tmp_path / "out" / "instances_all").exists()
+
+
 def test_added_prefix_space_of_byte_level_bpe_is_refused_the_same_way():
     with pytest.raises(InputError, match="byte-level BPE with add_prefix_space.* is not supported"):
         token_bytes(_byte_level(prefix_space=True))
