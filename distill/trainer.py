@@ -23,6 +23,7 @@ from distill import checkpoint, distributed, sharded_checkpoint
 from distill.config import TrainConfig
 from distill.data import BatchStream, open_instances, open_retokenized, val_batches
 from distill.early_stop import EarlyStop
+from distill.fused_loss import IGNORE
 from distill.kd import Distiller
 from distill.losses import lm_loss
 from distill.metrics import Metrics, StepMeans, write_run_record, write_summary
@@ -32,6 +33,8 @@ from distill.schedules import plot_schedules
 from refine.core.errors import InputError, everyone
 from refine.core.tokenizer import bos_prefix, tokenizer_hash
 from refine.core.write import FolderLock
+
+REAL_TOKENS = "_real_tokens"   # a key of the step's all-reduce, not a logged figure (no loss part has it)
 
 
 def pick_device(name: str) -> torch.device:
@@ -98,7 +101,6 @@ class Trainer:
         self.metrics = (distributed.on_main(d, self._start_records)
                         or Metrics(self.run_dir, self.step, cfg.trainer.tensorboard, enabled=False))
         self.vbatches = val_batches(self.val_set, cfg.data.batch_size, cfg.trainer.eval_batches)
-        self.tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * cfg.data.seq_len
 
     # ---- setup ----
 
@@ -215,13 +217,17 @@ class Trainer:
         """One optimizer step over ``data.grad_accum`` micro-batches; returns its metrics record."""
         tc, accum = self.cfg.trainer, self.cfg.data.grad_accum
         t0 = time.perf_counter()
-        means = StepMeans(accum)
+        means, real = StepMeans(accum), 0
         for micro in range(accum):
-            means.add(*self._micro_batch(last=micro == accum - 1))
+            loss, parts, n = self._micro_batch(last=micro == accum - 1)
+            means.add(loss, parts)
+            real += n
         grad_norm = clip_gradients(self.module, self.cfg.optim.grad_clip)
         lr = self.opt.param_groups[0]["lr"]
-        # each rank's loss is the mean over its equal slice: their mean is the global batch's
-        parts = self.d.mean(means.means())
+        # the ranks' mean of their slices' mean losses: the global batch's only when every slice holds as many real
+        # tokens (padded rows: see distill.distributed). The real tokens ride in the same float64 all-reduce (exact)
+        parts = self.d.mean({**means.means(), REAL_TOKENS: real})
+        step_tokens = round(parts.pop(REAL_TOKENS) * self.d.world)
         train_loss = parts.pop("loss")
         finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
         self.nan_run = 0 if finite else self.nan_run + 1
@@ -233,13 +239,14 @@ class Trainer:
         self.sched.step()                 # a skipped batch still counts as a step: schedules keep their shape
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += self.tokens_per_step
+        self.tokens_seen += step_tokens
         dt = time.perf_counter() - t0
         return {"step": self.step, "split": "train", "loss": train_loss, **parts, "lr": lr, "grad_norm": grad_norm,
-                "tokens": self.tokens_seen, "tok_s": self.tokens_per_step / dt, **({} if finite else {"skipped": 1})}
+                "tokens": self.tokens_seen, "tok_s": step_tokens / dt, **({} if finite else {"skipped": 1})}
 
-    def _micro_batch(self, last: bool) -> tuple[float, dict[str, float]]:
-        """Forward and backward of this rank's slice of one micro-batch; returns its loss and loss parts."""
+    def _micro_batch(self, last: bool) -> tuple[float, dict[str, float], int]:
+        """Forward and backward of this rank's slice of one micro-batch; returns its loss, loss parts and real
+        tokens (a re-tokenized row's PAD slots are no data: counted, they put a cross-tokenizer run ~9% ahead)."""
         d, stream = self.d, self.stream
         rows = d.local_rows(stream.next_rows())
         batch = stream.fetch(rows).to(self.device)
@@ -248,7 +255,7 @@ class Trainer:
                 loss, parts = self.module(batch, rows, self.step)
             self.distiller.prefetch(d.local_rows(stream.peek_rows()))    # the next signal is read during backward
             (loss / self.cfg.data.grad_accum).backward()
-        return loss.item(), parts
+        return loss.item(), parts, int((batch != IGNORE).sum())
 
     def validate(self) -> dict:
         """Val loss on the fixed val batches (and KL to the teacher when distilling), logged; returns the record."""

@@ -56,8 +56,10 @@ def warnings(figures: dict) -> list[str]:
     return out
 
 
-def reference_lines(ref_model: dict, figures: dict) -> list[str]:
-    """Markdown table rows about the reference: which kind, its size and training, its perplexity."""
+def reference_lines(ref_model: dict, figures: dict, tokenizers: tuple[str, str]) -> list[str]:
+    """Markdown table rows about the reference: which kind, its size and training, its perplexity (next to the
+    teacher's when they share a vocabulary; on rows of their own, each per its own token, when not).
+    ``tokenizers``: the teacher's and the reference's names, as markdown text."""
     rows = [f"| reference | {ref_model.get('kind', 'unknown')} |"]
     p = ref_model.get("plan")
     if p:
@@ -73,6 +75,9 @@ def reference_lines(ref_model: dict, figures: dict) -> list[str]:
         secs = f", {t['seconds_this_session']:.0f} s" if t.get("seconds_this_session") else ""
         rows.append(f"| reference training | {t['steps']:,} steps, {t['tokens']:,} tokens{secs}; D_ref-validation "
                     f"perplexity {t['val_ppl']:.1f}{stop} |")
-    rows.append(f"| perplexity teacher / reference (scored text, per own token) | "
-                f"{math.exp(figures['teacher_mean_nll']):.1f} / {math.exp(figures['reference_mean_nll']):.1f} |")
-    return rows
+    ppl_t, ppl_r = math.exp(figures["teacher_mean_nll"]), math.exp(figures["reference_mean_nll"])
+    if "reference_bits_per_byte" not in figures:       # one vocabulary (refine.report._figures)
+        return rows + [f"| perplexity teacher / reference (scored text, per own token) | {ppl_t:.1f} / {ppl_r:.1f} |"]
+    # two vocabularies: a perplexity is per token of its own tokenizer, so the two do not compare
+    return rows + [f"| teacher perplexity (per teacher token, {tokenizers[0]}) | {ppl_t:.1f} |",
+                   f"| reference perplexity (per reference token, {tokenizers[1]}) | {ppl_r:.1f} |"]

@@ -118,3 +118,42 @@ def test_val_batches_spread_over_the_whole_split():
 
     rows = [int(r) for b in val_batches(_Rows(), 4, 2) for r in b[:, 0]]
     assert rows == [0, 14, 28, 42, 57, 71, 85, 99]
+
+
+@pytest.mark.parametrize("total", [5, 10, 37, 100])
+def test_a_wsd_warmup_is_allowed_exactly_when_it_ends_before_the_decay(total):
+    """Issue 29: a warmup running past the stable phase took the lr from 1.0 to 0.28 in one step (95 warmup
+    steps of 100, linear decay over 0.2). ``check`` allows a warmup exactly when it leaves the rest of the
+    schedule alone: from the warmup's last step (1.0) on, the lr is the warmup-free schedule's, so no step falls
+    further than the decay's own steps do (warmup == the decay's first step: no stable phase, still no jump)."""
+    from distill.config import AlphaConfig
+    from distill.schedules import alpha_at, check_wsd_phases
+
+    for frac in (0.05, 0.2, 0.5, 1.0):
+        for shape in ("linear", "cosine", "sqrt"):
+            flat = ScheduleConfig(name="wsd", warmup_steps=0, min_lr_ratio=0.1, decay_fraction=frac,
+                                  decay_shape=shape)
+            for warmup in range(1, total):
+                cfg = ScheduleConfig(name="wsd", warmup_steps=warmup, min_lr_ratio=0.1, decay_fraction=frac,
+                                     decay_shape=shape)
+                keeps_the_rest = all(lr_multiplier(s, total, cfg) == lr_multiplier(s, total, flat)
+                                     for s in range(warmup - 1, total))
+                try:
+                    check(cfg, total)
+                    allowed = True
+                except InputError as e:
+                    allowed = False
+                    assert "\n" not in str(e) and f"schedule.warmup_steps ({warmup}) runs into the decay" in str(e)
+                assert allowed == keeps_the_rest, (total, frac, shape, warmup)
+            # kd.alpha's wsd shares the check and the shape
+            for warmup in range(1, total):
+                a, a_flat = (AlphaConfig(schedule="wsd", peak=0.9, floor=0.1, warmup_steps=w, decay_fraction=frac)
+                             for w in (warmup, 0))
+                keeps_the_rest = all(math.isclose(alpha_at(s, total, a), alpha_at(s, total, a_flat))  # floor + 0.8
+                                     for s in range(warmup - 1, total))
+                try:
+                    check_wsd_phases("kd.alpha", warmup, frac, total)
+                    allowed = True
+                except InputError:
+                    allowed = False
+                assert allowed == keeps_the_rest, ("alpha", total, frac, warmup)
