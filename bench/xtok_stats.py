@@ -5,9 +5,12 @@
 
 Every row of ``<refined>/instances_scored`` (what ``teacher/logits`` was scored on) is re-tokenized with the
 student tokenizer and aligned with its teacher row; printed: the student row lengths (and what a ``seq_len`` cut
-drops), the positions that pair (of the student's and of the teacher's predicting positions), the teacher
-probability mass the exact token map keeps (of the stored mass at the paired positions), the vocabulary share
-that maps, and the alignment's cost per row. Writes ``bench/results/xtok_stats.json`` (``--out``: another name).
+drops), the positions that pair (of the student's and of the teacher's predicting positions), the vocabulary share
+the exact token map maps, and the alignment's cost per row; then per target rule (``kd.xtok_targets``: exact,
+first_token, skip) the teacher mass its targets keep (of the stored mass at the paired positions), the share of
+paired positions with a target, and the mean target probability (renormalised) on the student's true next token,
+over all those positions and over those where the teacher's next token is longer than the student's. Writes
+``bench/results/xtok_stats.json`` (``--out``: another name, or a path).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from distill.data import RetokenizedInstances
+    from distill.token_alignment import TARGETS, stats
     from refine.core.instances import Instances
     from refine.core.logits import LogitsStore
     from refine.core.tokenizer import load_tokenizer
@@ -45,26 +49,38 @@ def main() -> None:
     store.check_aligned(inst)
     data = RetokenizedInstances(inst, load_tokenizer(a.teacher), load_tokenizer(a.student), 1 << 20)
     cross = data.cross
-    lengths, pairs, t_pos, s_pos = [], 0, 0, 0
-    mass_stored = mass_kept = 0.0
     t0 = time.perf_counter()
-    align_s = 0.0
+    _ = cross.first_map                      # built once, on a run's first signal: what that costs
+    first_map_s = time.perf_counter() - t0
+    lengths, pairs, t_pos, s_pos = [], 0, 0, 0
+    sums = {rule: {} for rule in TARGETS}
+    align_s = map_s = 0.0
     for start in range(0, len(inst), 64):
         rows = np.arange(start, min(start + 64, len(inst)))
         t1 = time.perf_counter()
         aligned = data.alignments(rows)
         align_s += time.perf_counter() - t1
-        t_ids, t_lps, t_mask = store.padded(rows)
-        for b, al in enumerate(aligned):
+        signal = store.padded(rows)
+        for al in aligned:
             lengths.append(len(al.ids))
             pairs += len(al.student)
             s_pos += len(al.ids) - 1
             t_pos += inst.seq_len - 1
-            p = np.exp(t_lps[b, al.teacher].astype(np.float64))
-            keep = t_mask[b, al.teacher]
-            mass_stored += float(p[keep].sum())
-            mass_kept += float(p[keep & (cross.id_map[t_ids[b, al.teacher]] >= 0)].sum())
+        for rule in TARGETS:
+            t1 = time.perf_counter()
+            *_, got = cross.target_sums(aligned, *signal, targets=rule, width=max(len(al.ids) for al in aligned))
+            map_s += time.perf_counter() - t1
+            for key, v in got.items():
+                sums[rule][key] = sums[rule].get(key, 0.0) + v
     lengths = np.asarray(lengths)
+    per_rule = {}
+    for rule, got in sums.items():
+        st = stats(got)
+        per_rule[rule] = {"mass_kept_of_stored": st["xtok_mass_kept"], "pos_covered_of_aligned": st["xtok_pos_covered"],
+                          "true_prob": st["xtok_true_prob"],
+                          "true_prob_where_teacher_longer":       # none where no such position has a target
+                              got["true_prob_longer"] / got["longer_covered"] if got["longer_covered"] else None}
+    longer = sums["exact"]["longer"] / max(pairs, 1)
     cut = np.maximum(lengths - a.seq_len, 0)
     res = {
         "rows": int(len(inst)), "teacher_tokens_per_row": int(inst.seq_len),
@@ -72,8 +88,11 @@ def main() -> None:
                                    "max": int(lengths.max())},
         "seq_len": a.seq_len, "rows_cut": int((cut > 0).sum()), "student_tokens_cut": int(cut.sum()),
         "pos_aligned_of_student": pairs / s_pos, "pos_aligned_of_teacher": pairs / t_pos,
-        "stored_mass_at_aligned": mass_stored / pairs, "mass_kept_of_stored": mass_kept / mass_stored,
-        "teacher_vocab_mapped": float((cross.id_map >= 0).mean()),
+        "stored_mass_at_aligned": sums["exact"]["mass_stored"] / pairs,
+        "mass_kept_of_stored": per_rule["exact"]["mass_kept_of_stored"],
+        "teacher_vocab_mapped": float((cross.id_map >= 0).mean()), "teacher_longer_of_aligned": longer,
+        "rules": per_rule, "first_map_s": first_map_s,
+        "map_ms_per_row_per_rule": 1000 * map_s / len(TARGETS) / len(inst),
         "align_ms_per_row": 1000 * align_s / len(inst), "seconds": time.perf_counter() - t0,
         "teacher": Path(a.teacher).name, "student": Path(a.student).name, "store": str(store.folder),
     }
@@ -90,6 +109,14 @@ def main() -> None:
           f"({res['student_tokens_cut']} tokens) | {res['pos_aligned_of_student']:.4f} / "
           f"{res['pos_aligned_of_teacher']:.4f} | {res['stored_mass_at_aligned']:.4f} | "
           f"{res['mass_kept_of_stored']:.4f} | {res['teacher_vocab_mapped']:.4f} | {res['align_ms_per_row']:.2f} |")
+    print(f"\nteacher's next token longer than the student's at {longer:.4f} of aligned positions")
+    print("| rule | mass kept | aligned positions with a target | target prob. on the true next token: all / "
+          "where the teacher's is longer |")
+    print("|---|---|---|---|")
+    for rule, r in per_rule.items():
+        hard = r["true_prob_where_teacher_longer"]
+        print(f"| {rule} | {r['mass_kept_of_stored']:.4f} | {r['pos_covered_of_aligned']:.4f} | {r['true_prob']:.4f} / "
+              f"{'-' if hard is None else f'{hard:.4f}'} |")
     out = REPO / "bench" / "results" / a.out
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"-> {out}")

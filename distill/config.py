@@ -66,6 +66,12 @@ class MissingMass(StrEnum):    # (string values: a member named auto hides enum.
     none = "none"
 
 
+class XtokTargets(StrEnum):   # kd.signal=cross_tokenizer: teacher candidates -> student ids (distill.token_alignment)
+    exact = auto()        # a teacher token whose bytes are one student token; the rest is missing mass
+    first_token = auto()  # the first student token of the teacher token's bytes: all of the mass, summed per id
+    skip = auto()         # exact, without the positions whose teacher next token is longer than the student's
+
+
 class Precision(StrEnum):
     auto = "auto"       # bf16 autocast on CUDA, fp32 elsewhere
     fp32 = "fp32"
@@ -159,6 +165,7 @@ class KDConfig(Checked):
     signal: Signal = Signal.none
     logits: str = ""                       # offline, cross_tokenizer: the refine logits store aligned with data.train
     teacher: str = "${paths.teacher}"      # online: an HF teacher folder (frozen); cross_tokenizer: its tokenizer
+    xtok_targets: XtokTargets = XtokTargets.first_token   # cross_tokenizer: the teacher->student id rule
     teacher_dtype: Dtype = Dtype.float32   # the live/validation teacher's own dtype, never the student's autocast
     top_p: float = 0.95                    # online truncation (offline stores carry their own)
     top_k: int = 50                        # online; 0 = full vocabulary

@@ -71,6 +71,7 @@ class Distiller:
                 assert self.padded, "cross_tokenizer's data.train is read by distill.data.open_retokenized"
                 store.check_tokenizer(train_set.teacher.tokenizer.hash)
                 store.check_aligned(train_set.teacher, "data.train")
+                train_set.cross.targets = cfg.xtok_targets     # where the teacher's next token is longer
                 self.teacher = CrossTokenizerTeacher(store, train_set)
             self.sampled = store.header.kind == "sampled"
         elif cfg.signal == "online":

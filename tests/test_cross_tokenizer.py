@@ -262,6 +262,10 @@ def test_cross_tokenizer_run_trains_on_the_teacher_rows_and_resumes_exactly(tiny
     recs = _records(straight, "train")
     assert [r["loss"] for r in recs] == [r["loss"] for r in _records(split, "train")]
     assert all(0.5 < r["xtok_pos_aligned"] <= 1 and 0.3 < r["xtok_mass_kept"] <= 1 for r in recs)
+    # the default rule (kd.xtok_targets=first_token) gives every teacher candidate a student id; exact does not
+    assert all(r["xtok_mass_kept"] > 0.999 for r in recs)
+    train(_cfg(base + ["trainer.max_steps=3", "kd.xtok_targets=exact", f"run_dir={tmp_path / 'exact'}"]))
+    assert all(r["xtok_mass_kept"] < 0.999 for r in _records(tmp_path / "exact", "train"))
     assert all(np.isfinite(r["kd_loss"]) and r["kd_loss"] > 0 for r in recs)
     run = json.loads((straight / "run.json").read_text())
     assert run["train_instances"]["path"].endswith("inst")                   # the teacher's rows, fingerprinted
