@@ -5,13 +5,11 @@
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m distill.train ...  # 2 machines
 
 ``data.batch_size`` is the *global* micro-batch. Every rank walks the same seeded ``BatchStream`` and keeps its
-own contiguous slice of each batch's rows, so the data order and the stream position a checkpoint saves are
-those of one process with the same batch, and a run can resume with another number of processes. The loss is
-too (to float rounding) when every slice holds as many real tokens: each rank averages over its own slice and
-DDP/FSDP average the ranks. Re-tokenized rows (``kd.signal=cross_tokenizer``) are padded, so slices differ and
-a rank's tokens weigh 1 / its own count: 2 gloo processes on the tiny cross-tokenizer run (6 steps, 4 rows of
-112 slots, 8% of them padding) measured up to 3e-4 relative on the loss, 6e-3 on the gradient norm. Dividing by
-the all-ranks counts (all-reduced before the loss) would make it exact: measured below 1e-7. Without
+own contiguous slice of each batch's rows, so the data order, the stream position a checkpoint saves, and the
+loss (the mean over the global batch) are those of one process with the same batch. Each rank's mean is
+weighted by its slice's target count over the ranks' mean count (``distill.kd.Distiller._rank_weights``): padded
+re-tokenized rows (``kd.signal=cross_tokenizer``) give slices of unequal counts, which a plain average of the
+ranks' means would weigh unequally. A run can therefore resume with another number of processes. Without
 torchrun (``WORLD_SIZE`` unset) nothing here does anything.
 
 The step's loss is computed inside ``LossModule.forward``, the module DDP/FSDP wrap, because the fused loss

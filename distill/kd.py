@@ -13,9 +13,10 @@ with the BOS prefix its tokenizer asks for (``refine.core.tokenizer.bos_prefix``
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from distill.config import KDConfig
-from distill.fused_loss import fused_lm_kd, lm_head_weight
+from distill.fused_loss import IGNORE, fused_lm_kd, lm_head_weight
 from distill.losses import adaptive_temperature, kd_loss, lm_loss
 from distill.schedules import alpha_at
 from refine.core.errors import InputError
@@ -112,6 +113,21 @@ class Distiller:
         if hasattr(self.teacher, "prefetch"):
             self.teacher.prefetch(rows)
 
+    def _rank_weights(self, batch: torch.Tensor, signal) -> tuple[float, float]:
+        """Weights of this rank's LM and KD means: its target count over the ranks' mean count. DDP/FSDP average
+        the ranks' gradients, so where slices hold unequal numbers of targets (padded re-tokenized rows, positions
+        without an aligned teacher) a plain per-rank mean would weigh each target 1 / its own rank's count; so
+        weighted, the step's loss is the global batch's mean. 1.0 without torchrun and for unpadded rows, whose
+        slices are all full (every rank runs the same config, so all or none join the all-reduce)."""
+        if not (self.padded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return 1.0, 1.0
+        n_lm = (batch[:, 1:] != IGNORE).sum()
+        n_kd = signal.mask.any(-1).sum() if signal is not None else n_lm
+        counts = torch.stack([n_lm, n_kd]).to(torch.float64).clamp_min(1)   # the fused loss's clamp too
+        mean = counts.clone()
+        dist.all_reduce(mean)
+        return tuple((counts * dist.get_world_size() / mean).tolist())
+
     def loss(self, model, batch: torch.Tensor, rows, step: int) -> tuple[torch.Tensor, dict]:
         """The step's loss for ``model`` on ``batch`` (call under the trainer's autocast) and its parts for
         logging. Through ``distill.fused_loss`` (no [tokens, vocab] tensor) when the model's logits are a plain
@@ -129,15 +145,17 @@ class Distiller:
         # a re-tokenized row is padded with PAD (= the losses' ignore index) after its end: any id does as input
         # there, since no earlier position attends to it
         inputs = batch.clamp_min(0) if self.padded else batch
+        r_lm, r_kd = self._rank_weights(batch, signal)
         if weight is not None:
             hidden = forward_logits(model, inputs, self.bos_id, hidden=True)[:, :-1]
-            total, lm, kd = fused_lm_kd(hidden, weight, batch[:, 1:], signal, lm_weight=1 - alpha,
-                                        kd_weight=alpha, **kd_opts)
+            total, lm, kd = fused_lm_kd(hidden, weight, batch[:, 1:], signal, lm_weight=(1 - alpha) * r_lm,
+                                        kd_weight=alpha * r_kd, **kd_opts)
         else:
             logits = forward_logits(model, inputs, self.bos_id)
             lm = lm_loss(logits, batch)
             kd = kd_loss(logits[:, :-1], signal, **kd_opts) if signal is not None else lm * 0
-            total = (1 - alpha) * lm + alpha * kd
+            total = (1 - alpha) * r_lm * lm + alpha * r_kd * kd
+        lm, kd = lm * r_lm, kd * r_kd        # this rank's share: the ranks' mean is the global batch's mean
         if signal is None:
             return total, {"lm_loss": lm.item()}
         return total, {"lm_loss": lm.item(), "kd_loss": kd.item(), "alpha": alpha, "tau": tau.float().mean().item(),

@@ -224,8 +224,8 @@ class Trainer:
             real += n
         grad_norm = clip_gradients(self.module, self.cfg.optim.grad_clip)
         lr = self.opt.param_groups[0]["lr"]
-        # the ranks' mean of their slices' mean losses: the global batch's only when every slice holds as many real
-        # tokens (padded rows: see distill.distributed). The real tokens ride in the same float64 all-reduce (exact)
+        # the ranks' mean of their slices' weighted mean losses: the global batch's (distill.distributed). The real
+        # tokens ride in the same float64 all-reduce (exact)
         parts = self.d.mean({**means.means(), REAL_TOKENS: real})
         step_tokens = round(parts.pop(REAL_TOKENS) * self.d.world)
         train_loss = parts.pop("loss")

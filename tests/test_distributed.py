@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_cross_family import gpt2_style_tokenizer  # noqa: F401  (a fixture)
+from tests.test_train import tiny_kd_data  # noqa: F401  (a fixture)
+
 pytestmark = pytest.mark.integration   # real engines, processes or training runs (make test-unit skips)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,3 +114,18 @@ def test_sharded_checkpoints_resume_exactly_under_any_world_size(tiny_overrides,
     shutil.copytree(tmp_path / "full", tmp_path / "one_two")         # 1 process -> FSDP 2: plain -> sharded
     _stop_at_3(tmp_path / "one_two")
     _assert_same(full, _run(tiny_overrides + fsdp, tmp_path / "one_two", procs=2))
+
+
+def test_padded_cross_tokenizer_rows_give_one_process_loss(tiny_overrides, request, tmp_path):
+    """Re-tokenized rows are padded, so the ranks' slices hold unequal numbers of targets: each rank's mean is
+    weighted by its count over the ranks' mean count (``Distiller._rank_weights``), and 2 processes give the
+    1-process loss, parts, tokens and gradient norm (unweighted: up to 3e-4 relative on the loss, 6e-3 on the
+    gradient norm)."""
+    _, student_tok = request.getfixturevalue("gpt2_style_tokenizer")      # fixtures of test_cross_family, test_train
+    kd_data = request.getfixturevalue("tiny_kd_data")
+    keep = [o for o in tiny_overrides if o.startswith("paths.")]
+    base = ["+experiment=cross_family_kd", "+debug=tiny", *keep, *kd_data, f"model.tokenizer={student_tok}",
+            "data.seq_len=112", "schedule=constant", *STEPS]
+    one, two = _run(base, tmp_path / "one"), _run(base, tmp_path / "two", procs=2)
+    _assert_same(one, two, keys=("loss", "lm_loss", "kd_loss", "grad_norm", "tokens"))
+    assert len({r["tokens"] for r in one["train"]} - {448 * r["step"] for r in one["train"]}) > 0   # padded
