@@ -30,8 +30,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench.step_timing import peak_mb, sync, tensor_peak_mb, train_step
-from distill.config import KDConfig, ModelConfig, OptimConfig
-from distill.kd import Distiller, auto_missing_mass
+from distill.config import KDConfig, ModelConfig, OptimConfig, auto_missing_mass
+from distill.kd import Distiller
 from distill.models import SIZES_DIR, hf_config, size_config
 from distill.optim import build_optimizer
 from distill.signal import OnlineTeacher, TeacherSignal, from_sorted_topk

@@ -15,6 +15,7 @@ from enum import StrEnum, auto
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from refine.core.errors import InputError
 from refine.core.paths import PathsConfig  # one schema for the shared paths group
 from refine.core.schema import Checked, Dtype, to_typed
 
@@ -60,7 +61,7 @@ class KDLoss(StrEnum):
 
 
 class MissingMass(StrEnum):    # (string values: a member named auto hides enum.auto in the class body)
-    auto = "auto"       # renorm for top-p-k; RS-KD: none online, tail offline (distill.kd.auto_missing_mass)
+    auto = "auto"       # renorm for top-p-k; RS-KD: none online, tail offline (auto_missing_mass)
     renorm = "renorm"
     tail = "tail"
     none = "none"
@@ -175,10 +176,53 @@ class KDConfig(Checked):
     temperature: float = 1.0
     adaptive_temperature: bool = False     # AdaKD-style per-position temperature (distill.losses)
     adaptive_beta: float = 1.0
-    missing_mass: MissingMass = MissingMass.auto   # distill.losses; auto: distill.kd.auto_missing_mass
+    missing_mass: MissingMass = MissingMass.auto   # distill.losses; auto: auto_missing_mass
     tau_squared: bool = False              # multiply the KD loss by tau^2 (Hinton's gradient-scale fix)
     val_kl_batches: int = 2                # val batches for KL(teacher || student) at each eval (0: off)
     alpha: AlphaConfig = field(default_factory=AlphaConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.signal in (Signal.offline, Signal.cross_tokenizer) and not self.logits:
+            raise InputError(f"kd.signal={self.signal} needs kd.logits (a refine logits store aligned with "
+                             f"data.train)")
+        if self.signal == Signal.online:      # a stored signal's kind is known once its store is open
+            self.check_targets(sampled=self.rs_samples > 0)
+        elif self.missing_mass != MissingMass.auto:
+            self.check_targets(sampled=None)
+
+    def check_targets(self, sampled: bool | None) -> str:
+        """The loss/temperature/missing-mass combination for a signal of this kind (``sampled``: RS-KD
+        weights; None: not known yet, only what holds for both kinds is checked); returns the missing-mass
+        policy in force (``auto`` resolved). The one place these rules live: composition checks what the config
+        says, ``distill.kd.Distiller`` the rest once a store's header tells its kind."""
+        scaled = self.temperature != 1 or self.adaptive_temperature
+        if sampled and (scaled or self.loss == KDLoss.mse):
+            # Sampled targets are importance weights, not teacher log-probs: rescaling them by 1/tau or
+            # regressing logits on them estimates nothing. Their temperature is the sampling temperature.
+            raise InputError("a sampled (RS-KD) teacher signal needs kd.temperature=1, no adaptive temperature "
+                             "and a kld | nll | rkl loss; set the sampling temperature when capturing instead")
+        policy = self.missing_mass
+        if policy == MissingMass.auto:
+            if sampled is None:
+                return policy
+            policy = auto_missing_mass(self.signal, sampled)
+        if policy in (MissingMass.tail, MissingMass.none) and scaled:
+            raise InputError(f"kd.missing_mass={policy} needs kd.temperature=1 and no adaptive "
+                             f"temperature (the stored weights are tau = 1 ones); use renorm for tau != 1")
+        if policy == MissingMass.none and self.loss == KDLoss.rkl:
+            raise InputError("kd.loss=rkl needs a normalised teacher target: kd.missing_mass=renorm or tail")
+        return policy
+
+
+def auto_missing_mass(signal: str, sampled: bool) -> MissingMass:
+    """``kd.missing_mass=auto``. Top-p-k: ``renorm``, the PD paper's target. Sampled (RS-KD): online draws come
+    from the full vocabulary, where ``none`` (importance-weighted CE) is unbiased at any sampling temperature;
+    stored draws come from the engine's top-K plus a lumped tail, whose tokens are not stored: ``tail`` keeps
+    the unbiased weights and tail mass and was measured the least biased there (tests/test_rs_kd.py)."""
+    if not sampled:
+        return MissingMass.renorm
+    return MissingMass.none if signal == Signal.online else MissingMass.tail
 
 
 @dataclass

@@ -32,16 +32,6 @@ def _check_teacher_tokenizer(teacher_dir: str, student_hash: str) -> None:
                          f"vocabulary (cross-tokenizer KD is another loss)")
 
 
-def auto_missing_mass(signal: str, sampled: bool) -> str:
-    """``kd.missing_mass=auto``. Top-p-k: ``renorm``, the PD paper's target. Sampled (RS-KD): online draws come
-    from the full vocabulary, where ``none`` (importance-weighted CE) is unbiased at any sampling temperature;
-    stored draws come from the engine's top-K plus a lumped tail, whose tokens are not stored: ``tail`` keeps
-    the unbiased weights and tail mass and was measured the least biased there (tests/test_rs_kd.py)."""
-    if not sampled:
-        return "renorm"
-    return "none" if signal == "online" else "tail"
-
-
 class Distiller:
     def __init__(self, cfg: KDConfig, train_set: Instances, student_tokenizer_hash: str, device: torch.device,
                  max_steps: int, seed: int = 0, bos_id: int | None = None):
@@ -60,9 +50,6 @@ class Distiller:
             from distill.signal import CrossTokenizerTeacher, OfflineTeacher
             from refine.core.logits import LogitsStore
 
-            if not cfg.logits:
-                raise InputError(f"kd.signal={cfg.signal} needs kd.logits (a refine logits store aligned with "
-                                 f"data.train)")
             store = LogitsStore(cfg.logits, verify="lazy")
             if cfg.signal == "offline":
                 store.check_tokenizer(student_tokenizer_hash)
@@ -83,18 +70,7 @@ class Distiller:
                                          dtype=DTYPES[cfg.teacher_dtype], rs_samples=cfg.rs_samples,
                                          rs_temperature=cfg.rs_temperature, seed=seed)
             self.sampled = cfg.rs_samples > 0
-        if self.sampled and (cfg.temperature != 1 or cfg.adaptive_temperature or cfg.loss == "mse"):
-            # Sampled targets are importance weights, not teacher log-probs: rescaling them by 1/tau or
-            # regressing logits on them estimates nothing. Their temperature is the sampling temperature.
-            raise InputError("a sampled (RS-KD) teacher signal needs kd.temperature=1, no adaptive temperature "
-                             "and a kld | nll | rkl loss; set the sampling temperature when capturing instead")
-        if cfg.missing_mass == "auto":
-            self.missing_mass = auto_missing_mass(cfg.signal, self.sampled)
-        if self.missing_mass in ("tail", "none") and (cfg.temperature != 1 or cfg.adaptive_temperature):
-            raise InputError(f"kd.missing_mass={self.missing_mass} needs kd.temperature=1 and no adaptive "
-                             f"temperature (the stored weights are tau = 1 ones); use renorm for tau != 1")
-        if self.missing_mass == "none" and cfg.loss == "rkl":
-            raise InputError("kd.loss=rkl needs a normalised teacher target: kd.missing_mass=renorm or tail")
+        self.missing_mass = cfg.check_targets(self.sampled)   # the store's kind known now
         if self.missing_mass == "tail" and cfg.signal != "online":
             self.teacher.store.check_tail_mass()
 

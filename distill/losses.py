@@ -23,7 +23,7 @@ def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 #   teacher target  p_i = softmax_S(t_i / tau)            (renormalised over S: the PD paper's target)
 #   student         log q_i = log_softmax_V(z / tau)_i    (over the FULL vocabulary, gathered at S)
 # Missing-mass policy for the probability outside S (``kd.missing_mass``; ``auto`` picks per signal:
-# ``distill.kd.auto_missing_mass``):
+# ``distill.config.auto_missing_mass``):
 #   "renorm": ignore it: the target is p above (the top-p-k default; what top-p-k KD usually does). On a sampled
 #             signal it is a self-normalised ratio and moves the tail's mass onto the drawn ids: biased;
 #   "tail":   keep it as one extra outcome "any other token", with teacher mass m_t = 1 - sum_S exp(t_i)
@@ -91,6 +91,8 @@ def kd_from_log_q(log_q: torch.Tensor, t_lp: torch.Tensor, mask: torch.Tensor, l
     centred over S (logits are shift-invariant, so centred ``tau * log_q`` are the centred logits; the PD
     paper's weak baseline, tau not applied). ``tau_squared``: each position's loss times its own tau^2
     (Hinton's gradient-scale correction; per position, so an adaptive tau weights each position by its tau).
+    Which combinations make sense (tail/none at tau = 1, rkl on a normalised target) is the config's rule,
+    ``distill.config.KDConfig.check_targets``, checked before any loss is computed.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown KD loss {loss!r} ({' | '.join(LOSSES)})")
@@ -120,13 +122,9 @@ def _per_position(log_q, t_lp, mask, loss, tau, missing_mass) -> torch.Tensor:
             return -(p * log_q).sum(-1)
         q_s = _masked_softmax(log_q, mask)          # rkl over the kept support, student renormalised there
         return (q_s * (torch.log(q_s.clamp_min(_EPS)) - log_p)).masked_fill(~mask, 0).sum(-1)
-    if not bool((torch.as_tensor(tau) == 1).all()):
-        raise ValueError(f"missing_mass={missing_mass} needs temperature 1 (the stored weights are tau = 1 ones)")
     p = t_lp.exp().masked_fill(~mask, 0.0)
     log_p = t_lp.masked_fill(~mask, 0.0)
     if missing_mass == "none":
-        if loss == "rkl":
-            raise ValueError("rkl needs a normalised teacher target: missing_mass renorm or tail, not none")
         nll = -(p * log_q.masked_fill(~mask, 0.0)).sum(-1)
         return nll if loss == "nll" else nll + (p * log_p).sum(-1)
     # tail: the masses outside S from log-sum-exps (1 - sum q loses every digit when sum q is near 1)

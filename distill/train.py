@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from distill import distributed
@@ -31,7 +30,8 @@ from distill.config import TrainConfig, to_config
 from distill.data import open_instances, open_retokenized
 from distill.schedules import check as check_schedule
 from distill.schedules import check_wsd_phases
-from distill.trainer import Trainer, autocast_dtype, pick_device
+from distill.trackers import check_installed as check_loggers
+from distill.trainer import Trainer, pick_device
 from refine.core.errors import InputError, everyone, exit_on_input_error
 from refine.core.hydra_cli import precheck_overrides
 from refine.core.library_noise import no_library_bars
@@ -47,7 +47,7 @@ def train(cfg: TrainConfig) -> dict:
     tc = cfg.trainer
     try:
         device = pick_device(tc.device)
-        tokenizer = _check_inputs(cfg, device)
+        tokenizer = _check_inputs(cfg)
         d, device = distributed.setup(device, tc.parallel, cfg.data.batch_size)
     except InputError as e:
         raise everyone(e) from None
@@ -58,15 +58,13 @@ def train(cfg: TrainConfig) -> dict:
             distributed.shutdown(d)
 
 
-def _check_inputs(cfg: TrainConfig, device: torch.device):
+def _check_inputs(cfg: TrainConfig):
     """Checks that need no other process and no writes; returns the tokenizer."""
     tc, dc = cfg.trainer, cfg.data
     check_schedule(cfg.schedule, tc.max_steps)
+    check_loggers(tc.loggers)
     if cfg.kd.alpha.schedule == "wsd":
         check_wsd_phases("kd.alpha", cfg.kd.alpha.warmup_steps, cfg.kd.alpha.decay_fraction, tc.max_steps)
-    if tc.nan_policy not in ("stop", "skip"):
-        raise InputError(f"trainer.nan_policy must be stop | skip, got {tc.nan_policy!r}")
-    autocast_dtype(tc.precision, device)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     for path in (dc.train, dc.val):
         if path == dc.train and cfg.kd.signal == "cross_tokenizer":   # the teacher's instances, re-tokenized

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from distill import checkpoint, distributed, sharded_checkpoint
-from distill.config import TrainConfig
+from distill.config import Precision, TrainConfig
 from distill.data import BatchStream, open_instances, open_retokenized, val_batches
 from distill.early_stop import EarlyStop
 from distill.fused_loss import IGNORE
@@ -43,13 +43,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where it pays (CUDA), fp32 elsewhere; one code path for both."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it pays (CUDA), fp32 elsewhere; one code path for both (the choice itself is the
+    schema's ``Precision``)."""
+    if precision == Precision.fp32 or (precision == Precision.auto and device.type != "cuda"):
         return None
-    if precision in ("bf16", "auto"):
-        return torch.bfloat16
-    raise InputError(f"trainer.precision must be auto | fp32 | bf16, got {precision!r}")
+    return torch.bfloat16
 
 
 def autocast(device: torch.device, amp: torch.dtype | None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,23 @@ def test_bad_choice_is_rejected_at_composition(config, override, line):
     with pytest.raises(InputError) as e:
         compose_config(CONF_DIR, config, [override])
     assert str(e.value) == line
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["kd.signal=offline"], "kd.signal=offline needs kd.logits"),
+    (["kd.signal=online", "kd.rs_samples=8", "kd.temperature=2"], "a sampled (RS-KD) teacher signal needs"),
+    (["kd.signal=online", "kd.rs_samples=8", "kd.loss=mse"], "a sampled (RS-KD) teacher signal needs"),
+    (["kd.signal=online", "kd.loss=rkl", "kd.missing_mass=none"], "kd.loss=rkl needs a normalised"),
+    (["kd.signal=offline", "kd.logits=x", "kd.missing_mass=tail", "kd.adaptive_temperature=true"],
+     "kd.missing_mass=tail needs kd.temperature=1"),
+])
+def test_kd_combinations_are_refused_at_composition(overrides, line):
+    """The loss/temperature/missing-mass rules live in KDConfig: a bad combination fails when the composed
+    config is checked, before a store is opened or a teacher loaded (a store's kind: the same rule, later)."""
+    with pytest.raises(InputError, match="^" + re.escape(line)):
+        _compose(overrides)
+    _compose(["kd.signal=online", "kd.rs_samples=8"])                                      # good ones pass
+    _compose(["kd.signal=offline", "kd.logits=x", "kd.temperature=2"])
 
 
 def test_bad_choice_in_an_experiment_file_is_rejected(tmp_path):
@@ -186,3 +204,20 @@ def test_refine_help_lists_refine_groups_only():
     for other in ("experiment", "kd", "model", "optim", "schedule", "trainer", "debug"):
         assert f"{other}:" not in groups, res.stdout
     assert "select:" in res.stdout and "verbose: false" in res.stdout          # refine's own config follows
+
+
+def test_the_cache_default_does_not_depend_on_the_launch_folder(tmp_path, monkeypatch):
+    """One default for every cache path (``refine.core.paths.cache_dir``): launched from another folder, the
+    apps' configs name the cache ``make data models`` filled, as ``fetch/`` and ``distill.evaluate`` do."""
+    from refine.config import to_refine_config as refine_config
+    from refine.core.paths import cache_dir
+
+    monkeypatch.delenv("RD_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose([])
+    assert cfg.paths.cache == str(cache_dir()) and Path(cfg.paths.cache).is_absolute()
+    assert cfg.kd.teacher == f"{cache_dir()}/models/smollm2-135m"
+    refine = refine_config(compose_config(CONF_DIR, "refine", []))
+    assert refine.corpus.startswith(str(cache_dir()))
+    monkeypatch.setenv("RD_CACHE", str(tmp_path / "shared"))
+    assert _compose([]).paths.cache == str(tmp_path / "shared")

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distill.config import KDConfig
 from distill.losses import adaptive_temperature, kd_loss
 from distill.signal import OfflineTeacher, OnlineTeacher, TeacherSignal, from_sorted_topk
 from refine.core.errors import InputError
@@ -55,8 +56,8 @@ def test_temperature_and_tail_policy_by_hand():
     m_t, m_s = 0.2, 1 - q[0] - q[2]
     tail = 0.6 * math.log(0.6 / q[0]) + 0.2 * math.log(0.2 / q[2]) + m_t * math.log(m_t / m_s)
     assert kd_loss(Z, SIG, "kld", missing_mass="tail").item() == pytest.approx(tail, rel=1e-5)
-    with pytest.raises(ValueError):
-        kd_loss(Z, SIG, "kld", temperature=2.0, missing_mass="tail")
+    with pytest.raises(InputError, match="needs kd.temperature=1"):   # refused once, by the config
+        KDConfig(signal="online", temperature=2.0, missing_mass="tail")
 
 
 def _full_signal(teacher_logits):

@@ -52,3 +52,10 @@ def test_pickled_weights_are_never_loaded(tiny_model_dir, tmp_path):
         load_causal_lm(folder)
     with pytest.raises(InputError, match="not a model folder .no config.json."):
         load_causal_lm(tmp_path)
+    # every scorer's folder is checked once, by the registry, before its backend is imported: vLLM would load
+    # the pickle (its load_format=auto falls back to .bin); a served teacher's folder needs no weights
+    from refine.scorers.registry import make_scorer
+
+    for kind in ("vllm", "hf"):
+        with pytest.raises(InputError, match=r"no safetensors weights in .*pickled"):
+            make_scorer(kind, str(folder))

@@ -10,23 +10,34 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from refine.core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]   # the repository root (refine/core/paths.py)
 
+TEACHER = "smollm2-135m"   # the default teacher's folder under models/ (refine.fetch.models fetches it)
+
 
 @dataclass
 class PathsConfig:
-    """Relative paths are relative to where you launch (Hydra does not chdir)."""
-    cache: str = "${oc.env:RD_CACHE,.cache}"          # fetched data, converted models, packed tokens (git-ignored)
+    """Relative paths are relative to where you launch (Hydra does not chdir); the cache's default is not: it is
+    ``cache_dir()``, so an app launched from any folder finds what ``make data models`` fetched."""
+    cache: str = "${rd_cache:}"                        # fetched data, converted models, packed tokens (git-ignored)
     runs: str = "runs"                                 # training runs (the reference model's among them)
-    teacher: str = "${paths.cache}/models/smollm2-135m"
+    teacher: str = f"${{paths.cache}}/models/{TEACHER}"
     corpus: str = "${paths.cache}/data/corpus"
     refined: str = "${paths.cache}/refined/default"    # make refine's output (instances/, instances_scored/, logits/)
 
 
 def cache_dir() -> Path:
+    """``RD_CACHE``, else the repository's ``.cache``: the one default of every cache path (configs read it
+    through the ``${rd_cache:}`` resolver)."""
     return Path(os.environ.get("RD_CACHE", REPO / ".cache")).resolve()
+
+
+if not OmegaConf.has_resolver("rd_cache"):
+    OmegaConf.register_new_resolver("rd_cache", lambda: str(cache_dir()))
 
 
 def downloads_dir() -> Path:
@@ -42,7 +53,7 @@ def models_dir() -> Path:
 
 
 def teacher_dir() -> Path:
-    return models_dir() / "smollm2-135m"
+    return models_dir() / TEACHER
 
 
 def benchmarks_dir() -> Path:

@@ -10,7 +10,7 @@ ids with importance weights
 so that ``sum_i w_i f(i)`` is an unbiased estimate of ``E_p[f]`` for any per-token ``f`` (the KD loss's
 ``-log q_student`` among them): ``E[w_i] = p_i``. With ``t = 1`` the weights are plain frequencies
 ``c_i / N`` and sum to one with the tail; with ``t != 1`` they sum to one only in expectation. The loss must
-not self-normalise them (``renorm`` is a biased ratio estimate); ``distill.kd.auto_missing_mass`` picks the
+not self-normalise them (``renorm`` is a biased ratio estimate); ``distill.config.auto_missing_mass`` picks the
 policy that keeps them unbiased.
 
 The candidates can be the full vocabulary (online KD, the transformers scorer) or the top-K a vLLM pass

