@@ -21,7 +21,7 @@ from refine.core.manifest import sha256_file
 from refine.core.tokenizer import bos_prefix, load_tokenizer
 from refine.core.write import atomic_path, claim_json, write_json_atomic
 from refine.folder_key import differences, normal, refusal
-from refine.score_pass import PassConfig, parse_shard
+from refine.score_pass import PassConfig, ShardFiles, parse_shard
 
 PASSES = ("teacher", "reference")
 
@@ -141,16 +141,13 @@ def _copy_shards(src: Path, dst: Path, key: dict) -> None:
     if json.loads(src_key.read_text()) != key:
         raise InputError(f"merge_from: {src} was scored with another model, instances or settings than this run")
     copied = 0
-    for marker in sorted(src.glob("shard-*.json")):
-        if (dst / marker.name).is_file():
+    for shard in ShardFiles.finished(src):
+        if ShardFiles(dst, shard.index).done:
             continue
-        n = marker.stem.split("-")[1]
-        for data in [src / f"nll-{n}.npy", *sorted(src.glob(f"logits*/shard-{n}.bin"))]:
+        for data in [*shard.data(), shard.marker]:      # the marker last
             target = dst / data.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 shutil.copyfile(data, tmp)
-        with atomic_path(dst / marker.name) as tmp:
-            shutil.copyfile(marker, tmp)
         copied += 1
     print(f"merge_from: {copied} finished shards of {src}")

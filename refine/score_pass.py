@@ -29,6 +29,7 @@ from refine.config import Backend, LogitsConfig, ModelPassConfig
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.instances import Instances
 from refine.core.logits import LogitsWriter, StoreHeader
+from refine.core.logits.format import shard_file
 from refine.core.schema import Checked, to_typed
 from refine.core.write import atomic_path, write_json_atomic
 from refine.cross_reference import counted_mean_nll, read_counted
@@ -52,6 +53,37 @@ class PassConfig(Checked):
     shard: str = "0/1"                     # all of it
     quiet: bool = False                    # no progress shown
     events: bool = False                   # progress as event lines for the parent to show (refine.progress)
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """One scoring shard's files in a pass folder, named here only: its data (the NLLs, the logits stores'
+    shards), then its marker ``shard-XXXXX.json``, written last: a shard is finished when its marker exists."""
+    folder: Path
+    index: int
+
+    @property
+    def marker(self) -> Path:
+        return self.folder / f"shard-{self.index:05d}.json"
+
+    @property
+    def nll(self) -> Path:
+        return self.folder / f"nll-{self.index:05d}.npy"
+
+    @property
+    def done(self) -> bool:
+        return self.marker.is_file()
+
+    def data(self) -> list[Path]:
+        """The files the marker vouches for: the NLLs and this shard of every store the pass writes."""
+        return [self.nll, *sorted(p / shard_file(self.index) for p in self.folder.glob("logits*")
+                                  if (p / shard_file(self.index)).is_file())]
+
+    @classmethod
+    def finished(cls, folder: Path) -> list[ShardFiles]:
+        """The folder's finished shards, by index."""
+        return sorted((cls(folder, int(m.stem.removeprefix("shard-"))) for m in folder.glob("shard-*.json")
+                       if m.stem.removeprefix("shard-").isdigit()), key=lambda f: f.index)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -101,7 +133,7 @@ def run_pass(cfg: PassConfig, scorer=None) -> dict:
     part, part_count = parse_shard(cfg.shard)
     # shard i/N of a run spread over N machines scores every N-th score shard: each machine gets its own
     # shard files, and a folder holding all of them finishes into exactly the unsharded pass (refine merge_from)
-    todo = [s for s in range(part, n_shards, part_count) if not (out_dir / f"shard-{s:05d}.json").is_file()]
+    todo = [s for s in range(part, n_shards, part_count) if not ShardFiles(out_dir, s).done]
     writer, rs_writer = _writers(cfg, inst, out_dir)
     counted = read_counted(inst)     # re-tokenized rows of a reference with another tokenizer (or None)
     load_s = 0.0
@@ -122,8 +154,8 @@ def run_pass(cfg: PassConfig, scorer=None) -> dict:
                 progress.close()
             if own:
                 scorer.close()
-    if part_count > 1 and not all((out_dir / f"shard-{s:05d}.json").is_file() for s in range(n_shards)):
-        done = sum((out_dir / f"shard-{s:05d}.json").is_file() for s in range(n_shards))
+    done = sum(ShardFiles(out_dir, s).done for s in range(n_shards))
+    if part_count > 1 and done < n_shards:
         return {"model": cfg.model.path, "partial": f"{part}/{part_count}", "shards_done": done, "shards": n_shards,
                 "engine_load_seconds": load_s}
     check_key("before the pass was finished")
@@ -170,16 +202,16 @@ class _ShardWriter:
             entry = self.writer.write_shard(s, cand_ids[..., :lc.top_k], cand_lps[..., :lc.top_k])
         if self.rs_writer is not None:
             rs_entry = _write_sampled(self.rs_writer, s, cand_ids, cand_lps, lc.rs_samples, lc.rs_temperature, lc.seed)
-        _save_npy(out_dir / f"nll-{s:05d}.npy", nll)
-        write_json_atomic(out_dir / f"shard-{s:05d}.json", {
+        files = ShardFiles(out_dir, s)
+        _save_npy(files.nll, nll)
+        write_json_atomic(files.marker, {
             "shard": s, "instances": len(rows), "tokens": tokens, "seconds": score_s,
             "tok_s": tokens / score_s, "write_seconds": time.perf_counter() - t0, "logits": entry,
             "logits_rs": rs_entry})
         try:
             self.check_key(f"while shard {s} was written")
         except InputError:                # ours landed in a folder that is no longer ours: take it back out
-            for f in [out_dir / f"shard-{s:05d}.json", out_dir / f"nll-{s:05d}.npy",
-                      *out_dir.glob(f"logits*/shard-{s:05d}.bin")]:
+            for f in [files.marker, *files.data()]:
                 f.unlink(missing_ok=True)
             raise
         if self.progress is not None:
@@ -252,8 +284,9 @@ def _write_sampled(writer: LogitsWriter, shard: int, cand_ids: np.ndarray, cand_
 
 def finish(out_dir: Path, n_shards: int, writer: LogitsWriter | None, rs_writer: LogitsWriter | None, model: str,
            load_s: float, inst, extra: dict | None = None) -> dict:
-    entries = [json.loads((out_dir / f"shard-{s:05d}.json").read_text()) for s in range(n_shards)]
-    nll = np.concatenate([np.load(out_dir / f"nll-{s:05d}.npy", allow_pickle=False) for s in range(n_shards)])
+    shards = [ShardFiles(out_dir, s) for s in range(n_shards)]
+    entries = [json.loads(f.marker.read_text()) for f in shards]
+    nll = np.concatenate([np.load(f.nll, allow_pickle=False) for f in shards])
     _save_npy(out_dir / "nll.npy", nll)
     if writer is not None:
         writer.finish([e["logits"] for e in entries], instances=inst)

@@ -67,6 +67,11 @@ CLASSES = 32         # frequency classes floor(log2(count)) of a table entry (co
 STREAMS = 5          # cluster, count, gaps, levels, log kept mass (version 1: the first four)
 
 
+def shard_file(shard: int) -> str:
+    """A shard's file name in its store folder (``store.json`` lists them; a scoring pass copies them by it)."""
+    return f"shard-{shard:05d}.bin"
+
+
 class CorruptShard(ValueError):
     """The bytes are not a valid compact shard (truncated, flipped, or not this codec)."""
 

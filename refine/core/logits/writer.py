@@ -10,7 +10,7 @@ import numpy as np
 from refine.core.errors import InputError
 from refine.core.instances import Instances, dtype_for
 from refine.core.logits.compact_encoder import encode_shard
-from refine.core.logits.format import CODECS, LOGPROB_DTYPE, MAX_K, VERSION, StoreHeader, instances_record
+from refine.core.logits.format import CODECS, LOGPROB_DTYPE, MAX_K, VERSION, StoreHeader, instances_record, shard_file
 from refine.core.logits.rows import SparseRows
 from refine.core.logits.truncate import truncate_top_p_k
 from refine.core.manifest import sha256_file
@@ -35,7 +35,7 @@ class LogitsWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def shard_path(self, shard: int) -> Path:
-        return self.folder / f"shard-{shard:05d}.bin"
+        return self.folder / shard_file(shard)
 
     def write_shard(self, shard: int, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
                     counts: np.ndarray | None = None) -> dict:
