@@ -160,7 +160,7 @@ def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], limit: int | None = 
     if tasks:
         if not benchmarks_dir().is_dir():
             raise InputError(f"no benchmark data at {benchmarks_dir()} (run `make benchmarks`)")
-        if backend == "vllm":   # the engine runs 2x slower beside a loaded transformers model: free it first
+        if backend == "vllm":   # the engine runs slower beside a loaded transformers model: free it first
             del model
             gc.collect()
             model = path

@@ -58,7 +58,7 @@ class OfflineTeacher:
     """Stored top-p-k logits for the rows of the student's packed instances.
 
     ``prefetch(rows)`` starts reading the next batch's rows in a background thread (decoding the compact codec
-    takes about a millisecond per instance, bench/README.md: a few % of a GPU step if done in line); ``signal``
+    in line would add to every GPU step; its cost: bench/logits_store_bench.py, bench/README.md); ``signal``
     returns that read when asked for the same rows, and reads in line otherwise. One read at a time: a store's
     decoders are not thread-safe."""
 

@@ -245,7 +245,8 @@ class Trainer:
 
     def _micro_batch(self, last: bool) -> tuple[float, dict[str, float], int]:
         """Forward and backward of this rank's slice of one micro-batch; returns its loss, loss parts and real
-        tokens (a re-tokenized row's PAD slots are no data: counted, they put a cross-tokenizer run ~9% ahead)."""
+        tokens (a re-tokenized row's PAD slots are no data: counted, a cross-tokenizer run would look further
+        along in tokens than it is)."""
         d, stream = self.d, self.stream
         rows = d.local_rows(stream.next_rows())
         batch = stream.fetch(rows).to(self.device)

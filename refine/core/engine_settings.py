@@ -15,9 +15,9 @@ from refine.core.paths import config_int
 
 DEFAULT_MAX_MODEL_LEN = 2048       # packed instances are <= 1024 tokens; a cap keeps the KV cache check cheap
 # vLLM compiles the model at every start (torch.compile; its compile cache under VLLM_CACHE_ROOT shortens later
-# starts of the same model and settings). bench/results/engine_start.json, SmolLM2-135M on this 2-core CPU: eager
-# starts in 55 s against 134 s compiled with a warm cache and 205 s cold, and scores ~11% slower (134 vs 150
-# tok/s), so eager finishes first below ~100k tokens per engine start (~190k with a cold cache).
+# starts of the same model and settings). Eager mode starts much sooner and scores somewhat slower, so below
+# this many tokens per engine start it finishes first (the crossover measured by bench/engine_start.py,
+# bench/README.md).
 EAGER_BELOW_TOKENS = 100_000
 GIB = 1 << 30
 # The batched-token cap (``batched_token_cap``): prompt log-probs may take this share of the memory a CUDA engine is

@@ -15,9 +15,9 @@ How the numbers come out of vLLM 0.32 (read from its source, ``vllm/logprobs.py`
 * The public output: ``SamplingParams(flat_logprobs=True)`` keeps that block as one ``FlatLogprobs`` per request
   (plain lists ``token_ids``/``logprobs``/``ranks``) instead of a ``dict[int, Logprob]`` per position (which would
   collapse the duplicate). vLLM fills those lists in Python, position by position
-  (``LogprobsProcessor._update_prompt_logprobs``): at K = 50 that loop costs 10-35 CPU-seconds per million
-  positions on this 2-core machine (``bench/refine_ceiling.py``), more than the rest of the pass's host work
-  at a small vocabulary: on a GPU, with a fast teacher, it would bound the pass.
+  (``LogprobsProcessor._update_prompt_logprobs``): at K = 50 that loop costs more host time than the rest of
+  the pass's host work at a small vocabulary (``bench/refine_ceiling.py``, bench/README.md): on a GPU, with a
+  fast teacher, it would bound the pass.
 * The tensor path (``TENSOR_PATH_VLLM``, the default where the version matches): our engine's output processor
   gives each request of ours a ``LogprobsProcessor`` subclass that keeps the block as the tensors it arrives
   in (``_TensorPromptLogprobs``), so ``score`` reads them as arrays. Same numbers, bit for bit (a test). It
