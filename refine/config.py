@@ -150,9 +150,10 @@ class RefineConfig(Checked):
     out: str = "${paths.cache}/refined/${name}"
     shard_size: int = 128                  # instances per scoring shard (the unit of crash-resume)
     report_examples: int = 3               # top- and bottom-scored instances quoted in the report
-    # Spread scoring over N machines: each runs `python -m refine --shard i/N` (or shard=i/N), scoring every N-th
-    # scoring shard and stopping there; then one run with merge_from=[their out folders] (or nothing, if they all
-    # wrote into one shared out folder) copies the parts in and finishes exactly as an unsharded run.
+    # Spread scoring over N machines: each runs `python -m refine --shard i/N` (or shard=i/N; shard=auto: from a
+    # Slurm array's or torchrun's variables, refine.array_job), scoring every N-th scoring shard. Parts sharing
+    # one out folder: the part that ends last finishes the run; parts in their own folders: one run with
+    # merge_from=[their out folders] copies them in. Either way the outputs are the unsharded run's.
     shard: str = "0/1"
     merge_from: list[str] = field(default_factory=list)
     # An out folder scored with other settings (scoring.json: corpus, packing, models, dtype, backend, capture) is

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
+from refine.array_job import scheduler_shard
 from refine.config import RefineConfig, ScoreUnit
 from refine.core.errors import InputError
 from refine.core.instances import Instances, write_subset
@@ -29,12 +30,16 @@ from refine.passes import model_fingerprint, score
 from refine.reference import carve, check_not_trained_on_scored, check_size, hold_out
 from refine.reference import train as train_reference
 from refine.reselect import check_saved_scores, reselect
-from refine.score_pass import parse_shard
+from refine.score_pass import ShardFiles, parse_shard
 
 
 def refine(cfg: RefineConfig) -> dict:
     """The whole stage (``select_only``: re-selection from the folder's saved scores), holding the folder's
     lock: exclusive, but shared among the parts of a sharded run (``refine.core.write.FolderLock`` says why)."""
+    if cfg.shard == "auto":                 # from the scheduler's variables (an array job's task)
+        shard, source = scheduler_shard()
+        print(f"shard=auto: part {shard} ({source})", flush=True)
+        cfg = replace(cfg, shard=shard)
     _, parts = parse_shard(cfg.shard)
     out = Path(cfg.out)
     if parts > 1 and not cfg.reference.path and not cfg.select_only:
@@ -44,11 +49,11 @@ def refine(cfg: RefineConfig) -> dict:
     if cfg.select_only:
         check_saved_scores(out)                  # before the lock creates anything
     shared = parts > 1 and not cfg.overwrite and not cfg.select_only
-    with FolderLock(out, "refine run", "use another out= (or name=)", shared=shared):
-        return reselect(cfg) if cfg.select_only else _refine(cfg)
+    with FolderLock(out, "refine run", "use another out= (or name=)", shared=shared) as lock:
+        return reselect(cfg) if cfg.select_only else _refine(cfg, lock)
 
 
-def _refine(cfg: RefineConfig) -> dict:
+def _refine(cfg: RefineConfig, lock: FolderLock) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     teacher = resolve_model(cfg.teacher.path)
@@ -67,6 +72,10 @@ def _refine(cfg: RefineConfig) -> dict:
         check_size(cfg, ref_info)
         split = hold_out(ref_info)           # what the carve held out (a budget lowers ref_split.fraction)
     check_settings(out, scoring_settings(asdict(cfg)), cfg.overwrite)   # before anything is written to out
+    if parse_shard(cfg.shard)[1] > 1 and read_manifest(out) is not None and all(
+            (out / name / "pass.json").is_file() for name in ("teacher", "reference")):
+        print(f"part {cfg.shard}: {out} holds the finished run (same scoring settings); nothing to do")
+        return {"partial": cfg.shard, "finished": True}
     if carving:
         reference, ref_model = train_reference(cfg, teacher, d_ref, len(tok), ref_info)
         _check_tokenizers(cfg, out, tok, reference)
@@ -98,13 +107,28 @@ def _refine(cfg: RefineConfig) -> dict:
         check_fits(ref_inst, reference, ref_tok)
     tpass = score(cfg, "teacher", teacher, inst)
     rpass = score(cfg, "reference", reference, ref_inst)
+    if parse_shard(cfg.shard)[1] > 1:
+        if not _last_part(out, (tpass, rpass), lock):
+            print(f"part {cfg.shard} scored -> {out}; the part that ends last in {out} finishes the run; parts "
+                  f"in separate folders: finish on one machine with merge_from=[<each part's out>]")
+            return {"partial": cfg.shard, "teacher_pass": tpass, "reference_pass": rpass}
+        # the last part finishes the run: a pass the other parts completed meanwhile is finished now (every
+        # shard is there: nothing is scored again)
+        tpass = score(cfg, "teacher", teacher, inst) if "partial" in tpass else tpass
+        rpass = score(cfg, "reference", reference, ref_inst) if "partial" in rpass else rpass
     t_scored = time.perf_counter()
-    if "partial" in tpass or "partial" in rpass:
-        print(f"part {cfg.shard} scored -> {out}; when every part is done, finish on one machine with "
-              f"merge_from=[<each part's out>] (nothing to merge if they share {out})")
-        return {"partial": cfg.shard, "teacher_pass": tpass, "reference_pass": rpass}
     return write_selection(cfg, out, Scored(inst, tok, emb, dedup_info, tpass, rpass, str(teacher), str(reference),
                                             corpus_key, t0, t_scored - t_pass, ref_info, ref_model))
+
+
+def _last_part(out: Path, summaries: tuple[dict, ...], lock: FolderLock) -> bool:
+    """Whether this part of a sharded run finishes it: every shard of both passes is in ``out`` now and no other
+    part on this host still holds the folder (the lock is then this part's alone). Of parts that end together
+    one finishes (``FolderLock.take_whole``); across hosts, where flock may not reach, both may: to the same
+    bytes."""
+    passes = zip(("teacher", "reference"), summaries)
+    complete = all(len(ShardFiles.finished(out / name)) == s["shards"] for name, s in passes if "partial" in s)
+    return complete and lock.take_whole()
 
 
 def _check_tokenizers(cfg: RefineConfig, out: Path, tok, reference: Path):

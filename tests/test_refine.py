@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -168,3 +169,36 @@ def test_two_shards_merged_equal_one_unsharded_run_byte_for_byte(overrides, tmp_
     assert refine_output_differences(out, merged) == []
     with pytest.raises(InputError, match="another model"):
         refine(_cfg(overrides + [f"out={tmp_path / 'bad'}", f"merge_from=[{parts[0]}]", "logits.top_k=8"]))
+
+
+def test_a_slurm_array_in_one_folder_equals_one_run_and_its_last_task_finishes(overrides, tmp_path):
+    """tools/refine_array.sbatch as two array tasks of one job on this machine (Slurm's variables set by hand),
+    running at once into one shared folder: the task that ends last finishes the run, whose outputs equal an
+    unsharded run's; a task run again when all is done does nothing."""
+    overrides = overrides + ["pack.max_instances=96"]                # 6 scoring shards, 3 per task
+    one = tmp_path / "out"
+    refine(_cfg(overrides))
+    shared = tmp_path / "shared"
+    reference = next(o for o in overrides if o.startswith("reference.path=")).split("=", 1)[1]
+    rest = [o for o in overrides if not o.startswith(("out=", "reference.path="))]
+    env = {**os.environ, "OUT": str(shared), "REFERENCE": reference, "PYTHON": sys.executable,
+           "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "1"}
+
+    def task(i: int) -> subprocess.Popen:
+        return subprocess.Popen(["bash", "tools/refine_array.sbatch", *rest], cwd=REPO, text=True,
+                                env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+    tasks = [task(0), task(1)]
+    outs = [t.communicate(timeout=900) for t in tasks]
+    for i, (t, (stdout, stderr)) in enumerate(zip(tasks, outs)):
+        assert t.returncode == 0 and f"shard=auto: part {i}/2 (Slurm array task {i}, 2 tasks)" in stdout, stderr
+    waited = [i for i, (stdout, _) in enumerate(outs) if f"part {i}/2 scored" in stdout]
+    assert len(waited) == 1, [o[0][-600:] for o in outs]                     # the other one finished the run
+    assert refine_output_differences(one, shared) == []
+    before = {p: p.stat().st_mtime_ns for p in shared.rglob("*")          # all but its logs and lock file
+              if p.is_file() and "logs" not in p.parts and p.name != ".writer.lock"}
+    again = task(waited[0])
+    stdout, stderr = again.communicate(timeout=600)
+    assert again.returncode == 0 and "holds the finished run (same scoring settings); nothing to do" in stdout, stderr
+    assert {p: p.stat().st_mtime_ns for p in before} == before

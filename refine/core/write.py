@@ -263,6 +263,16 @@ class FolderLock:
         self._fd = fd
         return self
 
+    def take_whole(self) -> bool:
+        """A shared holder (the last part of a sharded run, about to finish it) asks for the folder alone: True
+        if no other writer holds it on this host. Refused, it holds nothing any more (the caller writes nothing
+        after): flock drops a converted lock before it tests, so of two parts asking at once, one is given it."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
     def __exit__(self, *exc) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
