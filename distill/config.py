@@ -89,6 +89,19 @@ class NanPolicy(StrEnum):
     skip = auto()       # drop that batch's update (at most trainer.max_nan_skips in a row)
 
 
+class Logger(StrEnum):
+    """Where a run's scalars go besides metrics.jsonl (distill.trackers)."""
+    tensorboard = auto()
+    wandb = auto()
+    trackio = auto()
+
+
+class WandbMode(StrEnum):
+    online = auto()
+    offline = auto()      # a local run folder, uploaded later by `wandb sync`
+    disabled = auto()
+
+
 @dataclass
 class ModelConfig(Checked):
     """A student built from scratch with transformers (``distill.models``). Vocabulary comes from the tokenizer.
@@ -239,7 +252,11 @@ class TrainerConfig(Checked):
     ckpt_every: int = 50
     keep_checkpoints: int = 2              # most recent trainer checkpoints kept (the final one always)
     progress: bool = True                  # tqdm progress bar
-    tensorboard: bool = True
+    # where the scalars also go (distill.trackers), any subset: [tensorboard,wandb,trackio]
+    loggers: list[Logger] = field(default_factory=lambda: [Logger.tensorboard])
+    log_project: str = "refine-distill"    # the wandb / trackio project
+    log_name: str | None = None            # the wandb / trackio run (None: the run folder's name)
+    wandb_mode: WandbMode | None = None    # None: WANDB_MODE if set, else wandb's default (online)
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
     parallel: Parallel = Parallel.ddp      # under torchrun (distill.distributed); fsdp: students too big to replicate

@@ -1,17 +1,21 @@
-"""What a training run records: ``run.json`` (how it was made), ``metrics.jsonl`` (+ tensorboard), ``summary.json``.
+"""What a training run records: ``run.json`` (how it was made), ``metrics.jsonl``, ``summary.json``.
 
 ``metrics.jsonl`` is append-only, one record per optimizer step (``split: train``) and per validation
 (``split: val``). A resumed run first drops the records after its checkpoint's step, so the file always reads
-as one uninterrupted run. ``StepMeans`` averages a step's micro-batch losses the way the trainer logs them.
+as one uninterrupted run. Each record's numbers also go to the trackers ``trainer.loggers`` names
+(``distill.trackers``), as ``<split>/<key>``. ``StepMeans`` averages a step's micro-batch losses the way the
+trainer logs them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from distill.trackers import open_trackers
 from refine.core.errors import write_error_line
 from refine.core.manifest import code_version
 from refine.core.tokenizer import tokenizer_hash
@@ -19,28 +23,31 @@ from refine.core.write import check_plain, open_append, write_json_atomic, write
 
 
 class Metrics:
-    """Append-only JSONL (+ tensorboard). On resume, records after the checkpoint's step are dropped."""
+    """Append-only JSONL (+ trackers). On resume, records after the checkpoint's step are dropped."""
 
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, enabled: bool = True,
-                 defer_errors: bool = False):
+    def __init__(self, run_dir: Path, resume_step: int, loggers: Sequence[str] = (), *,
+                 config: dict | None = None, enabled: bool = True, defer_errors: bool = False):
         # defer_errors (under torchrun): a failed write is kept for the next checkpoint, where every rank ends
         # with it (distributed.on_main); raised here, it would end rank 0 alone and leave the others in a collective
         self.path, self.enabled, self.defer_errors, self.failed = run_dir / "metrics.jsonl", enabled, defer_errors, None
         if not enabled:                   # ranks other than 0 under torchrun
             return
         check_plain(self.path, "use another run_name")   # a link planted here is neither read nor written through
+        sent_through = 0                  # the last step logged before this start
         if self.path.exists():
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
             if lines and not _parses(lines[-1]):
                 lines.pop()               # a record cut short by a full disk: written again after the resume
+            sent_through = max((json.loads(line)["step"] for line in lines), default=0)
             keep = [line for line in lines if json.loads(line)["step"] <= resume_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in keep))
         self._file = open_append(self.path)
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        try:
+            self._trackers = open_trackers(loggers, run_dir, config or {}, resume_step,
+                                           sent_through)
+        except BaseException:
+            self._file.close()
+            raise
 
     def log(self, record: dict) -> None:
         if not self.enabled or self.failed:   # after a failed write nothing more: a resume rewrites from there
@@ -54,17 +61,18 @@ class Metrics:
                 raise
             self.failed = self.failed or write_error_line(e) or f"cannot write {self.path}: {e}"
             return
-        if self._tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "split") and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+        if self._trackers:
+            scalars = {f"{record['split']}/{k}": v for k, v in record.items()
+                       if k not in ("step", "split") and isinstance(v, (int, float))}
+            for tracker in self._trackers:
+                tracker.log(record["step"], scalars)
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
 
 
 def _parses(line: str) -> bool:

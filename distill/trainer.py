@@ -98,7 +98,7 @@ class Trainer:
         if ckpt is not None:
             self._resume(ckpt, state)
         self.metrics = (distributed.on_main(d, self._start_records)
-                        or Metrics(self.run_dir, self.step, cfg.trainer.tensorboard, enabled=False))
+                        or Metrics(self.run_dir, self.step, enabled=False))
         self.vbatches = val_batches(self.val_set, cfg.data.batch_size, cfg.trainer.eval_batches)
 
     # ---- setup ----
@@ -166,7 +166,8 @@ class Trainer:
         except OSError as e:              # matplotlib's failed write names no file
             e.filename = e.filename or str(self.run_dir / "schedules.png")
             raise
-        return Metrics(self.run_dir, self.step, self.cfg.trainer.tensorboard, defer_errors=self.d.world > 1)
+        return Metrics(self.run_dir, self.step, self.cfg.trainer.loggers, config=self.resolved,
+                       defer_errors=self.d.world > 1)
 
     # ---- the loop ----
 

@@ -218,7 +218,7 @@ def test_refine_carves_d_ref_trains_the_reference_and_never_scores_it(tiny_corpu
             "teacher.backend=hf", "reference.backend=hf", "pack.seq_len=64", "shard_size=16", "logits.top_k=4",
             f"out={out}", f"paths.cache={tmp_path / 'cache'}", "ref_split.fraction=0.3", "ref_split.min_tokens=1000",
             "ref_split.max_tokens=5000", "ref_split.min_train_tokens=12000", "dedup.diversity=false",
-            'ref_split.overrides=["trainer.progress=false","trainer.tensorboard=false"]']
+            'ref_split.overrides=["trainer.progress=false","trainer.loggers=[]"]']
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]

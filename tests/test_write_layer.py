@@ -192,7 +192,7 @@ def test_metrics_planted_as_a_link_are_refused(tmp_path, victim, existing):
     target = victim if existing else tmp_path / "elsewhere" / "created"
     _plant(tmp_path / "run" / "metrics.jsonl", target)
     with pytest.raises(InputError) as e:
-        Metrics(tmp_path / "run", resume_step=0, tensorboard=False).close()
+        Metrics(tmp_path / "run", resume_step=0).close()
     _one_line(e, "metrics.jsonl", "symbolic link")
     assert victim.read_text() == PRECIOUS and (existing or not target.exists())
 
@@ -200,11 +200,11 @@ def test_metrics_planted_as_a_link_are_refused(tmp_path, victim, existing):
 def test_metrics_still_append_and_resume(tmp_path):
     from distill.metrics import Metrics
 
-    m = Metrics(tmp_path, resume_step=0, tensorboard=False)
+    m = Metrics(tmp_path, resume_step=0)
     for step in (1, 2, 3):
         m.log({"step": step, "split": "train", "loss": 1.0})
     m.close()
-    m = Metrics(tmp_path, resume_step=2, tensorboard=False)      # resumed at step 2: step 3 is dropped
+    m = Metrics(tmp_path, resume_step=2)      # resumed at step 2: step 3 is dropped
     m.log({"step": 3, "split": "train", "loss": 0.5})
     m.close()
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -258,7 +258,7 @@ def test_a_fifo_at_metrics_does_not_block(tmp_path):
     try:
         res = _python("import sys\nfrom pathlib import Path\nfrom distill.metrics import Metrics\n"
                       "from refine.core.errors import InputError\n"
-                      f"try:\n    Metrics(Path({str(tmp_path)!r}), 0, False).close()\n"
+                      f"try:\n    Metrics(Path({str(tmp_path)!r}), 0).close()\n"
                       "except InputError as e:\n    print(e); sys.exit(2)\n", timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("a FIFO at metrics.jsonl blocked the trainer")
