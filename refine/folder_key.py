@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from refine.core.errors import InputError
+from refine.core.hub_corpus import is_hub_corpus
 from refine.core.write import LOCK_NAME, claim_json
 
 SETTINGS = "scoring.json"
@@ -46,7 +47,9 @@ def scoring_settings(c: dict) -> dict:
 
     dedup = c.get("dedup", {})
     pack = {k: v for k, v in (c.get("pack") or {}).items() if k != "workers"}   # workers: the same output
-    return normal({"corpus": os.path.abspath(c.get("corpus", "")), "text_field": c.get("text_field"),
+    corpus = c.get("corpus", "")     # hf://: as named (its commit is in the packing's key)
+    corpus = corpus if is_hub_corpus(corpus) else os.path.abspath(corpus)
+    return normal({"corpus": corpus, "text_field": c.get("text_field"),
                    "pack": pack, "dedup": {"enabled": dedup.get("enabled"),
                                            **({"threshold": dedup.get("threshold")}
                                               if dedup.get("enabled") else {})},

@@ -27,6 +27,7 @@ Damage pyarrow finds (a corrupt page, a bad footer, invalid UTF-8) is one ``Inpu
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -197,7 +198,8 @@ def parquet_rows(f: Path, text_field: str, id_field: str | None,
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(f, buffer_size=1 << 20)
+        # a hub shard (refine.core.hub_corpus.HubFile) is read as a file object, in blocks
+        pf = pq.ParquetFile(f if isinstance(f, os.PathLike) else f.open("rb"), buffer_size=1 << 20)
         meta = pf.metadata
         schema = pf.schema_arrow
         leaves = {meta.schema.column(j).path: j for j in range(meta.num_columns)}
@@ -211,7 +213,7 @@ def parquet_rows(f: Path, text_field: str, id_field: str | None,
     if missing:
         raise InputError(f"{f}: column {missing[0]!r} has no column chunk of its own")
     bound, size, row_no = page_bound(max_doc_bytes), f.stat().st_size, 1
-    with open(f, "rb") as fh:
+    with f.open("rb") as fh:
         try:
             chunks = chunk_metadata(fh, size, {leaves[c] for c in cols})
         except (Truncated, ValueError) as e:

@@ -103,7 +103,7 @@ def open_stream(f: Path):
     """``f``'s bytes as a buffered stream, decompressed on the fly by its suffix (never whole in memory).
     A corrupt or truncated compressed file is one InputError line with the compressed byte offset."""
     compression = COMPRESSIONS.get(f.suffix.lower())
-    with open(f, "rb") as raw:
+    with f.open("rb") as raw:               # a Path, or a streamed hub shard (hub_corpus)
         if compression is None:
             yield raw
             return

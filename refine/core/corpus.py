@@ -21,6 +21,9 @@ HF ``datasets`` directories.
 * a glob pattern (``/data/fineweb/*.jsonl.zst``, ``shards/**/*.parquet``): every match in sorted path order, a
   matched folder read as above; names are relative to the pattern's folder part; hidden matches, links, FIFOs,
   devices and sockets are skipped as inside a folder.
+* a hub dataset, ``hf://datasets/ORG/NAME[@REVISION]/PATTERN``: the parquet and JSON-lines shards
+  the pattern names, streamed from the hub or read from the hub cache (offline), fingerprinted by
+  commit and file list, never downloaded whole (``refine.core.hub_corpus``).
 * a saved dataset names only plain files of its own: every ``state.json`` data file and ``dataset_dict.json``
   split is a plain name of a regular file or folder inside it, checked before ``datasets`` opens anything
   (``refine.core.read_guard.check_saved_dataset``), so the fingerprint covers what is read.
@@ -69,6 +72,8 @@ from refine.core.corpus_formats import (
     text_file_rows,
 )
 from refine.core.errors import InputError
+from refine.core.hub_corpus import HubFile, is_hub_corpus
+from refine.core.hub_corpus import corpus_units as hub_units
 from refine.core.read_guard import check_saved_dataset, hub_snapshot_file, is_link_below, is_plain, kind
 
 GLOB_CHARS = frozenset("*?[")
@@ -99,8 +104,9 @@ class CorpusStats:
     held_out: int = 0                                      # documents left out as D_ref (refine.core.holdout)
 
 
-def is_hf_dataset_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / n).is_file() for n in HF_MARKERS)
+def is_hf_dataset_dir(path: Path | HubFile) -> bool:
+    return isinstance(path, Path) and path.is_dir() and any((path / n).is_file()
+                                                            for n in HF_MARKERS)
 
 
 def is_glob(path: str | Path) -> bool:
@@ -115,11 +121,15 @@ def glob_base(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def corpus_units(path: str | Path, stats: CorpusStats | None = None) -> list[tuple[Path, str]]:
-    """What ``iter_documents`` reads, in order: (a file or a saved-dataset folder, the name its ids start with).
-    InputError for a missing path, a FIFO or device named as the corpus, a glob with no match, an empty folder,
-    or a saved dataset naming files outside itself."""
+def corpus_units(path: str | Path,
+                 stats: CorpusStats | None = None) -> list[tuple[Path | HubFile, str]]:
+    """What ``iter_documents`` reads, in order: (a file, a saved-dataset folder or a hub dataset's
+    shard, the name its ids start with). InputError for a missing path, a FIFO or device named as
+    the corpus, a glob with no match, an empty folder, a saved dataset naming files outside itself,
+    or a hub corpus naming no shard."""
     stats = stats if stats is not None else CorpusStats()
+    if is_hub_corpus(path):
+        return hub_units(str(path), stats)
     if is_glob(path):
         base = glob_base(str(path))
         units: dict[Path, str] = {}

@@ -6,7 +6,8 @@ Only configs, tokenizers and safetensors weights are fetched: pickled ``*.bin`` 
 A hub id is exactly ``org/name`` with an optional ``@revision`` that is a branch or tag name or a commit hash
 (``hub_id``: ``org/name@../../x`` is one error line, ``runs/x`` is a local path); the folder found in the cache
 must be one of that repo's ``snapshots/`` (a ref file in the cache cannot send it elsewhere). Reading a cached
-dataset's snapshot links as a corpus: ``refine.core.read_guard.hub_snapshot_file``.
+dataset's snapshot links as a corpus: ``refine.core.read_guard.hub_snapshot_file``; a hub dataset
+named ``hf://datasets/...`` as a corpus: ``refine.core.hub_corpus``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ REVISION = re.compile(r"[\w-][\w.-]*(?:/[\w-][\w.-]*)*")
 LOCAL_PREFIXES = frozenset({"runs", "outputs", "multirun", "checkpoints"})
 # what a causal LM and its tokenizer need; no pickles (*.bin, *.pt) and no other formats' copies
 MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+COMMIT = re.compile(r"[0-9a-f]{40}")    # a ref file's content in the cache; a snapshot's name
 
 
 def offline() -> bool:
@@ -52,11 +54,22 @@ def hub_id(path: str | Path) -> tuple[str, str | None] | None:
     if m is None or first in LOCAL_PREFIXES or Path(first).exists():
         return None
     revision = m["revision"]
-    if revision is not None and (not REVISION.fullmatch(revision) or ".." in revision
-                                 or revision.endswith(".lock")):
+    if revision is not None and not is_revision(revision):
         raise InputError(f"{s}: {revision[:100]!r} is not a hub revision (a branch or tag name, or a commit hash; "
                          f"no '..', no leading '/' or '.', no empty part)")
     return m["repo"], revision
+
+
+def is_revision(revision: str) -> bool:
+    """A branch or tag name or a commit hash, safe to join to a cache's ``refs/`` (no ``..``, no
+    leading ``/``)."""
+    return (bool(REVISION.fullmatch(revision)) and ".." not in revision
+            and not revision.endswith(".lock"))
+
+
+def repo_cache(repo: str, repo_type: str = "model") -> Path:
+    """The folder huggingface_hub keeps ``repo`` in: ``<hub cache>/<type>s--<org>--<name>``."""
+    return hub_cache() / f"{repo_type}s--{repo.replace('/', '--')}"
 
 
 def local_model(path: str | Path) -> Path:

@@ -35,6 +35,8 @@ from refine.core.corpus import (
 )
 from refine.core.errors import InputError, exit_on_input_error
 from refine.core.holdout import HoldOut
+from refine.core.hub_corpus import fingerprint as hub_fingerprint
+from refine.core.hub_corpus import is_hub_corpus
 from refine.core.instances import Instances, InstanceWriter, TokenizerInfo
 from refine.core.manifest import manifest_matches, sha256_file, write_manifest
 from refine.core.read_guard import hub_snapshot_file, is_link_below
@@ -45,7 +47,10 @@ BATCH_DOCS = 256  # documents per fast-tokenizer call: large enough to use its t
 
 def corpus_fingerprint(path: str | Path) -> str:
     """sha256 over every file ``iter_documents`` reads (``corpus_units``: a file, a folder, a glob), each with its
-    path relative to the corpus (a saved dataset: the files inside it), so a changed corpus re-packs."""
+    path relative to the corpus (a saved dataset: the files inside it), so a changed corpus re-packs.
+    A hub corpus: its commit and shard list (``refine.core.hub_corpus.fingerprint``), none read."""
+    if is_hub_corpus(path):
+        return hub_fingerprint(str(path))
     base = glob_base(str(path)) if is_glob(path) else Path(path)
     h = hashlib.sha256()
     for unit, _ in corpus_units(path):
