@@ -71,6 +71,18 @@ def together(d: Dist, error: str | None) -> None:
         raise everyone(InputError(error))
 
 
+@contextlib.contextmanager
+def agreed(d: Dist):
+    """A block every rank runs alike, with no collective inside: an input error on any rank ends every rank
+    with that one line at the block's end (``together``), so none is left waiting in a later collective."""
+    error = None
+    try:
+        yield
+    except InputError as e:
+        error = str(e)
+    together(d, error)
+
+
 def on_main(d: Dist, fn):
     """``fn()`` on rank 0 only (writing, packing), its input or write error raised on every rank (``together``)."""
     result, error = None, None

@@ -18,7 +18,6 @@ This module is the entry point only (config, input checks, process group); the l
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from distill.data import open_instances, open_retokenized
 from distill.schedules import check as check_schedule
 from distill.schedules import check_wsd_phases
 from distill.trackers import check_installed as check_loggers
-from distill.trainer import Trainer, pick_device
+from distill.trainer import Trainer, pick_device, run_folder_lock
 from refine.core.errors import InputError, everyone, exit_on_input_error
 from refine.core.hydra_cli import precheck_overrides
 from refine.core.library_noise import no_library_bars
@@ -51,11 +50,11 @@ def train(cfg: TrainConfig) -> dict:
         d, device = distributed.setup(device, tc.parallel, cfg.data.batch_size)
     except InputError as e:
         raise everyone(e) from None
-    with contextlib.ExitStack() as held:   # the run folder's lock, released when the run ends either way
-        try:
-            return Trainer(cfg, d, device, tokenizer, held).fit()
-        finally:
-            distributed.shutdown(d)
+    try:
+        with run_folder_lock(d, Path(cfg.run_dir)):     # held until the run ends, either way
+            return Trainer(cfg, d, device, tokenizer).fit()
+    finally:
+        distributed.shutdown(d)
 
 
 def _check_inputs(cfg: TrainConfig):

@@ -31,6 +31,7 @@ from distill.models import build_student
 from distill.optim import build_optimizer, build_scheduler, clip_gradients
 from distill.schedules import plot_schedules
 from refine.core.errors import InputError, everyone
+from refine.core.instances import Instances
 from refine.core.tokenizer import bos_prefix, tokenizer_hash
 from refine.core.write import FolderLock
 
@@ -72,20 +73,38 @@ def evaluate(model, batches: list[torch.Tensor], device: torch.device, amp: torc
     return total / max(count, 1)
 
 
-class Trainer:
-    """One run (under torchrun: this rank's part of it). ``held`` keeps the run folder's lock until the run ends."""
+@contextlib.contextmanager
+def run_folder_lock(d: distributed.Dist, run_dir: Path):
+    """One trainer per run folder, for the whole run: rank 0 holds its lock (a second run with this run_name
+    refuses, naming the first's host and pid), and every rank gets that refusal."""
+    lock = FolderLock(run_dir, "trainer", "use another run_name")
+    distributed.on_main(d, lock.__enter__)
+    try:
+        yield
+    finally:
+        if d.is_main:
+            lock.__exit__(None, None, None)
 
-    def __init__(self, cfg: TrainConfig, d: distributed.Dist, device: torch.device, tokenizer,
-                 held: contextlib.ExitStack):
+
+class Trainer:
+    """One run (under torchrun: this rank's part of it), in a run folder its caller holds (``run_folder_lock``)."""
+
+    def __init__(self, cfg: TrainConfig, d: distributed.Dist, device: torch.device, tokenizer):
         self.cfg, self.d, self.device, self.tokenizer = cfg, d, device, tokenizer
         self.run_dir = Path(cfg.run_dir)
         if cfg.trainer.threads > 0:
             torch.set_num_threads(cfg.trainer.threads)
         self.amp = autocast_dtype(cfg.trainer.precision, device)
         self.resolved = asdict(cfg)
-        # The student is initialised right after torch.manual_seed(cfg.seed) (inside) and a resume sets the saved RNG
-        # state last (_resume): so a fresh run and a resumed one draw exactly what the uninterrupted run drew.
-        ckpt, state = self._open_data_and_model(held)
+        # rank 0 packs a raw corpus into the cache first; the others then open what it packed
+        self.train_set, self.val_set = distributed.on_main(d, self._open_data) or (None, None)
+        with distributed.agreed(d):           # every rank alike; an input error on one ends them all here
+            if not d.is_main:
+                self.train_set, self.val_set = self._open_data(quiet=True)
+            ckpt = checkpoint.latest(self.run_dir) if cfg.resume else None
+            self.model, state = self._build_student(ckpt)
+            self.distiller = Distiller(cfg.kd, self.train_set, tokenizer_hash(tokenizer), device,
+                                       cfg.trainer.max_steps, cfg.seed, bos_id=bos_prefix(tokenizer))
         self.model.to(device).train()
         self.n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)   # before FSDP shards
         self.module = distributed.wrap(distributed.LossModule(self.model, self.distiller), d, device)
@@ -103,46 +122,32 @@ class Trainer:
 
     # ---- setup ----
 
-    def _open_data_and_model(self, held: contextlib.ExitStack):
-        """Instances, student, teacher side; the latest checkpoint and its state when resuming (else None)."""
-        cfg, d, dc = self.cfg, self.d, self.cfg.data
+    def _open_data(self, quiet: bool = False) -> tuple[Instances, Instances]:
+        """The training and validation instances (a raw corpus is packed into the cache on first use; a
+        cross-tokenizer run reads the teacher's instances as student tokens)."""
+        cfg, dc = self.cfg, self.cfg.data
+        opts = dict(max_doc_bytes=dc.max_doc_bytes, quiet=quiet)
+        if cfg.kd.signal == "cross_tokenizer":
+            train = open_retokenized(dc.train, cfg.kd.teacher, self.tokenizer, dc.seq_len)
+        else:
+            train = open_instances(dc.train, self.tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, **opts)
+        return train, open_instances(dc.val, self.tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field, **opts)
 
-        def open_set(path, **kw):
-            return open_instances(path, self.tokenizer, dc.seq_len, cfg.paths.cache, dc.text_field,
-                                  max_doc_bytes=dc.max_doc_bytes, **kw)
-
-        def open_train(**kw):
-            if cfg.kd.signal == "cross_tokenizer":     # the teacher's instances, read as student tokens
-                return open_retokenized(dc.train, cfg.kd.teacher, self.tokenizer, dc.seq_len)
-            return open_set(dc.train, **kw)
-
-        def claim_and_pack():
-            # One trainer per run folder: a second run with this run_name refuses, naming the first's host and pid.
-            held.enter_context(FolderLock(self.run_dir, "trainer", "use another run_name"))
-            return open_train(), open_set(dc.val)
-
-        # rank 0 takes the run folder and packs a raw corpus into the cache first; the others then reuse it
-        self.train_set, self.val_set = distributed.on_main(d, claim_and_pack) or (None, None)
-        ckpt, state, error = None, None, None
-        try:                              # every rank alike, no collectives: errors are agreed on below
-            if not d.is_main:
-                self.train_set, self.val_set = open_train(quiet=True), open_set(dc.val, quiet=True)
-            ckpt = checkpoint.latest(self.run_dir) if cfg.resume else None
-            if ckpt is not None:
-                checkpoint.check_resumable(self.run_dir, self.resolved)
-            torch.manual_seed(cfg.seed)
-            self.model = build_student(cfg.model, self.tokenizer, cfg.seed)
-            if ckpt is not None:      # a sharded checkpoint's weights are read once the student is wrapped
-                checkpoint.check_config(ckpt, self.model.config)
-                if not sharded_checkpoint.is_sharded(ckpt):
-                    self.model = checkpoint.load_model(ckpt, self.model.config)
-                state = checkpoint.load_state(ckpt)
-            self.distiller = Distiller(cfg.kd, self.train_set, tokenizer_hash(self.tokenizer), self.device,
-                                       cfg.trainer.max_steps, cfg.seed, bos_id=bos_prefix(self.tokenizer))
-        except InputError as e:
-            error = str(e)
-        distributed.together(self.d, error)
-        return ckpt, state
+    def _build_student(self, ckpt: Path | None) -> tuple[torch.nn.Module, dict | None]:
+        """The student, initialised right after ``torch.manual_seed(cfg.seed)`` (a resume sets the saved RNG state
+        last, ``_resume``: a fresh run and a resumed one draw exactly what the uninterrupted run drew), with
+        ``ckpt``'s weights when resuming; and ``ckpt``'s trainer state (None for a fresh run)."""
+        cfg = self.cfg
+        if ckpt is not None:
+            checkpoint.check_resumable(self.run_dir, self.resolved)
+        torch.manual_seed(cfg.seed)
+        model = build_student(cfg.model, self.tokenizer, cfg.seed)
+        if ckpt is None:
+            return model, None
+        checkpoint.check_config(ckpt, model.config)
+        if not sharded_checkpoint.is_sharded(ckpt):   # a sharded one's weights are read once the student is wrapped
+            model = checkpoint.load_model(ckpt, model.config)
+        return model, checkpoint.load_state(ckpt)
 
     def _resume(self, ckpt: Path, state: dict) -> None:
         try:
