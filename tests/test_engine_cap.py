@@ -78,6 +78,7 @@ def _teacher(tmp_path: Path, tokenizer_dir: Path, vocab: int) -> Path:
     shutil.copytree(tokenizer_dir, folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": vocab,
                                                     "max_position_embeddings": 4096}))
+    (folder / "model.safetensors").write_bytes(b"")   # the registry's folder check; the fake engine loads nothing
     return folder
 
 
