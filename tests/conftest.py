@@ -24,14 +24,18 @@ WORDS = ("the of and to in a is that for it as was with be by on not he this are
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def offline_hub_repo(tmp_path: Path, monkeypatch, name: str = "acme--tiny") -> Path:
-    """An empty ``models--<name>`` repo in an ``HF_HOME`` under ``tmp_path``, as huggingface_hub lays a download
-    out (``refs/main`` -> ``snapshots/<HUB_COMMIT>``), with the hub offline and ``tmp_path`` the working folder;
-    the caller fills ``snapshots/<HUB_COMMIT>``."""
-    repo = tmp_path / "hf" / "hub" / f"models--{name}"
-    (repo / "snapshots" / HUB_COMMIT).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(HUB_COMMIT)
+def offline_hub_repo(tmp_path: Path, monkeypatch, name: str = "acme--tiny", kind: str = "models",
+                     refs: dict[str, str] | None = None) -> Path:
+    """An empty ``<kind>--<name>`` repo in an ``HF_HOME`` under ``tmp_path``, as huggingface_hub lays a download
+    out (``refs/<ref>`` -> ``snapshots/<commit>``; default ``main`` -> ``HUB_COMMIT``), with the hub offline and
+    ``tmp_path`` the working folder; the caller fills the snapshots."""
+    repo = tmp_path / "hf" / "hub" / f"{kind}--{name}"
+    refs = refs or {"main": HUB_COMMIT}
+    for commit in refs.values():
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    for ref, commit in refs.items():
+        (repo / "refs" / ref).write_text(commit)
     for var in ("HF_HUB_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -24,7 +24,7 @@ from refine.core.errors import InputError
 from refine.core.hub_corpus import HubFile
 from refine.core.pack import corpus_fingerprint
 from refine.folder_key import scoring_settings
-from tests.conftest import HUB_COMMIT, make_docs
+from tests.conftest import HUB_COMMIT, make_docs, offline_hub_repo
 
 MAIN = HUB_COMMIT
 V1 = "fedcba9876543210fedcba9876543210fedcba98"
@@ -64,18 +64,10 @@ def _main_files() -> dict[str, bytes]:
 def hub_home(tmp_path, monkeypatch) -> Path:
     """``HF_HOME`` holding the dataset ``acme/web``: ``main`` and the tag ``v1`` (another commit);
     the hub offline."""
-    repo = tmp_path / "hf" / "hub" / "datasets--acme--web"
+    repo = offline_hub_repo(tmp_path, monkeypatch, "acme--web", kind="datasets", refs={"main": MAIN, "v1": V1})
     for rel, data in _main_files().items():
         _put(repo, MAIN, rel, data)
     _put(repo, V1, "data/old.jsonl", _jsonl(make_docs(40, seed=8, prefix="old")))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(MAIN)
-    (repo / "refs" / "v1").write_text(V1)
-    for var in ("HF_HUB_CACHE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
     return repo
 
 
