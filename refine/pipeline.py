@@ -72,9 +72,7 @@ def _refine(cfg: RefineConfig, lock: FolderLock) -> dict:
         check_size(cfg, ref_info)
         split = hold_out(ref_info)           # what the carve held out (a budget lowers ref_split.fraction)
     check_settings(out, scoring_settings(asdict(cfg)), cfg.overwrite)   # before anything is written to out
-    if parse_shard(cfg.shard)[1] > 1 and read_manifest(out) is not None and all(
-            (out / name / "pass.json").is_file() for name in ("teacher", "reference")):
-        print(f"part {cfg.shard}: {out} holds the finished run (same scoring settings); nothing to do")
+    if _finished_part(cfg, out):
         return {"partial": cfg.shard, "finished": True}
     if carving:
         reference, ref_model = train_reference(cfg, teacher, d_ref, len(tok), ref_info)
@@ -85,10 +83,7 @@ def _refine(cfg: RefineConfig, lock: FolderLock) -> dict:
                 max_doc_bytes=cfg.max_doc_bytes, workers=cfg.pack.workers, hold_out=split)
     if not carving:
         check_not_trained_on_scored(reference, inst)
-    if 0 < cfg.pack.max_instances < len(inst):
-        # An evenly spaced subset keeps every part of the corpus represented (the first N would be one source).
-        rows = np.unique(np.linspace(0, len(inst) - 1, cfg.pack.max_instances).round().astype(np.int64))
-        inst = _subset(inst, rows, out / "instances_sample")
+    inst = _sample(cfg, inst, out)
 
     emb, dedup_info = None, {}
     if cfg.dedup.enabled or cfg.dedup.diversity:
@@ -105,10 +100,9 @@ def _refine(cfg: RefineConfig, lock: FolderLock) -> dict:
     ref_inst = inst if ref_tok is None else reference_rows(inst, tok, ref_tok, out / REF_ROWS)
     if ref_tok is not None:
         check_fits(ref_inst, reference, ref_tok)
-    tpass = score(cfg, "teacher", teacher, inst)
-    rpass = score(cfg, "reference", reference, ref_inst)
+    tpass, rpass = passes = (score(cfg, "teacher", teacher, inst), score(cfg, "reference", reference, ref_inst))
     if parse_shard(cfg.shard)[1] > 1:
-        if not _last_part(out, (tpass, rpass), lock):
+        if not _last_part(out, passes, lock):
             print(f"part {cfg.shard} scored -> {out}; the part that ends last in {out} finishes the run; parts "
                   f"in separate folders: finish on one machine with merge_from=[<each part's out>]")
             return {"partial": cfg.shard, "teacher_pass": tpass, "reference_pass": rpass}
@@ -119,6 +113,25 @@ def _refine(cfg: RefineConfig, lock: FolderLock) -> dict:
     t_scored = time.perf_counter()
     return write_selection(cfg, out, Scored(inst, tok, emb, dedup_info, tpass, rpass, str(teacher), str(reference),
                                             corpus_key, t0, t_scored - t_pass, ref_info, ref_model))
+
+
+def _sample(cfg: RefineConfig, inst: Instances, out: Path) -> Instances:
+    """``pack.max_instances`` of them, evenly spaced: every part of the corpus stays represented (the first N
+    would be one source)."""
+    if not 0 < cfg.pack.max_instances < len(inst):
+        return inst
+    rows = np.unique(np.linspace(0, len(inst) - 1, cfg.pack.max_instances).round().astype(np.int64))
+    return _subset(inst, rows, out / "instances_sample")
+
+
+def _finished_part(cfg: RefineConfig, out: Path) -> bool:
+    """A part of a sharded run started again on a folder that holds the finished run (same scoring settings,
+    checked before): it has nothing to do."""
+    done = parse_shard(cfg.shard)[1] > 1 and read_manifest(out) is not None and all(
+        (out / name / "pass.json").is_file() for name in ("teacher", "reference"))
+    if done:
+        print(f"part {cfg.shard}: {out} holds the finished run (same scoring settings); nothing to do")
+    return done
 
 
 def _last_part(out: Path, summaries: tuple[dict, ...], lock: FolderLock) -> bool:
